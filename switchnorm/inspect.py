@@ -1,0 +1,126 @@
+"""Reading the mixing weights a model learned, from either Flax front end."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from switchnorm import _core
+from switchnorm.nnx import SwitchNorm
+
+LayerWeights = dict[str, dict[str, float]]
+"""One layer's weights: ``{"mean": {name: w}, "var": {name: w}}``."""
+
+
+def _weights(mean_logits: Any, var_logits: Any, names: Sequence[str]) -> LayerWeights:
+    return {
+        kind: dict(zip(names, np.asarray(_core.mixing_weights_from_logits(np.asarray(logits))).tolist()))
+        for kind, logits in (("mean", mean_logits), ("var", var_logits))
+    }
+
+
+def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
+    """The normalizer names of a layer known only by its logits' length."""
+    if isinstance(normalizers, Mapping):
+        normalizers = normalizers.get(path)
+    if normalizers is not None:
+        names = _core.validate_normalizers(normalizers)
+    elif size == len(_core.NORMALIZERS):
+        names = _core.NORMALIZERS
+    elif size == 2:
+        names = _core.default_normalizers(2)
+    else:
+        raise ValueError(
+            f"layer {path!r} has {size} logits, which is not a default set of "
+            "normalizers; pass normalizers=(...) (or a dict path -> names) to "
+            "mixing_weights to name them."
+        )
+    if len(names) != size:
+        raise ValueError(
+            f"layer {path!r} has {size} logits but normalizers={names} names {len(names)}."
+        )
+    return names
+
+
+def _from_tree(tree: Mapping[str, Any], path: tuple[str, ...], normalizers: Any, out: dict) -> None:
+    if "mean_logits" in tree and "var_logits" in tree:
+        name = "/".join(path)
+        mean_logits, var_logits = np.asarray(tree["mean_logits"]), np.asarray(tree["var_logits"])
+        out[name] = _weights(mean_logits, var_logits, _names_for(name, mean_logits.shape[-1], normalizers))
+        return
+    for key, child in tree.items():
+        if isinstance(child, Mapping):
+            _from_tree(child, (*path, str(key)), normalizers, out)
+
+
+def mixing_weights(
+    model_or_variables: Any, normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None
+) -> dict[str, LayerWeights]:
+    """The softmax weights of every SwitchNorm layer, by path and normalizer.
+
+    Args:
+      model_or_variables: an NNX module (or any NNX graph holding SwitchNorm
+        layers), a Linen variables dict (``{"params": ...}``), a params tree, or
+        an ``nnx.State``.
+      normalizers: only for trees, whose arrays do not carry the names: the
+        names of every layer's logits, or a dict from layer path to names. By
+        default a layer with 4 logits is read as ("bn", "in", "ln", "gn") and
+        one with 2 as ("bn", "ln"), the layer's own defaults.
+
+    Returns:
+      ``{path: {"mean": {name: weight}, "var": {name: weight}}}`` in the order
+      the layers appear, with paths such as ``"block1/norm"``; weights are
+      Python floats that sum to one per layer and kind.
+
+    Example::
+
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> w = switchnorm.mixing_weights(switchnorm.SwitchNorm(8, rngs=nnx.Rngs(0)))
+      >>> w[""]["mean"]["bn"]
+      0.25
+    """
+    if isinstance(model_or_variables, nnx.Module):
+        out: dict[str, LayerWeights] = {}
+        for path, node in nnx.iter_graph(model_or_variables):
+            if isinstance(node, SwitchNorm):
+                out["/".join(str(p) for p in path)] = _weights(
+                    node.mean_logits[...], node.var_logits[...], node.normalizers
+                )
+        return out
+    if isinstance(model_or_variables, nnx.State):
+        model_or_variables = model_or_variables.to_pure_dict()
+    if not isinstance(model_or_variables, Mapping):
+        raise TypeError(
+            "mixing_weights expects an NNX module, a Linen variables dict or a params "
+            f"tree, got {type(model_or_variables).__name__}."
+        )
+    tree = model_or_variables.get("params", model_or_variables)
+    out = {}
+    _from_tree(tree, (), normalizers, out)
+    return out
+
+
+def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
+    """A plain-text table: one row per layer and kind, the dominant weight marked ``*``."""
+    names: list[str] = []
+    for layer in weights.values():
+        for name in layer["mean"]:
+            if name not in names:
+                names.append(name)
+    layer_width = max([len("layer")] + [len(p or "(root)") for p in weights])
+    header = f"{'layer':<{layer_width}}  kind " + "".join(f"{n:>8}" for n in names)
+    lines = [header, "-" * len(header)]
+    for path, layer in weights.items():
+        for kind in ("mean", "var"):
+            row = layer[kind]
+            top = max(row, key=row.get)
+            cells = "".join(
+                f"{row[n]:>7.3f}{'*' if n == top else ' '}" if n in row else f"{'-':>7} "
+                for n in names
+            )
+            lines.append(f"{(path or '(root)') if kind == 'mean' else '':<{layer_width}}  {kind:<4} {cells}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Flax Linen front end: ``switchnorm.linen.SwitchNorm``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import initializers
+from flax.typing import Dtype, Initializer
+
+from switchnorm import _core
+
+Array = jax.Array
+
+
+class SwitchNorm(nn.Module):
+    """Switchable Normalization: a learned softmax blend of bn, in, ln and gn.
+
+    ::
+
+        y = scale * (x - mu) / sqrt(var + epsilon) + bias
+        mu  = sum_k softmax(mean_logits)_k * mu_k,  k in normalizers
+        var = sum_k softmax(var_logits)_k  * var_k
+
+    Luo et al., ICLR 2019. A drop-in replacement for ``flax.linen.BatchNorm`` on
+    any channels-last input of rank >= 2. Parameters ``scale``, ``bias``,
+    ``mean_logits``, ``var_logits`` (collection ``params``); running averages
+    ``mean`` and ``var`` of the bn term (collection ``batch_stats``, only when
+    "bn" is used). As in ``BatchNorm``, running averages are not updated while
+    initializing.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from switchnorm import linen as snn
+      >>> x = jnp.ones((2, 4, 4, 8))
+      >>> variables = snn.SwitchNorm().init(jax.random.key(0), x, use_running_average=False)
+      >>> y, updates = snn.SwitchNorm().apply(
+      ...     variables, x, use_running_average=False, mutable=["batch_stats"])
+
+    Attributes:
+      use_running_average: if True, the bn term uses the running averages.
+      normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
+        of the logits. ``None`` (default): all four for inputs of rank >= 3,
+        ("bn", "ln") for (N, C) features.
+      num_groups: gn group count; ``None`` picks the largest divisor of C that
+        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
+      group_size: gn channels per group; give this or ``num_groups``.
+      momentum: decay rate of the running averages (Flax's EMA rule).
+      epsilon: a small float added to the mixed variance.
+      dtype: the dtype of the result (default: the input's dtype).
+      param_dtype: the dtype of the parameters and logits (default: float32).
+      use_bias: if True, bias (beta) is added.
+      use_scale: if True, multiply by scale (gamma).
+      bias_init: initializer for bias, by default zero.
+      scale_init: initializer for scale, by default one.
+      axis_name: the axis name over which bn statistics are combined
+        (``shard_map``/``pmap``). Without it each device uses its own batch.
+      axis_index_groups: groups of axis indices within that named axis.
+    """
+
+    use_running_average: bool | None = None
+    normalizers: Sequence[str] | None = None
+    num_groups: int | None = None
+    group_size: int | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """Normalizes ``x`` (shape (N, *spatial, C)) with the learned blend.
+
+        Args:
+          x: the input, channels last.
+          use_running_average: overrides the attribute of the same name.
+
+        Returns:
+          The normalized input, same shape, dtype ``self.dtype`` or the input's.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        _core.check_input(x, ())
+        normalizers = _core.validate_normalizers(
+            _core.default_normalizers(x.ndim)
+            if self.normalizers is None
+            else self.normalizers
+        )
+        num_channels = x.shape[-1]
+        for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean")):
+            if self.has_variable(collection, name):
+                built_for = self.get_variable(collection, name).shape[-1]
+                _core.check_input(x, (), built_for)
+        feature_shape = (num_channels,)
+        logits_shape = (len(normalizers),)
+        mean_logits = self.param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
+        var_logits = self.param("var_logits", initializers.zeros, logits_shape, self.param_dtype)
+        scale = (
+            self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+            if self.use_scale
+            else None
+        )
+        bias = (
+            self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        ra_mean = ra_var = None
+        if "bn" in normalizers:
+            ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
+            ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+
+        initializing = self.is_initializing()
+        y, batch_stats = _core.switch_norm(
+            x,
+            mean_logits,
+            var_logits,
+            scale=scale,
+            bias=bias,
+            normalizers=normalizers,
+            num_groups=self.num_groups,
+            group_size=self.group_size,
+            epsilon=self.epsilon,
+            use_running_average=use_running_average,
+            running_mean=ra_mean.value if ra_mean is not None else None,
+            running_var=ra_var.value if ra_var is not None else None,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+        )
+        if batch_stats is not None and not initializing:
+            ra_mean.value = _core.update_running_average(ra_mean.value, batch_stats.mean, self.momentum)
+            ra_var.value = _core.update_running_average(ra_var.value, batch_stats.var, self.momentum)
+        return y

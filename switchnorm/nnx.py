@@ -1,0 +1,184 @@
+"""Flax NNX front end: ``switchnorm.SwitchNorm`` (also ``switchnorm.nnx.SwitchNorm``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.typing import Dtype, Initializer
+
+from switchnorm import _core
+
+Array = jax.Array
+
+
+class SwitchNorm(nnx.Module):
+    """Switchable Normalization: a learned softmax blend of bn, in, ln and gn.
+
+    ::
+
+        y = scale * (x - mu) / sqrt(var + epsilon) + bias
+        mu  = sum_k softmax(mean_logits)_k * mu_k,  k in normalizers
+        var = sum_k softmax(var_logits)_k  * var_k
+
+    Luo et al., "Differentiable Learning-to-Normalize via Switchable
+    Normalization", ICLR 2019. A drop-in replacement for ``nnx.BatchNorm`` on
+    any channels-last input of rank >= 2; ``model.train()`` / ``model.eval()``
+    switch it the same way. Only the bn term keeps running averages; in, ln and
+    gn always use the statistics of each sample.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> norm = switchnorm.SwitchNorm(8, rngs=nnx.Rngs(0))
+      >>> norm(jnp.ones((2, 4, 4, 8))).shape
+      (2, 4, 4, 8)
+
+    Attributes:
+      num_features: the number of channels C (last axis of the input).
+      normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
+        of the logits. ``None`` (default) means all four; on (N, C) input, which
+        has no spatial extent, such a layer blends only "bn" and "ln" (the "in"
+        and "gn" logits are then unused). Pass ``("bn", "ln")`` for a layer that
+        only ever sees (N, C) features.
+      num_groups: gn group count; ``None`` picks the largest divisor of C that
+        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
+      group_size: gn channels per group; give this or ``num_groups``.
+      use_running_average: if True, the bn term uses the running averages.
+      momentum: decay rate of the running averages (Flax's EMA rule).
+      epsilon: a small float added to the mixed variance.
+      dtype: the dtype of the result (default: the input's dtype).
+      param_dtype: the dtype of the parameters and logits (default: float32).
+      use_bias: if True, bias (beta) is added.
+      use_scale: if True, multiply by scale (gamma).
+      bias_init: initializer for bias, by default zero.
+      scale_init: initializer for scale, by default one.
+      axis_name: the axis name over which bn statistics are combined
+        (``shard_map``/``pmap``). Under plain ``jax.jit`` with a sharded batch
+        none is needed. Without it, each device uses its own batch.
+      axis_index_groups: groups of axis indices within that named axis.
+      rngs: rng key.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        normalizers: Sequence[str] | None = None,
+        num_groups: int | None = None,
+        group_size: int | None = None,
+        use_running_average: bool = False,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = nnx.initializers.zeros_init(),
+        scale_init: Initializer = nnx.initializers.ones_init(),
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
+        self.uses_default_normalizers = normalizers is None
+        self.normalizers = _core.validate_normalizers(
+            _core.NORMALIZERS if normalizers is None else normalizers
+        )
+        self.num_groups = (
+            _core.resolve_num_groups(num_features, num_groups, group_size)
+            if "gn" in self.normalizers
+            else None
+        )
+        feature_shape = (num_features,)
+        logits_shape = (len(self.normalizers),)
+        self.mean_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
+        self.var_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
+        self.scale = (
+            nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype))
+            if use_scale
+            else nnx.data(None)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype))
+            if use_bias
+            else nnx.data(None)
+        )
+        if "bn" in self.normalizers:
+            self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+            self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+        else:
+            self.mean = nnx.data(None)
+            self.var = nnx.data(None)
+
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+
+    def active_normalizers(self, rank: int) -> tuple[str, ...]:
+        """The normalizers this layer blends for an input of the given rank."""
+        if self.uses_default_normalizers and rank == 2:
+            return _core.default_normalizers(rank)
+        return self.normalizers
+
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """Normalizes ``x`` (shape (N, *spatial, C)) with the learned blend.
+
+        Args:
+          x: the input, channels last.
+          use_running_average: overrides the attribute of the same name.
+
+        Returns:
+          The normalized input, same shape, dtype ``self.dtype`` or the input's.
+        """
+        use_running_average = first_from(
+            use_running_average,
+            self.use_running_average,
+            error_msg="No use_running_average argument was given to SwitchNorm.",
+        )
+        _core.check_input(x, (), self.num_features)  # rank, dtype, channel count
+        active = self.active_normalizers(x.ndim)
+        index = jnp.array([self.normalizers.index(n) for n in active])
+        mean_logits, var_logits = self.mean_logits[...], self.var_logits[...]
+        if active != self.normalizers:
+            mean_logits, var_logits = mean_logits[index], var_logits[index]
+        uses_bn = "bn" in active
+        y, batch_stats = _core.switch_norm(
+            x,
+            mean_logits,
+            var_logits,
+            scale=self.scale[...] if self.scale is not None else None,
+            bias=self.bias[...] if self.bias is not None else None,
+            normalizers=active,
+            num_groups=self.num_groups,
+            epsilon=self.epsilon,
+            use_running_average=use_running_average,
+            running_mean=self.mean[...] if uses_bn else None,
+            running_var=self.var[...] if uses_bn else None,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+        )
+        if batch_stats is not None:
+            stop = jax.lax.stop_gradient
+            self.mean[...] = _core.update_running_average(
+                self.mean[...], stop(batch_stats.mean), self.momentum
+            )
+            self.var[...] = _core.update_running_average(
+                self.var[...], stop(batch_stats.var), self.momentum
+            )
+        return y
