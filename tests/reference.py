@@ -1,0 +1,88 @@
+"""Switchable Normalization in float64 NumPy, written straight from DESIGN.md section 1.
+
+Deliberately naive and independent of :mod:`switchnorm`: every normalizer's
+statistics are taken with ``np.mean`` / ``np.var`` (biased) over that
+normalizer's own axes of the raw input, then blended with softmax weights.
+No cell statistics, no shifts, no parallel-variance merge: if the library's
+tricks are wrong, this disagrees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALL = ("bn", "in", "ln", "gn")
+
+
+def softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def scope_stats(x: np.ndarray, name: str, num_groups: int = 1):
+    """Mean and biased variance of one normalizer, broadcastable against x.
+
+    x has shape (N, *S, C). Returned arrays have x's rank (keepdims) or, for gn,
+    are already expanded back to x's shape.
+    """
+    rank = x.ndim
+    spatial = tuple(range(1, rank - 1))
+    if name == "bn":  # batch and space, one value per channel
+        axes = (0, *spatial)
+    elif name == "in":  # space, one value per (sample, channel)
+        axes = spatial
+    elif name == "ln":  # space and channels, one value per sample
+        axes = tuple(range(1, rank))
+    elif name == "gn":  # space and a group of channels, one per (sample, group)
+        n, c = x.shape[0], x.shape[-1]
+        grouped = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
+        axes = (*spatial, rank)  # space and the channels within a group
+        mean = grouped.mean(axis=axes, keepdims=True)
+        var = grouped.var(axis=axes, keepdims=True)
+        expand = lambda a: np.broadcast_to(a, grouped.shape).reshape(x.shape)  # noqa: E731
+        return expand(mean), expand(var)
+    else:
+        raise ValueError(name)
+    return x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+
+
+def switch_norm(
+    x,
+    mean_logits,
+    var_logits,
+    *,
+    scale=None,
+    bias=None,
+    normalizers=ALL,
+    num_groups: int = 1,
+    epsilon: float = 1e-5,
+    running_mean=None,
+    running_var=None,
+):
+    """y = scale * (x - sum_k w_k mu_k) / sqrt(sum_k v_k var_k + eps) + bias.
+
+    With ``running_mean``/``running_var`` given, the bn term uses them
+    (inference); otherwise bn uses the batch. Returns (y, bn_mean, bn_var),
+    the last two the per-channel batch statistics of the bn scope.
+    """
+    x = np.asarray(x, np.float64)
+    c = x.shape[-1]
+    w_mean, w_var = softmax(mean_logits), softmax(var_logits)
+    mu = np.zeros(x.shape)
+    var = np.zeros(x.shape)
+    for k, name in enumerate(normalizers):
+        if name == "bn" and running_mean is not None:
+            m = np.asarray(running_mean, np.float64)
+            v = np.asarray(running_var, np.float64)
+        else:
+            m, v = scope_stats(x, name, num_groups)
+        mu = mu + w_mean[k] * m
+        var = var + w_var[k] * v
+    y = (x - mu) / np.sqrt(var + epsilon)
+    if scale is not None:
+        y = y * np.asarray(scale, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    return y, x.mean(axis=axes), x.var(axis=axes)

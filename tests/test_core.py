@@ -1,0 +1,322 @@
+"""The functional core, ``switchnorm.switch_norm``, against the float64 reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import reference
+import switchnorm
+from switchnorm import switch_norm
+
+ALL = ("bn", "in", "ln", "gn")
+# Small channels-last shapes, one per rank; C = 6 allows 1, 2, 3 or 6 groups.
+SHAPES = {2: (8, 6), 3: (4, 5, 6), 4: (3, 4, 3, 6), 5: (2, 3, 2, 3, 6)}
+
+
+def random_case(rng, shape, num_logits, dtype=np.float32):
+    """x with a different mean and spread per channel, random logits, scale, bias."""
+    c = shape[-1]
+    x = rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3
+    return dict(
+        x=jnp.asarray(x, dtype),
+        mean_logits=jnp.asarray(rng.normal(size=num_logits), dtype),
+        var_logits=jnp.asarray(rng.normal(size=num_logits), dtype),
+        scale=jnp.asarray(rng.uniform(0.5, 1.5, c), dtype),
+        bias=jnp.asarray(rng.normal(size=c), dtype),
+    )
+
+
+STATIC = ("normalizers", "num_groups", "group_size", "epsilon", "use_running_average", "dtype")
+jit_switch_norm = jax.jit(switch_norm, static_argnames=STATIC)
+
+
+def run_core(case, **kwargs):
+    """The core under jit: one compiled program per configuration keeps the suite fast."""
+    return jit_switch_norm(
+        case["x"],
+        case["mean_logits"],
+        case["var_logits"],
+        scale=case["scale"],
+        bias=case["bias"],
+        **kwargs,
+    )
+
+
+def run_reference(case, **kwargs):
+    return reference.switch_norm(
+        case["x"],
+        case["mean_logits"],
+        case["var_logits"],
+        scale=case["scale"],
+        bias=case["bias"],
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------
+# The output is the definition.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_all_four_normalizers_with_random_logits_match_float64_reference(rng, rank):
+    case = random_case(rng, SHAPES[rank], 4)
+    y, batch_stats = run_core(case, normalizers=ALL, num_groups=3)
+    y_ref, bn_mean, bn_var = run_reference(case, normalizers=ALL, num_groups=3)
+    assert y.dtype == jnp.float32 and y.shape == case["x"].shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batch_stats.mean, bn_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch_stats.var, bn_var, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_and_ln_on_dense_features_match_float64_reference(rng):
+    case = random_case(rng, SHAPES[2], 2)
+    y, batch_stats = run_core(case, normalizers=("bn", "ln"))
+    y_ref, bn_mean, bn_var = run_reference(case, normalizers=("bn", "ln"))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batch_stats.var, bn_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "normalizers", [("gn", "bn"), ("ln", "in"), ("in", "gn", "ln"), ("gn", "ln", "bn", "in")]
+)
+def test_subsets_in_any_order_match_reference(rng, normalizers):
+    case = random_case(rng, SHAPES[4], len(normalizers))
+    y, _ = run_core(case, normalizers=normalizers, num_groups=2)
+    y_ref, _, _ = run_reference(case, normalizers=normalizers, num_groups=2)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_follow_the_order_of_normalizers(rng):
+    case = random_case(rng, SHAPES[4], 4)
+    y, _ = run_core(case, normalizers=ALL, num_groups=2)
+    order = [2, 0, 3, 1]  # ("ln", "bn", "gn", "in")
+    permuted = dict(
+        case, mean_logits=case["mean_logits"][jnp.array(order)],
+        var_logits=case["var_logits"][jnp.array(order)],
+    )
+    y_permuted, _ = run_core(permuted, normalizers=tuple(ALL[i] for i in order), num_groups=2)
+    np.testing.assert_allclose(y_permuted, y, rtol=1e-5, atol=1e-5)
+    # ...and the order matters: the same logits under another order give another output.
+    y_wrong, _ = run_core(case, normalizers=tuple(ALL[i] for i in order), num_groups=2)
+    assert np.max(np.abs(y_wrong - y)) > 1e-2
+
+
+def test_group_size_is_the_other_way_to_give_num_groups(rng):
+    case = random_case(rng, SHAPES[4], 1)
+    by_size, _ = run_core(case, normalizers=("gn",), group_size=2)
+    by_count, _ = run_core(case, normalizers=("gn",), num_groups=3)
+    y_ref, _, _ = run_reference(case, normalizers=("gn",), num_groups=3)
+    np.testing.assert_allclose(by_size, by_count, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(by_size, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gn_with_one_group_is_ln_and_with_one_channel_per_group_is_in(rng):
+    case = random_case(rng, SHAPES[3], 1)
+    gn1, _ = run_core(case, normalizers=("gn",), num_groups=1)
+    ln, _ = run_core(case, normalizers=("ln",))
+    gn_c, _ = run_core(case, normalizers=("gn",), num_groups=6)
+    inorm, _ = run_core(case, normalizers=("in",))
+    np.testing.assert_allclose(gn1, ln, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gn_c, inorm, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_and_bias_are_optional(rng):
+    case = random_case(rng, SHAPES[3], 4)
+    y, _ = jit_switch_norm(case["x"], case["mean_logits"], case["var_logits"], num_groups=2)
+    y_ref, _, _ = reference.switch_norm(
+        case["x"], case["mean_logits"], case["var_logits"], num_groups=2
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dtype_sets_the_output_dtype(rng):
+    case = random_case(rng, SHAPES[3], 4)
+    y, _ = run_core(case, num_groups=2, dtype=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------
+# Running averages: inference uses them for bn only.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_inference_uses_running_averages_for_the_bn_term(rng, rank):
+    normalizers = ALL if rank > 2 else ("bn", "ln")
+    case = random_case(rng, SHAPES[rank], len(normalizers))
+    running_mean = jnp.asarray(rng.normal(size=6), jnp.float32)
+    running_var = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+    y, batch_stats = run_core(
+        case, normalizers=normalizers, num_groups=2, use_running_average=True,
+        running_mean=running_mean, running_var=running_var,
+    )
+    y_ref, _, _ = run_reference(
+        case, normalizers=normalizers, num_groups=2,
+        running_mean=running_mean, running_var=running_var,
+    )
+    assert batch_stats is None
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_with_bn_alone_is_the_running_average_affine_map(rng):
+    case = random_case(rng, SHAPES[3], 1)
+    running_mean = jnp.asarray(rng.normal(size=6), jnp.float32)
+    running_var = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+    y, _ = run_core(
+        case, normalizers=("bn",), use_running_average=True,
+        running_mean=running_mean, running_var=running_var,
+    )
+    expected = (case["x"] - running_mean) / jnp.sqrt(running_var + 1e-5) * case["scale"] + case["bias"]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_in_ln_gn_ignore_the_mode(rng):
+    case = random_case(rng, SHAPES[4], 3)
+    kwargs = dict(normalizers=("in", "ln", "gn"), num_groups=2)
+    train, stats = run_core(case, **kwargs)
+    infer, _ = run_core(
+        case, use_running_average=True,
+        running_mean=jnp.full(6, 100.0), running_var=jnp.full(6, 100.0), **kwargs,
+    )
+    assert stats is None
+    np.testing.assert_allclose(infer, train, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Only bn (in training mode) mixes samples.
+# --------------------------------------------------------------------------
+
+
+def perturb_sample(x, j):
+    """Replaces sample j by a non-affine function of itself (affine maps are normalized away)."""
+    return x.at[j].set(x[j] ** 2 + 5.0)
+
+
+@pytest.mark.parametrize("use_running_average", [False, True])
+@pytest.mark.parametrize(
+    "normalizers, bn_logit",
+    [(("in", "ln", "gn"), None), (ALL, -1e9)],
+    ids=["without-bn", "bn-weight-zero"],
+)
+def test_in_ln_gn_never_depend_on_other_samples(rng, normalizers, bn_logit, use_running_average):
+    case = random_case(rng, SHAPES[4], len(normalizers))
+    if bn_logit is not None:
+        case["mean_logits"] = case["mean_logits"].at[0].set(bn_logit)
+        case["var_logits"] = case["var_logits"].at[0].set(bn_logit)
+    kwargs = dict(
+        normalizers=normalizers, num_groups=2, use_running_average=use_running_average,
+        running_mean=jnp.zeros(6), running_var=jnp.ones(6),
+    )
+    y, _ = run_core(case, **kwargs)
+    y_perturbed, _ = run_core(dict(case, x=perturb_sample(case["x"], 2)), **kwargs)
+    np.testing.assert_allclose(y_perturbed[:2], y[:2], rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(y_perturbed[2] - y[2])) > 1e-2  # sample 2 itself did change
+
+
+def test_bn_in_training_mode_does_mix_samples(rng):
+    case = random_case(rng, SHAPES[4], 4)
+    y, _ = run_core(case, num_groups=2)
+    y_perturbed, _ = run_core(dict(case, x=perturb_sample(case["x"], 2)), num_groups=2)
+    assert np.max(np.abs(y_perturbed[0] - y[0])) > 1e-2
+
+
+def test_bn_in_inference_mode_does_not_mix_samples(rng):
+    case = random_case(rng, SHAPES[4], 4)
+    kwargs = dict(
+        num_groups=2, use_running_average=True,
+        running_mean=jnp.full(6, 0.3), running_var=jnp.full(6, 2.0),
+    )
+    y, _ = run_core(case, **kwargs)
+    y_perturbed, _ = run_core(dict(case, x=perturb_sample(case["x"], 2)), **kwargs)
+    np.testing.assert_allclose(y_perturbed[:2], y[:2], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Gradients, in float64.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
+@pytest.mark.parametrize(
+    "shape, normalizers", [((3, 2, 2, 4), ALL), ((4, 3), ("bn", "ln"))], ids=["rank4", "rank2"]
+)
+def test_gradients_pass_check_grads_to_second_order(x64, shape, normalizers, use_running_average):
+    rng = np.random.default_rng(1)
+    case = random_case(rng, shape, len(normalizers), dtype=np.float64)
+    running_mean = jnp.asarray(rng.normal(size=shape[-1]))
+    running_var = jnp.asarray(rng.uniform(0.5, 2.0, shape[-1]))
+
+    @jax.jit
+    def f(x, mean_logits, var_logits, scale, bias):
+        y, _ = switch_norm(
+            x, mean_logits, var_logits, scale=scale, bias=bias, normalizers=normalizers,
+            num_groups=2, use_running_average=use_running_average,
+            running_mean=running_mean, running_var=running_var,
+        )
+        return y
+
+    args = tuple(case[k] for k in ("x", "mean_logits", "var_logits", "scale", "bias"))
+    assert f(*args).dtype == jnp.float64
+    check_grads(f, args, order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# JAX transformations.
+# --------------------------------------------------------------------------
+
+
+def test_jit_gives_the_eager_result(rng):
+    case = random_case(rng, SHAPES[4], 4)
+    kwargs = {k: case[k] for k in ("scale", "bias")}
+    eager, eager_stats = switch_norm(case["x"], case["mean_logits"], case["var_logits"], num_groups=2, **kwargs)
+    jitted, jitted_stats = run_core(case, num_groups=2)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted_stats.var, eager_stats.var, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_an_ensemble_of_stacked_parameters(rng):
+    members = [random_case(rng, SHAPES[4], 4) for _ in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    ensemble = jax.vmap(lambda c: run_core(c, num_groups=2)[0])(stacked)
+    for i, member in enumerate(members):
+        np.testing.assert_allclose(ensemble[i], run_core(member, num_groups=2)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_gives_the_same_gradients(rng):
+    case = random_case(rng, SHAPES[3], 4)
+    target = jnp.asarray(rng.normal(size=SHAPES[3]), jnp.float32)
+
+    def loss(c):
+        return jnp.sum(run_core(c, num_groups=2)[0] * target)
+
+    plain = jax.grad(loss)(case)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss)))(case)
+    for key in case:
+        assert jnp.all(jnp.isfinite(plain[key]))
+        np.testing.assert_allclose(remat[key], plain[key], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# The default group rule.
+# --------------------------------------------------------------------------
+
+
+def test_default_num_groups_always_divides_the_channel_count():
+    for c in range(1, 301):
+        g = switchnorm.default_num_groups(c)
+        assert 1 <= g <= min(32, c) and c % g == 0, (c, g)
+
+
+@pytest.mark.parametrize(
+    "channels, groups", [(1, 1), (3, 1), (16, 8), (37, 1), (48, 24), (64, 32), (256, 32)]
+)
+def test_default_num_groups_follows_its_documented_rule(channels, groups):
+    assert switchnorm.default_num_groups(channels) == groups
+
+
+def test_default_normalizers_drop_in_and_gn_on_dense_features():
+    assert switchnorm.default_normalizers(2) == ("bn", "ln")
+    assert switchnorm.default_normalizers(4) == ALL
