@@ -446,9 +446,16 @@ def switch_norm(
             axis_index_groups=axis_index_groups,
         )
         if name == "bn":
-            batch_stats = BatchStats(
-                mean=(cells.shift + scope.mean)[0], var=scope.var[0]
-            )
+            batch_mean = (cells.shift + scope.mean)[0]
+            if axis_name is not None:
+                # shift is per device, so this sum can differ in the last bit
+                # between devices and is not typed as replicated; one pmean
+                # of C values makes the running mean identical everywhere
+                # (shard_map out_specs=P() accepts it, as with nn.BatchNorm).
+                batch_mean = lax.pmean(
+                    batch_mean, axis_name, axis_index_groups=axis_index_groups
+                )
+            batch_stats = BatchStats(mean=batch_mean, var=scope.var[0])
         stats.append(scope)
 
     mixed = blend(

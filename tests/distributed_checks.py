@@ -1,0 +1,349 @@
+"""Multi-device agreement checks, run in a subprocess by ``test_distributed.py``.
+
+JAX fixes its device count when it first initializes, and the other test files
+share the pytest process with one CPU device. So ``test_distributed.py`` starts
+this script once with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``;
+the script runs every scenario on the same 8 CPU devices and prints one JSON
+object ``{scenario: largest absolute difference}`` on its last line. Each
+scenario compares a distributed computation with the single-device result it
+must reproduce, on the same global batch:
+
+* ``jit/...``: plain ``jax.jit`` on a batch sharded over a ``Mesh`` with
+  ``NamedSharding``; XLA inserts the collectives, the layer has no axis_name.
+* ``shard_map/...``: explicit SPMD; with ``axis_name`` bn spans the whole
+  batch, without it each shard is normalized on its own.
+* ``pmap/...``: the same through ``jax.pmap``, including ``axis_index_groups``.
+* ``train/...``: whole SGD steps of a small conv net.
+
+Run it by hand to see the numbers:
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/distributed_checks.py``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import switchnorm
+from switchnorm import linen as snn
+
+DEVICES = 8
+BATCH = 16  # global batch: 2 samples per device
+CHANNELS = 8
+CONFIGS = {  # name -> normalizers
+    "bn": ("bn",),
+    "in": ("in",),
+    "ln": ("ln",),
+    "gn": ("gn",),
+    "sn": ("bn", "in", "ln", "gn"),
+}
+
+results: dict[str, float] = {}
+
+
+def record(name: str, *pairs) -> None:
+    """Stores the largest |a - b| over all pairs of array trees."""
+    worst = 0.0
+    for a, b in pairs:
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+            assert u.shape == v.shape, (name, u.shape, v.shape)
+            worst = max(worst, float(np.max(np.abs(u - v))) if u.size else 0.0)
+    results[name] = worst
+
+
+def batch(seed: int = 0, shape=(BATCH, 5, 5, CHANNELS)) -> np.ndarray:
+    """Channels with different offsets and spreads, mean far from zero."""
+    rng = np.random.default_rng(seed)
+    offset = rng.uniform(-20, 20, shape[-1])
+    spread = rng.uniform(0.5, 3.0, shape[-1])
+    return (offset + spread * rng.standard_normal(shape)).astype(np.float32)
+
+
+def layer(normalizers, **kwargs) -> switchnorm.SwitchNorm:
+    """A layer with random logits, scale and bias (so every term matters)."""
+    norm = switchnorm.SwitchNorm(CHANNELS, normalizers=normalizers, num_groups=4,
+                                 rngs=nnx.Rngs(0), **kwargs)
+    keys = jax.random.split(jax.random.key(1), 4)
+    k = len(normalizers)
+    norm.mean_logits[...] = jax.random.normal(keys[0], (k,))
+    norm.var_logits[...] = jax.random.normal(keys[1], (k,))
+    norm.scale[...] = 1.0 + 0.1 * jax.random.normal(keys[2], (CHANNELS,))
+    norm.bias[...] = 0.1 * jax.random.normal(keys[3], (CHANNELS,))
+    return norm
+
+
+def forward(graphdef, state, x):
+    """One training-mode call: output and the updated state (running stats)."""
+    model = nnx.merge(graphdef, state)
+    y = model(x)
+    return y, nnx.state(model)
+
+
+def functional(norm: switchnorm.SwitchNorm, **kwargs):
+    """``switch_norm`` closed over ``norm``'s parameters."""
+    def apply(x):
+        return switchnorm.switch_norm(
+            x, norm.mean_logits[...], norm.var_logits[...], scale=norm.scale[...],
+            bias=norm.bias[...], normalizers=norm.normalizers, num_groups=4, **kwargs)
+    return apply
+
+
+# --------------------------------------------------------------------------
+# (a) jit with a batch-sharded input.
+# --------------------------------------------------------------------------
+
+
+def check_jit(mesh: Mesh) -> None:
+    x = batch()
+    data = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    x_sharded = jax.device_put(x, data)
+    assert len(x_sharded.sharding.device_set) == DEVICES
+    for name, normalizers in CONFIGS.items():
+        norm = layer(normalizers)
+        graphdef, state = nnx.split(norm)
+        step = jax.jit(forward, static_argnums=0)
+        y1, s1 = step(graphdef, state, jax.device_put(x, jax.devices()[0]))
+        y8, s8 = step(graphdef, jax.device_put(state, replicated), x_sharded)
+        assert y8.sharding.is_equivalent_to(data, y8.ndim), y8.sharding
+        if "bn" in normalizers:  # XLA must have inserted a cross-device reduction
+            hlo = step.lower(graphdef, jax.device_put(state, replicated),
+                             x_sharded).compile().as_text()
+            assert "all-reduce" in hlo
+        record(f"jit/nnx/{name}/output", (y1, y8))
+        if "bn" in normalizers:
+            record(f"jit/nnx/{name}/running_stats",
+                   ((s1["mean"], s1["var"]), (s8["mean"], s8["var"])))
+        f = jax.jit(functional(norm))
+        (y1, b1), (y8, b8) = f(x), f(x_sharded)
+        record(f"jit/functional/{name}/output", (y1, y8), (b1, b8))
+
+
+# --------------------------------------------------------------------------
+# (b) shard_map and pmap with explicit collectives.
+# --------------------------------------------------------------------------
+
+
+def check_shard_map(mesh: Mesh) -> None:
+    x = batch(1)
+    shards = x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])
+    for name, normalizers in CONFIGS.items():
+        norm = layer(normalizers)
+        full = jax.jit(functional(norm))
+        y_full, b_full = full(x)
+
+        synced = jax.jit(jax.shard_map(
+            functional(norm, axis_name="data"), mesh=mesh,
+            in_specs=P("data"), out_specs=(P("data"), P())))
+        y, b = synced(x)
+        record(f"shard_map/axis_name/{name}/output", (y_full, y), (b_full, b))
+
+        local = jax.jit(jax.shard_map(
+            functional(norm), mesh=mesh, in_specs=P("data"),
+            out_specs=(P("data"), P("data"))))
+        y, b = local(x)
+        per_shard = [full(s) for s in shards]
+        if name == "bn":  # proves the comparison below can tell the two apart
+            record("shard_map/no_axis_name/bn/gap_to_full_batch", (y_full, y))
+        record(f"shard_map/no_axis_name/{name}/output",
+               (np.concatenate([p[0] for p in per_shard]), y))
+        if b_full is not None:
+            record(f"shard_map/no_axis_name/{name}/batch_stats",
+                   (np.stack([p[1].mean for p in per_shard]),
+                    np.asarray(b.mean).reshape(DEVICES, -1)),
+                   (np.stack([p[1].var for p in per_shard]),
+                    np.asarray(b.var).reshape(DEVICES, -1)))
+
+        # The NNX module under shard_map: state replicated in and out.
+        sync_norm = layer(normalizers, axis_name="data")
+        graphdef, state = nnx.split(sync_norm)
+        y, new_state = jax.jit(jax.shard_map(
+            lambda s, x: forward(graphdef, s, x), mesh=mesh,
+            in_specs=(P(), P("data")), out_specs=(P("data"), P())))(state, x)
+        _, ref_state = jax.jit(forward, static_argnums=0)(
+            *nnx.split(layer(normalizers)), x)
+        record(f"shard_map/axis_name/nnx/{name}/output", (y_full, y))
+        if "bn" in normalizers:
+            record(f"shard_map/axis_name/nnx/{name}/running_stats",
+                   ((ref_state["mean"], ref_state["var"]),
+                    (new_state["mean"], new_state["var"])))
+
+
+def check_groups(mesh2d: Mesh) -> None:
+    """Sync BN within groups of 4 devices: 2-D mesh under shard_map, groups under pmap.
+
+    ``shard_map`` does not implement ``axis_index_groups`` (JAX raises
+    NotImplementedError); a mesh axis per group level is its equivalent.
+    """
+    x = batch(2)
+    halves = x.reshape(2, BATCH // 2, *x.shape[1:])
+    norm = layer(CONFIGS["sn"])
+    full = jax.jit(functional(norm))
+    expected = np.concatenate([full(h)[0] for h in halves])
+
+    f = jax.jit(jax.shard_map(
+        functional(norm, axis_name="data"), mesh=mesh2d,
+        in_specs=P(("group", "data")), out_specs=(P(("group", "data")), P("group"))))
+    y, _ = f(x)
+    record("shard_map/2d_mesh_groups/sn/output", (expected, y))
+
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    g = jax.pmap(lambda s: functional(norm, axis_name="data", axis_index_groups=groups)(s)[0],
+                 axis_name="data")
+    y = g(x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:]))
+    record("pmap/axis_index_groups/sn/output", (expected, np.asarray(y).reshape(x.shape)))
+
+
+def check_pmap() -> None:
+    x = batch(3)
+    shards = x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])
+    for name, normalizers in CONFIGS.items():
+        norm = layer(normalizers)
+        y_full, b_full = jax.jit(functional(norm))(x)
+        y, b = jax.pmap(functional(norm, axis_name="data"), axis_name="data")(shards)
+        pairs = [(y_full, np.asarray(y).reshape(x.shape))]
+        if b_full is not None:  # every device holds the same global statistics
+            pairs += [(np.broadcast_to(b_full.mean, b.mean.shape), b.mean),
+                      (np.broadcast_to(b_full.var, b.var.shape), b.var)]
+        record(f"pmap/axis_name/{name}/output", *pairs)
+
+
+# --------------------------------------------------------------------------
+# (c) whole training steps.
+# --------------------------------------------------------------------------
+
+
+class ConvNet(nnx.Module):
+    def __init__(self, normalizers, rngs: nnx.Rngs, axis_name=None):
+        self.conv1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.norm1 = switchnorm.SwitchNorm(8, normalizers=normalizers, num_groups=4,
+                                           axis_name=axis_name, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+        self.norm2 = switchnorm.SwitchNorm(8, normalizers=normalizers, num_groups=4,
+                                           axis_name=axis_name, rngs=rngs)
+        self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.norm1(self.conv1(x)))
+        x = jax.nn.relu(self.norm2(self.conv2(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def train_data(seed=4):
+    rng = np.random.default_rng(seed)
+    images = (2.0 + rng.standard_normal((BATCH, 6, 6, 3))).astype(np.float32)
+    labels = rng.integers(0, 4, BATCH).astype(np.int32)
+    return images, labels
+
+
+def make_step(graphdef, tx, axis_name=None):
+    """One SGD step on (model state, optimizer state), as a pure function."""
+    def step(state, opt_state, images, labels):
+        model = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            logits = model(images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)  # updates running stats
+        if axis_name is not None:
+            # The global loss is the mean of the per-shard losses. Under
+            # shard_map the gradient of a replicated (P()) parameter already
+            # arrives summed over the shards (the transpose of its implicit
+            # broadcast is a psum), so only the 1/shards factor is missing.
+            shards = jax.lax.axis_size(axis_name)
+            grads = jax.tree.map(lambda g: g / shards, grads)
+            loss = jax.lax.pmean(loss, axis_name)
+        params = nnx.state(model, nnx.Param)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        nnx.update(model, optax.apply_updates(params, updates))
+        return nnx.state(model), opt_state, loss
+    return step
+
+
+def check_train(mesh: Mesh) -> None:
+    images, labels = train_data()
+    tx = optax.sgd(0.1, momentum=0.9)
+    replicated = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P("data"))
+    for name in ("bn", "sn"):
+        graphdef, state = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0)))
+        step = jax.jit(make_step(graphdef, tx))
+
+        def run(state, images, labels, step=step):
+            opt_state = tx.init(state.filter(nnx.Param))
+            losses = []
+            for _ in range(3):
+                state, opt_state, loss = step(state, opt_state, images, labels)
+                losses.append(loss)
+            return state, losses
+
+        s1, l1 = run(state, images, labels)
+        s8, l8 = run(jax.device_put(state, replicated), jax.device_put(images, data),
+                     jax.device_put(labels, data))
+        assert all(len(leaf.sharding.device_set) == DEVICES for leaf in jax.tree.leaves(s8))
+        record(f"train/jit/{name}/params_and_stats", (s1, s8), (l1, l8))
+
+        sync_graphdef, _ = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0), axis_name="data"))
+        smap = jax.jit(jax.shard_map(
+            make_step(sync_graphdef, tx, axis_name="data"), mesh=mesh,
+            in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), P())))
+        s, opt_state, losses = state, tx.init(state.filter(nnx.Param)), []
+        for _ in range(3):
+            s, opt_state, loss = smap(s, opt_state, images, labels)
+            losses.append(loss)
+        record(f"train/shard_map/{name}/params_and_stats", (s1, s), (l1, losses))
+
+
+def check_linen_jit(mesh: Mesh) -> None:
+    """The Linen module under jit with a sharded batch, running stats included."""
+    x = batch(5)
+    module = snn.SwitchNorm(num_groups=4)
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    apply = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False,
+                                              mutable=["batch_stats"]))
+    y1, u1 = apply(variables, x)
+    y8, u8 = apply(jax.device_put(variables, NamedSharding(mesh, P())),
+                   jax.device_put(x, NamedSharding(mesh, P("data"))))
+    record("jit/linen/sn/output_and_running_stats", (y1, y8), (u1, u8))
+
+
+def main() -> None:
+    start = time.perf_counter()
+    devices = jax.devices()
+    if len(devices) != DEVICES:
+        sys.exit(f"need {DEVICES} devices, got {len(devices)}; set "
+                 f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}")
+    mesh = Mesh(np.array(devices), ("data",))
+    mesh2d = Mesh(np.array(devices).reshape(2, 4), ("group", "data"))
+    selected = sys.argv[1:] or ["jit", "shard_map", "groups", "pmap", "train", "linen"]
+    checks = {
+        "jit": lambda: check_jit(mesh),
+        "shard_map": lambda: check_shard_map(mesh),
+        "groups": lambda: check_groups(mesh2d),
+        "pmap": check_pmap,
+        "train": lambda: check_train(mesh),
+        "linen": lambda: check_linen_jit(mesh),
+    }
+    for name in selected:
+        checks[name]()
+    if os.environ.get("SWITCHNORM_VERBOSE"):
+        for key, value in results.items():
+            print(f"{value:10.3g}  {key}", file=sys.stderr)
+        print(f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
