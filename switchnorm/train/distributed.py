@@ -1,0 +1,259 @@
+"""Data parallelism for the training loop: one device mesh, one or many processes.
+
+The model state is replicated on every device of a one-axis mesh ``("data",)``
+and each global batch is split along that axis. The train step stays a plain
+``jax.jit``: XLA sees a batch sharded with ``NamedSharding`` and inserts the
+collectives itself, so the bn statistics of every SwitchNorm layer span the
+whole global batch and the result does not depend on the number of devices
+(up to the order of float32 reductions). No model code changes.
+
+Several processes (hosts) join with :func:`initialize` (``jax.distributed``).
+Every process builds the same data order from the seed, takes its own
+contiguous share of each global batch (:meth:`DataParallel.shard`) and feeds
+only that; the mesh spans the devices of all processes.
+
+Example::
+
+    >>> from switchnorm.train import distributed
+    >>> distributed.initialize()            # no-op unless a cluster is configured
+    False
+    >>> parallel = distributed.DataParallel(devices=None)   # all local devices
+    >>> parallel.num_devices >= 1
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from switchnorm.train import loop
+
+AXIS = "data"
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Where this process stands in a multi-process run.
+
+    Attributes:
+      coordinator_address: ``host:port`` of process 0's coordination service.
+      num_processes: how many processes take part.
+      process_id: this process's rank, 0 .. num_processes - 1.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @classmethod
+    def from_flags(
+        cls,
+        coordinator_address: str | None = None,
+        num_processes: int | None = None,
+        process_id: int | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Cluster:
+        """Flags win; unset ones come from ``JAX_COORDINATOR_ADDRESS``,
+        ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``."""
+
+        def number(value: Any, name: str) -> int | None:
+            if value is None or value == "":
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+
+        return cls(
+            coordinator_address or environ.get(ENV_COORDINATOR) or None,
+            number(num_processes if num_processes is not None
+                   else environ.get(ENV_NUM_PROCESSES), "num_processes"),
+            number(process_id if process_id is not None
+                   else environ.get(ENV_PROCESS_ID), "process_id"),
+        )
+
+    @property
+    def requested(self) -> bool:
+        """True if any of the three is set, i.e. the user asked for several processes."""
+        return any(v is not None for v in dataclasses.astuple(self))
+
+    def validate(self) -> None:
+        missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]
+        if missing:
+            raise ValueError(
+                f"a multi-process run needs coordinator_address, num_processes and "
+                f"process_id; missing {missing} (flags --coordinator-address, "
+                f"--num-processes, --process-id or {ENV_COORDINATOR}, "
+                f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})."
+            )
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}.")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(
+                f"process_id must be in 0..{self.num_processes - 1}, got {self.process_id}."
+            )
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Joins a multi-process run with ``jax.distributed.initialize`` if one is asked for.
+
+    Arguments left ``None`` are read from the environment (see
+    :meth:`Cluster.from_flags`). With nothing set anywhere this does nothing
+    and returns False: a single-process run. Must run before anything else
+    touches JAX's devices. On CPU the processes talk through gloo (JAX's
+    default ``jax_cpu_collectives_implementation``).
+    """
+    cluster = Cluster.from_flags(coordinator_address, num_processes, process_id)
+    if not cluster.requested:
+        return False
+    cluster.validate()
+    if cluster.num_processes == 1:
+        return False
+    jax.distributed.initialize(
+        cluster.coordinator_address, cluster.num_processes, cluster.process_id
+    )
+    return True
+
+
+def mesh_devices(devices: int | None = None) -> list[jax.Device]:
+    """The first ``devices`` local devices of every process, process by process.
+
+    ``None`` means all local devices. Every process must pass the same number.
+    """
+    local = jax.local_device_count()
+    if devices is None:
+        devices = local
+    if not isinstance(devices, int) or not 1 <= devices <= local:
+        raise ValueError(
+            f"devices must be between 1 and the {local} local device(s) of this "
+            f"process, got {devices!r}."
+        )
+    chosen = []
+    for process in range(jax.process_count()):
+        own = sorted((d for d in jax.devices() if d.process_index == process), key=lambda d: d.id)
+        chosen += own[:devices]
+    return chosen
+
+
+class DataParallel:
+    """A ``("data",)`` mesh and the two placements the loop needs.
+
+    * :meth:`replicate`: the same array on every device (model and optimizer state).
+    * :meth:`shard`: a global batch split along its first axis; each process
+      contributes only its own contiguous share of the rows.
+
+    Args:
+      devices: local devices per process (``None``: all of them).
+    """
+
+    def __init__(self, devices: int | None = None):
+        self.mesh = Mesh(np.array(mesh_devices(devices)), (AXIS,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch = NamedSharding(self.mesh, P(AXIS))
+        self.num_devices = self.mesh.size
+        self.num_processes = jax.process_count()
+        self.process_index = jax.process_index()
+
+    def __repr__(self) -> str:
+        return (f"DataParallel({self.num_devices} devices, {self.num_processes} "
+                f"process(es), this one #{self.process_index})")
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.num_devices:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of the {self.num_devices} "
+                f"devices it is split over; use a multiple of {self.num_devices} or "
+                f"fewer devices (--devices)."
+            )
+
+    def local_rows(self, batch_size: int) -> slice:
+        """This process's share of a global batch of ``batch_size`` rows."""
+        share = batch_size // self.num_processes
+        return slice(self.process_index * share, (self.process_index + 1) * share)
+
+    def shard(self, global_batch: Any) -> jax.Array:
+        """Splits ``global_batch`` (the same NumPy array in every process) over the mesh.
+
+        Only this process's rows are read and copied to its devices.
+        """
+        global_batch = np.asarray(global_batch)
+        self.check_batch_size(len(global_batch))
+        local = global_batch[self.local_rows(len(global_batch))]
+        return jax.make_array_from_process_local_data(self.batch, local, global_batch.shape)
+
+    def replicate(self, tree: Any) -> Any:
+        """Puts every array of ``tree`` (equal in all processes) on every device."""
+        if self.num_processes == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def put(leaf):
+            if isinstance(leaf, jax.Array) and leaf.sharding == self.replicated:
+                return leaf
+            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+                leaf.dtype, jax.dtypes.prng_key
+            ):
+                data = put(jax.random.key_data(leaf))
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+            host = np.asarray(leaf)
+            return jax.make_array_from_process_local_data(self.replicated, host, host.shape)
+
+        return jax.tree.map(put, tree)
+
+    def fetch(self, tree: Any) -> Any:
+        """Replicated arrays back to NumPy (every process holds a full copy)."""
+        return jax.tree.map(
+            lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree
+        )
+
+
+class DataParallelTrainer(loop.Trainer):
+    """:class:`~switchnorm.train.loop.Trainer` on a device mesh, one or many processes.
+
+    Same steps, same results: the state is replicated, every train and eval
+    batch is sharded over the mesh, and the jitted steps are unchanged, so bn
+    statistics span the global batch. ``config.batch_size`` is the global batch
+    and must be a multiple of the device count.
+
+    Args:
+      model, config, dataset, tx: as for ``Trainer``.
+      parallel: a :class:`DataParallel` (default: all local devices).
+    """
+
+    def __init__(self, model, config, dataset, tx=None, parallel: DataParallel | None = None):
+        self.parallel = parallel or DataParallel()
+        self.parallel.check_batch_size(config.batch_size)
+        super().__init__(model, config, dataset, tx)
+        self._initial = self.parallel.replicate(self._initial)
+        devices = self.parallel.num_devices
+        self.eval_batch_size = math.ceil(self.eval_batch_size / devices) * devices
+        replicated = self.parallel.replicated
+        train = jax.jit(self._train_step_impl, out_shardings=replicated)
+        evaluate = jax.jit(self._eval_step_impl, out_shardings=replicated)
+        shard = self.parallel.shard
+        self._train_step = lambda state, x, y: train(state, shard(x), shard(y))
+        self._eval_step = lambda state, x, y, valid: evaluate(
+            state, shard(x), shard(y), shard(valid)
+        )
+
+    def fit(self, state=None, start_epoch: int = 0, callbacks=()):
+        """As ``Trainer.fit``; a given ``state`` (e.g. restored) is replicated first."""
+        if state is not None:
+            state = self.parallel.replicate(state)
+        return super().fit(state, start_epoch, callbacks)
