@@ -129,6 +129,15 @@ class SwitchNorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
 
+    def set_view(self, use_running_average: bool | None = None):
+        """Class method used by ``nnx.view``, as on ``nnx.BatchNorm``.
+
+        Args:
+          use_running_average: if True, the bn term uses the running averages.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
     def active_normalizers(self, rank: int) -> tuple[str, ...]:
         """The normalizers this layer blends for an input of the given rank."""
         if self.uses_default_normalizers and rank == 2:
