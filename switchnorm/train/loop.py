@@ -1,0 +1,342 @@
+"""A reusable training loop for NNX models: jitted steps, eval in eval mode, hooks.
+
+The loop splits the model once into a static graph and pure pytrees
+(parameters, other state such as running averages, optimizer state) and runs
+two jitted functions on them: ``train_step`` and ``eval_step``. Everything it
+needs to continue arrives in a :class:`TrainState`, so a checkpoint of that
+state plus the epoch number resumes a run exactly: the data order is a
+function of (seed, epoch) alone (:func:`switchnorm.train.data.epoch_order`).
+
+Linen models train through the same loop with :class:`LinenAdapter`.
+
+Example::
+
+    >>> from flax import nnx
+    >>> from switchnorm.train import Trainer, TrainConfig, load_dataset, build_model
+    >>> data = load_dataset("synthetic")
+    >>> model = build_model("mlp", data.input_shape, data.num_classes, norm="sn")
+    >>> trainer = Trainer(model, TrainConfig(epochs=2, batch_size=64), data)
+    >>> result = trainer.fit()                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from switchnorm.inspect import mixing_weights
+from switchnorm.train import data as data_lib
+from switchnorm.train import optim
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: optimizer, schedule, batches, evaluation.
+
+    Attributes:
+      epochs: passes over the training set.
+      batch_size: examples per step (the last partial batch of an epoch is dropped).
+      optimizer: "sgd" (Nesterov momentum) or "adamw".
+      learning_rate: the peak learning rate.
+      momentum: SGD momentum or AdamW's b1.
+      weight_decay: applied to every parameter except the mixing logits.
+      warmup_epochs: linear warmup length, then cosine decay to zero.
+      eval_every: evaluate (and call ``on_eval``) every this many epochs, and
+        always after the last one.
+      seed: the data order; the model's initialization is the caller's.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    eval_every: int = 1
+    seed: int = 0
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as pytrees of arrays.
+
+    ``params`` and ``rest`` are the two halves of ``nnx.split(model, nnx.Param, ...)``;
+    ``rest`` holds the running averages.
+    """
+
+    step: jax.Array
+    params: Any
+    rest: Any
+    opt_state: Any
+
+
+class Callback:
+    """Hooks the loop calls; override any of them. ``model`` carries the current state."""
+
+    def on_train_begin(self, trainer: Trainer, state: TrainState, epoch: int) -> None:
+        """Before the first step (``epoch`` > 0 when resuming)."""
+
+    def on_step(self, trainer: Trainer, step: int, loss: float, accuracy: float) -> None:
+        """After every training step, with that batch's loss and accuracy."""
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+        """After every epoch. ``record`` has epoch, step, train_loss,
+        train_accuracy, weights and, after an evaluation, test_loss and
+        test_accuracy."""
+
+    def on_train_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+        """After the last epoch, with its record."""
+
+
+class WeightHistory(Callback):
+    """Records every SwitchNorm layer's mixing weights: one call per point.
+
+    In this loop, pass it as a callback (one point per epoch). In your own
+    loop, call ``history.record(step, model)`` whenever you like.
+
+    Attributes:
+      steps: the steps recorded.
+      weights: for each step, ``switchnorm.mixing_weights(model)``.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.weights: list[dict[str, Any]] = []
+
+    def record(self, step: int, model: Any) -> dict[str, Any]:
+        """Appends ``mixing_weights(model)`` at ``step`` and returns it."""
+        weights = model_weights(model)
+        self.steps.append(int(step))
+        self.weights.append(weights)
+        return weights
+
+    def on_epoch_end(self, trainer, state, record):
+        self.steps.append(record["step"])
+        self.weights.append(record["weights"])
+
+    def series(self, layer: str, kind: str, normalizer: str) -> np.ndarray:
+        """One weight over the recorded steps."""
+        return np.array([w[layer][kind][normalizer] for w in self.weights])
+
+
+def model_weights(model: nnx.Module) -> dict[str, Any]:
+    """``switchnorm.mixing_weights`` of an NNX model, also through :class:`LinenAdapter`.
+
+    NNX SwitchNorm layers are found as modules; Linen ones inside an adapter
+    are found in its parameter tree.
+    """
+    weights = mixing_weights(model)
+    if not weights:
+        weights = mixing_weights(nnx.state(model, nnx.Param))
+    return weights
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def schedule_for(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Warmup then cosine decay over the whole run."""
+    total = steps_per_epoch * config.epochs
+    return optim.warmup_cosine(
+        config.learning_rate, total, round(config.warmup_epochs * steps_per_epoch)
+    )
+
+
+def make_tx(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optimizer the config names, on its schedule, weight decay sparing the mixing logits."""
+    return optim.make_optimizer(
+        config.optimizer,
+        schedule_for(config, steps_per_epoch),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        mask=optim.weight_decay_mask,
+    )
+
+
+def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
+    """The TrainState of a fresh model: step 0, its parameters, running averages, tx state."""
+    model.train()
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+class Trainer:
+    """Trains an NNX classifier on a :class:`~switchnorm.train.data.Dataset`.
+
+    Args:
+      model: the NNX module; it is split once, and :meth:`model_at` puts any
+        state back into it. ``model.train()``/``model.eval()`` choose the graph
+        of the train and eval steps (running averages in eval).
+      config: a :class:`TrainConfig`.
+      dataset: the data.
+      tx: an optax transformation; by default ``optim.make_optimizer`` from the
+        config, with the weight-decay mask that spares the mixing logits.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        config: TrainConfig,
+        dataset: data_lib.Dataset,
+        tx: optax.GradientTransformation | None = None,
+    ):
+        if not 1 <= config.batch_size <= len(dataset.x_train):
+            raise ValueError(
+                f"batch_size must be between 1 and the training set's size "
+                f"{len(dataset.x_train)}, got {config.batch_size}."
+            )
+        self.model = model
+        self.config = config
+        self.dataset = dataset
+        self.steps_per_epoch = data_lib.steps_per_epoch(len(dataset.x_train), config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.tx = tx if tx is not None else make_tx(config, self.steps_per_epoch)
+        self.schedule = schedule_for(config, self.steps_per_epoch)
+        model.eval()
+        self.eval_graph = nnx.graphdef(model)
+        model.train()
+        self.train_graph = nnx.graphdef(model)
+        self._initial = initial_state(model, self.tx)
+        self.eval_batch_size = min(1000, len(dataset.x_test))
+        self._train_step = jax.jit(self._train_step_impl)
+        self._eval_step = jax.jit(self._eval_step_impl)
+
+    # -- the two jitted functions -------------------------------------------------
+
+    def _train_step_impl(self, state: TrainState, x: jax.Array, y: jax.Array):
+        model = nnx.merge(self.train_graph, state.params, state.rest)
+
+        def loss_fn(model):
+            logits = model(x)
+            return cross_entropy(logits, y).mean(), logits
+
+        # nnx.value_and_grad, not jax's: it lets the layers update their
+        # running averages in place while differentiating w.r.t. nnx.Param.
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        updates, opt_state = self.tx.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        accuracy = (logits.argmax(-1) == y).mean()
+        return TrainState(state.step + 1, params, rest, opt_state), loss, accuracy
+
+    def _eval_step_impl(self, state: TrainState, x: jax.Array, y: jax.Array, valid: jax.Array):
+        model = nnx.merge(self.eval_graph, state.params, state.rest)
+        logits = model(x)
+        loss = jnp.where(valid, cross_entropy(logits, y), 0.0).sum()
+        correct = jnp.where(valid, logits.argmax(-1) == y, False).sum()
+        return loss, correct
+
+    # -- public API -----------------------------------------------------------------
+
+    def initial_state(self) -> TrainState:
+        """The state before the first step."""
+        return self._initial
+
+    def train_step(self, state: TrainState, x: Any, y: Any) -> tuple[TrainState, float, float]:
+        """One jitted optimizer step; returns the new state, the batch's loss and accuracy."""
+        state, loss, accuracy = self._train_step(state, x, y)
+        return state, float(loss), float(accuracy)
+
+    def evaluate(self, state: TrainState, x: np.ndarray | None = None, y: np.ndarray | None = None):
+        """(mean loss, accuracy) in eval mode, on the test split by default."""
+        x = self.dataset.x_test if x is None else x
+        y = self.dataset.y_test if y is None else y
+        size = self.eval_batch_size
+        total_loss, total_correct = 0.0, 0
+        for start in range(0, len(x), size):
+            xb, yb = x[start : start + size], y[start : start + size]
+            n = len(xb)
+            if n < size:  # pad to one shape: one compilation
+                xb = np.concatenate([xb, np.zeros((size - n, *xb.shape[1:]), xb.dtype)])
+                yb = np.concatenate([yb, np.zeros(size - n, yb.dtype)])
+            loss, correct = self._eval_step(state, xb, yb, np.arange(size) < n)
+            total_loss += float(loss)
+            total_correct += int(correct)
+        return total_loss / len(x), total_correct / len(x)
+
+    def model_at(self, state: TrainState) -> nnx.Module:
+        """The model holding ``state`` (a new module; the trainer's own is untouched)."""
+        return nnx.merge(self.eval_graph, state.params, state.rest)
+
+    def fit(
+        self,
+        state: TrainState | None = None,
+        start_epoch: int = 0,
+        callbacks: Sequence[Callback] = (),
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Trains from ``state`` (default: the initial one) at ``start_epoch`` to the end.
+
+        Returns the final state and the last epoch's record.
+        """
+        state = self._initial if state is None else state
+        config = self.config
+        for callback in callbacks:
+            callback.on_train_begin(self, state, start_epoch)
+        record: dict[str, Any] = {}
+        for epoch in range(start_epoch, config.epochs):
+            losses, accuracies = [], []
+            for x, y in data_lib.train_batches(
+                self.dataset.x_train, self.dataset.y_train, config.batch_size, config.seed, epoch
+            ):
+                state, loss, accuracy = self.train_step(state, x, y)
+                losses.append(loss)
+                accuracies.append(accuracy)
+                for callback in callbacks:
+                    callback.on_step(self, int(state.step), loss, accuracy)
+            record = {
+                "epoch": epoch + 1,
+                "step": int(state.step),
+                "train_loss": float(np.mean(losses)),
+                "train_accuracy": float(np.mean(accuracies)),
+                "learning_rate": float(self.schedule(int(state.step))),
+            }
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                record["test_loss"], record["test_accuracy"] = self.evaluate(state)
+            record["weights"] = model_weights(self.model_at(state))
+            for callback in callbacks:
+                callback.on_epoch_end(self, state, record)
+        for callback in callbacks:
+            callback.on_train_end(self, state, record)
+        return state, record
+
+
+class LinenAdapter(nnx.Module):
+    """Trains a Linen model with this loop: wraps it as an NNX module.
+
+    The Linen module must take ``use_running_average`` as a call argument (as
+    ``switchnorm.linen.SwitchNorm`` and ``flax.linen.BatchNorm`` do) and pass it
+    on; ``adapter.train()`` / ``adapter.eval()`` then switch it like an NNX model.
+
+    Example::
+
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> from switchnorm import linen as snn
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, use_running_average):
+      ...     x = snn.SwitchNorm(use_running_average=use_running_average)(nn.Dense(8)(x))
+      ...     return nn.Dense(2)(x)
+      >>> model = LinenAdapter(Net(), jnp.zeros((1, 4)))
+      >>> model(jnp.ones((3, 4))).shape
+      (3, 2)
+    """
+
+    def __init__(self, module: Any, sample_input: jax.Array, seed: int = 0):
+        from flax.nnx import bridge
+
+        self.use_running_average = False
+        self.inner = bridge.ToNNX(module, rngs=nnx.Rngs(seed)).lazy_init(
+            sample_input, use_running_average=False
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mutable = False if self.use_running_average else ["batch_stats"]
+        return self.inner(x, use_running_average=self.use_running_average, mutable=mutable)

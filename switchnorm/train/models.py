@@ -1,0 +1,236 @@
+"""Example models whose every normalization layer is chosen by one argument, ``norm``.
+
+``norm="sn"`` puts a :class:`switchnorm.SwitchNorm` blending all four
+normalizers (bn and ln only on (N, C) features) after every convolution or
+dense layer; ``"bn"``, ``"in"``, ``"ln"`` or ``"gn"`` puts the same layer
+restricted to that single normalizer (which computes exactly Flax's own
+BatchNorm, InstanceNorm, LayerNorm or GroupNorm); ``"none"`` puts no layer and
+gives the preceding convolution a bias instead. Everything else is identical,
+so comparisons are one flag apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from switchnorm.nnx import SwitchNorm
+
+NORMS = ("sn", "bn", "in", "ln", "gn", "none")
+"""The choices of ``norm``."""
+
+
+def check_norm(norm: str, spatial: bool) -> None:
+    """Raises ValueError unless ``norm`` is a choice that fits the model's input."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}.")
+    if not spatial and norm in ("in", "gn"):
+        raise ValueError(
+            f"norm {norm!r} needs spatial positions, but this model sees (N, C) features; "
+            "choose sn, bn, ln or none."
+        )
+
+
+def make_norm(
+    norm: str, features: int, *, spatial: bool, dtype: Any = None, rngs: nnx.Rngs
+) -> nnx.Module | None:
+    """The normalization layer for ``norm``, or None for ``"none"``."""
+    check_norm(norm, spatial)
+    if norm == "none":
+        return None
+    normalizers = None if norm == "sn" else (norm,)
+    if norm == "sn" and not spatial:
+        normalizers = ("bn", "ln")
+    return SwitchNorm(features, normalizers=normalizers, dtype=dtype, rngs=rngs)
+
+
+def _apply(norm: nnx.Module | None, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x)
+
+
+class ResidualBlock(nnx.Module):
+    """conv-norm-relu-conv-norm plus a shortcut (a strided 1x1 conv when the shape changes)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        ndim: int,
+        kernel: int,
+        stride: int,
+        norm: str,
+        dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        bias = norm == "none"
+        conv = lambda i, o, k, s: nnx.Conv(  # noqa: E731
+            i, o, (k,) * ndim, strides=(s,) * ndim, use_bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.conv1 = conv(in_features, out_features, kernel, stride)
+        self.norm1 = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        self.conv2 = conv(out_features, out_features, kernel, 1)
+        self.norm2 = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        if stride != 1 or in_features != out_features:
+            self.shortcut = conv(in_features, out_features, 1, stride)
+            self.shortcut_norm = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        else:
+            self.shortcut = nnx.data(None)
+            self.shortcut_norm = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.nn.relu(_apply(self.norm1, self.conv1(x)))
+        y = _apply(self.norm2, self.conv2(y))
+        if self.shortcut is not None:
+            x = _apply(self.shortcut_norm, self.shortcut(x))
+        return jax.nn.relu(x + y)
+
+
+class Stem(nnx.Module):
+    """conv -> norm -> relu, the first layer of :class:`ResNet`."""
+
+    def __init__(self, in_features, out_features, *, ndim, kernel, norm, dtype, rngs):
+        self.conv = nnx.Conv(
+            in_features, out_features, (kernel,) * ndim, use_bias=norm == "none", dtype=dtype, rngs=rngs
+        )
+        self.norm = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(_apply(self.norm, self.conv(x)))
+
+
+class ResNet(nnx.Module):
+    """A small residual CNN over 1-D sequences (N, L, C) or 2-D images (N, H, W, C).
+
+    stem conv -> norm -> relu, then one residual block per entry of ``widths``
+    (stride 2 wherever the width grows), global average pooling, a linear head.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        widths: tuple[int, ...],
+        kernel: int,
+        norm: str = "sn",
+        dtype: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        ndim = len(input_shape) - 1
+        check_norm(norm, spatial=True)
+        self.dtype = dtype
+        # One list, stem first, so that layer paths ("layers/0/norm",
+        # "layers/1/norm1", ...) sort in the order the data flows.
+        blocks: list[nnx.Module] = [
+            Stem(input_shape[-1], widths[0], ndim=ndim, kernel=kernel, norm=norm, dtype=dtype, rngs=rngs)
+        ]
+        for i, width in enumerate(widths):
+            previous = widths[max(i - 1, 0)]
+            blocks.append(
+                ResidualBlock(
+                    previous,
+                    width,
+                    ndim=ndim,
+                    kernel=kernel,
+                    stride=2 if width > previous else 1,
+                    norm=norm,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
+        self.layers = nnx.List(blocks)
+        self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        for block in self.layers:
+            x = block(x)
+        x = x.mean(axis=tuple(range(1, x.ndim - 1)))
+        return self.head(x).astype(jnp.float32)
+
+
+class MLP(nnx.Module):
+    """(N, C) features -> [dense -> norm -> relu] x len(widths) -> dense."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        widths: tuple[int, ...] = (64, 64),
+        norm: str = "sn",
+        dtype: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        check_norm(norm, spatial=False)
+        self.dtype = dtype
+        sizes = (int(jnp.prod(jnp.array(input_shape))), *widths)
+        self.layers = nnx.List(
+            [
+                nnx.Linear(a, b, use_bias=norm == "none", dtype=dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:])
+            ]
+        )
+        self.norms = nnx.List(
+            [make_norm(norm, b, spatial=False, dtype=dtype, rngs=rngs) for b in widths]
+        )
+        self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        for layer, norm in zip(self.layers, self.norms):
+            x = jax.nn.relu(_apply(norm, layer(x)))
+        return self.head(x).astype(jnp.float32)
+
+
+def resnet2d(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
+    """The image model: a residual CNN with widths (32, 64), 3x3 kernels."""
+    return ResNet(input_shape, num_classes, widths=(32, 64), kernel=3, norm=norm, dtype=dtype, rngs=rngs)
+
+
+def resnet1d(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
+    """The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
+    return ResNet(
+        input_shape, num_classes, widths=(32, 64, 128), kernel=5, norm=norm, dtype=dtype, rngs=rngs
+    )
+
+
+def mlp(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
+    """The feature model: an MLP with two hidden layers of 64."""
+    return MLP(input_shape, num_classes, widths=(64, 64), norm=norm, dtype=dtype, rngs=rngs)
+
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "resnet2d": resnet2d,
+    "resnet1d": resnet1d,
+    "mlp": mlp,
+}
+"""Model constructor by name: ``MODELS[name](input_shape, num_classes, norm=..., rngs=...)``."""
+
+DEFAULT_MODEL = {"digits": "resnet2d", "mnist1d": "resnet1d", "synthetic": "mlp"}
+"""The model each dataset trains by default."""
+
+INPUT_RANK = {"resnet2d": 3, "resnet1d": 2, "mlp": None}
+"""The rank of one example each model expects (None: any, it flattens)."""
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, *, norm: str, dtype: Any = None, seed: int = 0
+) -> nnx.Module:
+    """``MODELS[name]`` for this input shape, parameters initialized from ``seed``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    rank = INPUT_RANK[name]
+    if rank is not None and len(input_shape) != rank:
+        raise ValueError(
+            f"model {name!r} expects examples of rank {rank}, but the dataset's are {input_shape}."
+        )
+    return MODELS[name](input_shape, num_classes, norm=norm, dtype=dtype, rngs=nnx.Rngs(seed))
