@@ -1,0 +1,310 @@
+"""The Flax Linen front end, ``switchnorm.linen.SwitchNorm``, and its agreement with NNX."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import reference
+import switchnorm
+from switchnorm import linen as snn
+
+ALL = ("bn", "in", "ln", "gn")
+C = 6
+SHAPES = {2: (8, C), 3: (4, 5, C), 4: (3, 4, 3, C), 5: (2, 3, 2, 3, C)}
+
+
+def data(rng, shape, offset=0.0):
+    c = shape[-1]
+    x = rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3 + offset
+    return jnp.asarray(x, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def train(module, variables, x):
+    """A training-mode call: (y, updated batch_stats)."""
+    return module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def infer(module, variables, x):
+    return module.apply(variables, x, use_running_average=True)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init(module, x):
+    return module.init(jax.random.key(0), x, use_running_average=False)
+
+
+def with_random_params(variables, rng, names=("scale", "bias", "mean_logits", "var_logits")):
+    """variables with its scale, bias and (if present) logits replaced by random values."""
+    params = dict(variables["params"])
+    for name in names:
+        if name in params:
+            shape = params[name].shape
+            values = rng.uniform(0.5, 1.5, shape) if name == "scale" else rng.normal(size=shape)
+            params[name] = jnp.asarray(values, jnp.float32)
+    return {**variables, "params": params}
+
+
+def flax_counterpart(name, rank):
+    if name == "bn":
+        return nn.BatchNorm(epsilon=1e-5, use_fast_variance=False)
+    if name == "in":
+        return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False)
+    if name == "ln":
+        return nn.LayerNorm(
+            epsilon=1e-5, reduction_axes=tuple(range(1, rank)), feature_axes=-1,
+            use_fast_variance=False,
+        )
+    return nn.GroupNorm(num_groups=3, epsilon=1e-5, use_fast_variance=False)
+
+
+SINGLE_CASES = [("bn", r) for r in (2, 3, 4, 5)] + [("ln", r) for r in (2, 3, 4, 5)] + [
+    (n, r) for n in ("in", "gn") for r in (3, 4, 5)
+]
+
+
+@pytest.mark.parametrize("name, rank", SINGLE_CASES)
+def test_single_normalizer_equals_the_flax_layer(rng, name, rank):
+    ours, theirs = snn.SwitchNorm(normalizers=(name,), num_groups=3), flax_counterpart(name, rank)
+    x = data(rng, SHAPES[rank])
+    ours_vars = with_random_params(init(ours, x), rng, names=("scale", "bias"))
+    params = {k: ours_vars["params"][k] for k in ("scale", "bias")}
+    if name == "bn":
+        theirs_vars = {"params": params, "batch_stats": nn.BatchNorm().init(
+            jax.random.key(0), x, use_running_average=True)["batch_stats"]}
+        for step in range(2):
+            x = data(rng, SHAPES[rank], offset=step)
+            y, ours_stats = train(ours, ours_vars, x)
+            y_flax, theirs_stats = theirs.apply(
+                theirs_vars, x, use_running_average=False, mutable=["batch_stats"]
+            )
+            np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+            ours_vars = {**ours_vars, **ours_stats}
+            theirs_vars = {**theirs_vars, **theirs_stats}
+        for stat in ("mean", "var"):
+            np.testing.assert_allclose(
+                ours_vars["batch_stats"][stat], theirs_vars["batch_stats"][stat],
+                rtol=1e-5, atol=1e-6,
+            )
+        np.testing.assert_allclose(
+            infer(ours, ours_vars, x),
+            theirs.apply(theirs_vars, x, use_running_average=True), rtol=1e-5, atol=1e-5,
+        )
+    else:
+        assert "batch_stats" not in ours_vars
+        y, _ = train(ours, ours_vars, x)
+        np.testing.assert_allclose(y, theirs.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(infer(ours, ours_vars, x), y, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Variables: Flax BatchNorm's names, logits start at zero.
+# --------------------------------------------------------------------------
+
+
+def test_variables_are_named_and_initialised_like_batchnorm(rng):
+    variables = init(snn.SwitchNorm(), data(rng, SHAPES[4]))
+    params, stats = variables["params"], variables["batch_stats"]
+    assert set(params) == {"scale", "bias", "mean_logits", "var_logits"}
+    assert set(stats) == {"mean", "var"}
+    np.testing.assert_array_equal(params["mean_logits"], np.zeros(4))
+    np.testing.assert_array_equal(params["var_logits"], np.zeros(4))
+    np.testing.assert_array_equal(params["scale"], np.ones(C))
+    np.testing.assert_array_equal(params["bias"], np.zeros(C))
+    # As in flax.linen.BatchNorm, init does not move the running averages.
+    np.testing.assert_array_equal(stats["mean"], np.zeros(C))
+    np.testing.assert_array_equal(stats["var"], np.ones(C))
+
+
+def test_default_normalizers_follow_the_input_rank(rng):
+    dense = init(snn.SwitchNorm(), data(rng, SHAPES[2]))
+    image = init(snn.SwitchNorm(), data(rng, SHAPES[4]))
+    assert dense["params"]["mean_logits"].shape == (2,)
+    assert image["params"]["mean_logits"].shape == (4,)
+
+
+def test_without_bn_there_is_no_batch_stats_collection(rng):
+    variables = init(snn.SwitchNorm(normalizers=("in", "gn")), data(rng, SHAPES[3]))
+    assert set(variables) == {"params"}
+
+
+def test_use_scale_and_use_bias_false_leave_those_parameters_out(rng):
+    module = snn.SwitchNorm(use_scale=False, use_bias=False)
+    x = data(rng, SHAPES[4])
+    variables = init(module, x)
+    assert set(variables["params"]) == {"mean_logits", "var_logits"}
+    y_ref, _, _ = reference.switch_norm(x, np.zeros(4), np.zeros(4), num_groups=3)
+    np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 5])
+def test_random_parameters_match_float64_reference(rng, rank):
+    module = snn.SwitchNorm(num_groups=2)
+    x = data(rng, SHAPES[rank])
+    variables = with_random_params(init(module, x), rng)
+    p = variables["params"]
+    normalizers = ALL if rank > 2 else ("bn", "ln")
+    y_ref, _, _ = reference.switch_norm(
+        x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"],
+        normalizers=normalizers, num_groups=2,
+    )
+    np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 7, 37, 64, 100])
+def test_defaults_work_for_any_channel_count(rng, channels):
+    module = snn.SwitchNorm()
+    x = data(rng, (2, 3, 2, channels))
+    y, _ = train(module, init(module, x), x)
+    y_ref, _, _ = reference.switch_norm(
+        x, np.zeros(4), np.zeros(4), num_groups=switchnorm.default_num_groups(channels)
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dtype_and_param_dtype(rng):
+    module = snn.SwitchNorm(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = data(rng, SHAPES[4])
+    variables = init(module, x)
+    assert variables["params"]["scale"].dtype == jnp.bfloat16
+    assert train(module, variables, x)[0].dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------
+# Running averages.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.99, 0.5])
+def test_training_updates_running_averages_with_the_flax_ema_rule(rng, momentum):
+    module = snn.SwitchNorm(momentum=momentum)
+    x = data(rng, SHAPES[4])
+    variables = init(module, x)
+    _, updates = train(module, variables, x)
+    _, bn_mean, bn_var = reference.switch_norm(x, np.zeros(4), np.zeros(4), num_groups=3)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], (1 - momentum) * bn_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["var"], momentum + (1 - momentum) * bn_var, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_inference_uses_running_averages_for_bn_only(rng):
+    module = snn.SwitchNorm(num_groups=2)
+    x = data(rng, SHAPES[4])
+    variables = with_random_params(init(module, x), rng)
+    running = {
+        "mean": jnp.asarray(rng.normal(size=C), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2.0, C), jnp.float32),
+    }
+    variables = {**variables, "batch_stats": running}
+    p = variables["params"]
+    y_ref, _, _ = reference.switch_norm(
+        x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"], num_groups=2,
+        running_mean=running["mean"], running_var=running["var"],
+    )
+    np.testing.assert_allclose(infer(module, variables, x), y_ref, rtol=1e-4, atol=1e-4)
+    # The attribute works as well as the call argument.
+    y_attr = snn.SwitchNorm(num_groups=2, use_running_average=True).apply(variables, x)
+    np.testing.assert_allclose(y_attr, y_ref, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# NNX and Linen: the same layer.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_nnx_and_linen_agree_given_the_same_parameters(rng, rank):
+    normalizers = ALL if rank > 2 else ("bn", "ln")
+    x = data(rng, SHAPES[rank])
+    layer = switchnorm.SwitchNorm(C, normalizers=normalizers, num_groups=2, rngs=nnx.Rngs(0))
+    for name, size in (("mean_logits", len(normalizers)), ("var_logits", len(normalizers)), ("bias", C)):
+        getattr(layer, name)[...] = jnp.asarray(rng.normal(size=size), jnp.float32)
+    layer.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, C), jnp.float32)
+    layer.mean[...] = jnp.asarray(rng.normal(size=C), jnp.float32)
+    layer.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, C), jnp.float32)
+
+    module = snn.SwitchNorm(normalizers=normalizers, num_groups=2)
+    variables = {  # copied across from the NNX layer
+        "params": nnx.to_pure_dict(nnx.state(layer, nnx.Param)),
+        "batch_stats": nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat)),
+    }
+    np.testing.assert_allclose(
+        infer(module, variables, x), nnx.view(layer, use_running_average=True)(x), rtol=1e-6, atol=1e-6
+    )
+
+    y_linen, updates = train(module, variables, x)
+    y_nnx = layer(x)
+    np.testing.assert_allclose(y_linen, y_nnx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], layer.mean[...], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], layer.var[...], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Transformations: jit, grad, an ensemble under vmap, checkpoint.
+# --------------------------------------------------------------------------
+
+
+def test_jit_gives_the_eager_result(rng):
+    module = snn.SwitchNorm()
+    x = data(rng, SHAPES[4])
+    variables = with_random_params(init(module, x), rng)
+    eager = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    jitted = train(module, variables, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), eager, jitted)
+
+
+def test_grad_reaches_every_parameter(rng):
+    module = snn.SwitchNorm()
+    x, target = data(rng, SHAPES[4]), data(rng, SHAPES[4])
+    variables = with_random_params(init(module, x), rng)
+
+    def loss(params):
+        y, _ = module.apply(
+            {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        return jnp.sum(y * target)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    assert set(grads) == {"scale", "bias", "mean_logits", "var_logits"}
+    for name, value in grads.items():
+        assert np.all(np.isfinite(value)) and np.any(np.abs(value) > 1e-4), name
+
+
+def test_vmap_over_an_ensemble_of_variables(rng):
+    module = snn.SwitchNorm()
+    x = data(rng, SHAPES[4])
+    keys = jax.random.split(jax.random.key(0), 3)
+    members = [with_random_params(module.init(k, x, use_running_average=False), rng) for k in keys]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    y, updates = jax.jit(jax.vmap(lambda v: train(module, v, x)))(stacked)
+    for i, member in enumerate(members):
+        y_i, updates_i = train(module, member, x)
+        np.testing.assert_allclose(y[i], y_i, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(updates["batch_stats"]["var"][i], updates_i["batch_stats"]["var"], rtol=1e-6)
+    assert not np.allclose(y[0], y[1])
+
+
+def test_checkpoint_and_remat_give_the_same_gradients(rng):
+    x, target = data(rng, SHAPES[3]), data(rng, SHAPES[3])
+    variables = with_random_params(init(snn.SwitchNorm(), x), rng)
+
+    def loss(module, params):
+        y, _ = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * target)
+
+    def grads(module, checkpoint=False):
+        f = functools.partial(loss, module)
+        return jax.jit(jax.grad(jax.checkpoint(f) if checkpoint else f))(variables["params"])
+
+    plain = grads(snn.SwitchNorm(use_running_average=False))
+    checkpointed = grads(snn.SwitchNorm(use_running_average=False), checkpoint=True)
+    remat = grads(nn.remat(snn.SwitchNorm)(use_running_average=False))
+    for other in (checkpointed, remat):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), plain, other)
