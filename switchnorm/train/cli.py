@@ -47,6 +47,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 DTYPES = ("float32", "bfloat16")
 FIGURES = ("weights_over_training.png", "final_weights.png")
+SCALING_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")
 
 
 class UsageError(Exception):
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
     train.add_argument("--quiet", action="store_true", help="no per-evaluation weight tables")
+    # Scaling out (switchnorm.train.distributed, docs/scaling.md); not part of a run's config.
+    train.add_argument("--devices", type=_positive_int, default=None, help="local devices per process to shard each batch over (default: all)")
+    train.add_argument("--coordinator-address", default=None, help="host:port of process 0, for a multi-process run (or JAX_COORDINATOR_ADDRESS)")
+    train.add_argument("--num-processes", type=_positive_int, default=None, help="processes in a multi-process run (or JAX_NUM_PROCESSES)")
+    train.add_argument("--process-id", type=_int, default=None, help="this process's rank, 0 .. N-1 (or JAX_PROCESS_ID)")
 
     inspect = commands.add_parser("inspect", help="print a run's learned weights from its latest checkpoint")
     inspect.add_argument("run", type=Path)
@@ -212,12 +218,17 @@ def _reporter(out: Path, quiet: bool):
 
     reporter = Reporter()
     reporter.out, reporter.quiet, reporter.bar = out, quiet, None
+    from switchnorm.train.distributed import is_primary
+
+    reporter.primary = is_primary()
+    reporter.quiet = quiet or not reporter.primary
     return reporter
 
 
 class _ReporterMethods:
     out: Path
     quiet: bool
+    primary: bool = True  # checkpoints are saved by every process (orbax syncs them)
 
     def on_train_begin(self, trainer, state, epoch):
         from tqdm.auto import tqdm
@@ -227,7 +238,7 @@ class _ReporterMethods:
             initial=int(state.step),
             unit="step",
             dynamic_ncols=True,
-            disable=None,  # off when stderr is not a terminal
+            disable=None if self.primary else True,  # off when stderr is not a terminal
         )
 
     def on_step(self, trainer, step, loss, accuracy):
@@ -239,7 +250,8 @@ class _ReporterMethods:
         import switchnorm
         from switchnorm.train import rundir
 
-        rundir.append_metrics(self.out, record)
+        if self.primary:
+            rundir.append_metrics(self.out, record)
         rundir.save_checkpoint(self.out, record["step"], state, record["epoch"])
         if "test_accuracy" in record:
             self.bar.set_description(f"test acc {record['test_accuracy']:.4f}")
@@ -313,12 +325,19 @@ def _write_figures(out: Path, config: dict[str, Any], records: list[dict[str, An
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from switchnorm.train import rundir
+    from switchnorm.train import distributed, rundir
+
+    distributed.request_cpu_devices(args.devices)
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as error:
+        raise UsageError(str(error).rstrip(".")) from None
+    primary = distributed.is_primary()  # process 0 alone writes the run's files
 
     options = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "out", "resume", "overwrite", "quiet")
+        if k not in ("command", "out", "resume", "overwrite", "quiet", *SCALING_FLAGS)
     }
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one")
@@ -366,11 +385,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"examples of {config['dataset']}'s training set"
         )
     model = _build_model(config, dataset.input_shape, dataset.num_classes)
-    trainer = loop.Trainer(model, _train_config(config), dataset)
+    try:
+        trainer = distributed.make_trainer(model, _train_config(config), dataset, devices=args.devices)
+    except ValueError as error:
+        raise UsageError(str(error).rstrip(".")) from None
     config["input_shape"] = list(dataset.input_shape)
     config["num_classes"] = dataset.num_classes
     config["steps_per_epoch"] = trainer.steps_per_epoch
 
+    distributed.barrier("switchnorm-train-checked")  # every process passed the checks
     state, epoch = trainer.initial_state(), 0
     if args.resume:
         if rundir.latest_step(out) is not None:
@@ -382,20 +405,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise UsageError(f"cannot resume: checkpoint step {step} does not fit the run's config")
         if epoch == config["epochs"]:
             print(f"{out}: the run is complete ({epoch} epochs).")
-            _finish(out, config, None)
+            if primary:
+                _finish(out, config, None)
             return 0
         # From here on files change: every check has passed.
-        rundir.truncate_metrics(out, int(np.asarray(state.step)))
+        if primary:
+            rundir.truncate_metrics(out, int(np.asarray(state.step)))
         print(f"resuming {out} at epoch {epoch} (step {int(np.asarray(state.step))})")
     else:
-        if out.exists() and args.overwrite:
+        if primary and out.exists() and args.overwrite:
             shutil.rmtree(out)
-        rundir.write_config(out, config)
+        if primary:
+            rundir.write_config(out, config)
 
     print(f"{dataset.describe()}; model {config['model']}, norm {config['norm']}; run directory {out}")
     start = time.perf_counter()
     state, record = trainer.fit(state, epoch, callbacks=[_reporter(out, args.quiet)])
-    _finish(out, config, time.perf_counter() - start)
+    if primary:
+        _finish(out, config, time.perf_counter() - start)
     return 0
 
 

@@ -132,6 +132,34 @@ def initialize(
     return True
 
 
+def request_cpu_devices(devices: int | None) -> None:
+    """Lets the CPU backend expose ``devices`` devices (call before JAX starts).
+
+    On a machine without accelerators this makes ``--devices 8`` work with no
+    ``XLA_FLAGS``; it does not touch GPU or TPU backends. Ignored once JAX has
+    started its backends.
+    """
+    if devices is None:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:  # backends already initialized: the count is fixed
+        pass
+
+
+def is_primary() -> bool:
+    """True in process 0, the one that writes the run's files."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def mesh_devices(devices: int | None = None) -> list[jax.Device]:
     """The first ``devices`` local devices of every process, process by process.
 
@@ -257,3 +285,11 @@ class DataParallelTrainer(loop.Trainer):
         if state is not None:
             state = self.parallel.replicate(state)
         return super().fit(state, start_epoch, callbacks)
+
+
+def make_trainer(model, config, dataset, tx=None, devices: int | None = None) -> loop.Trainer:
+    """A :class:`DataParallelTrainer` when the mesh has several devices, else a ``Trainer``."""
+    parallel = DataParallel(devices)
+    if parallel.num_devices == 1:
+        return loop.Trainer(model, config, dataset, tx)
+    return DataParallelTrainer(model, config, dataset, tx, parallel)
