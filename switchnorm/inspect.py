@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -17,7 +18,9 @@ LayerWeights = dict[str, dict[str, float]]
 
 def _weights(mean_logits: Any, var_logits: Any, names: Sequence[str]) -> LayerWeights:
     return {
-        kind: dict(zip(names, np.asarray(_core.mixing_weights_from_logits(np.asarray(logits))).tolist()))
+        # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
+        # then become float32 quietly when x64 is off, instead of warning.
+        kind: dict(zip(names, np.asarray(_core.mixing_weights_from_logits(jnp.asarray(logits))).tolist()))
         for kind, logits in (("mean", mean_logits), ("var", var_logits))
     }
 
@@ -92,7 +95,7 @@ def mixing_weights(
                 )
         return out
     if isinstance(model_or_variables, nnx.State):
-        model_or_variables = model_or_variables.to_pure_dict()
+        model_or_variables = nnx.to_pure_dict(model_or_variables)
     if not isinstance(model_or_variables, Mapping):
         raise TypeError(
             "mixing_weights expects an NNX module, a Linen variables dict or a params "
