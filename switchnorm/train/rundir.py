@@ -6,17 +6,22 @@
       config.json          every setting of the run (what --resume reads back)
       metrics.jsonl        one JSON record per epoch: step, losses, accuracies, weights
       checkpoints/<step>/  orbax checkpoints: the full TrainState plus the epoch
+      manifests/<step>.json  size and SHA-256 of every file of that checkpoint
       summary.json         written at the end: final accuracy, wall time
       weights_over_training.png, final_weights.png
 
 Checkpoints are written synchronously by ``orbax.checkpoint.CheckpointManager``,
 which writes each one into a temporary directory and renames it into place only
-when complete; a process killed while writing leaves the previous checkpoint as
-the latest complete one, and restoring ignores the partial one.
+when complete. After that, a manifest of the checkpoint's files (size and
+SHA-256) is written atomically; a checkpoint counts as complete only once its
+manifest exists. So a process killed at any moment leaves the previous
+checkpoint as the latest complete one, and a checkpoint damaged later
+(truncated, overwritten) is caught before orbax reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +35,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+MANIFESTS = "manifests"
 
 
 class RunError(Exception):
@@ -140,19 +146,59 @@ def save_checkpoint(path: Path, step: int, state: Any, epoch: int, max_to_keep: 
             force=True,
         )
         manager.wait_until_finished()
+        kept = set(manager.all_steps())
     finally:
         manager.close()
+    (path / MANIFESTS).mkdir(exist_ok=True)
+    _atomic_write(path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(path / CHECKPOINTS / str(step))))
+    for manifest in (path / MANIFESTS).glob("*.json"):  # of checkpoints orbax has deleted
+        if manifest.stem.isdigit() and int(manifest.stem) not in kept:
+            manifest.unlink()
+
+
+def _file_digests(directory: Path) -> dict[str, list[Any]]:
+    return {
+        str(file.relative_to(directory)): [file.stat().st_size, hashlib.sha256(file.read_bytes()).hexdigest()]
+        for file in sorted(directory.rglob("*"))
+        if file.is_file()
+    }
 
 
 def latest_step(path: Path) -> int | None:
-    """The step of the newest complete checkpoint, or None."""
-    directory = path / CHECKPOINTS
-    if not directory.is_dir():
+    """The step of the newest complete checkpoint (one with a manifest), or None."""
+    directory, manifests = path / CHECKPOINTS, path / MANIFESTS
+    if not directory.is_dir() or not manifests.is_dir():
         return None
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
-    # orbax writes into "<step>.orbax-checkpoint-tmp-*" and renames when complete,
-    # so a digit-only name is a finalized checkpoint.
+    # orbax writes into "<step>.orbax-checkpoint-tmp-*" and renames when complete;
+    # the manifest comes after the rename.
+    steps = [
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and p.is_dir() and (manifests / f"{p.name}.json").is_file()
+    ]
     return max(steps) if steps else None
+
+
+def verify_checkpoint(path: Path, step: int) -> None:
+    """Raises RunError unless checkpoint ``step``'s files match its manifest."""
+    where = path / CHECKPOINTS / str(step)
+    try:
+        manifest = json.loads((path / MANIFESTS / f"{step}.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"checkpoint {where} has an unreadable manifest: {error}") from None
+    try:
+        found = _file_digests(where)
+    except OSError as error:
+        raise RunError(f"checkpoint {where} is unreadable: {error}") from None
+    for name, (size, digest) in manifest.items():
+        if name not in found:
+            raise RunError(f"checkpoint {where} is incomplete: {name} is missing.")
+        if found[name][0] != size:
+            raise RunError(
+                f"checkpoint {where} is truncated: {name} has {found[name][0]} of its {size} bytes."
+            )
+        if found[name][1] != digest:
+            raise RunError(f"checkpoint {where} is corrupted: {name} does not match its checksum.")
 
 
 def restore_checkpoint(path: Path, template: Any, step: int | None = None) -> tuple[Any, int, int]:
@@ -165,6 +211,7 @@ def restore_checkpoint(path: Path, template: Any, step: int | None = None) -> tu
     if step is None:
         raise RunError(f"{path} has no checkpoint.")
     where = path / CHECKPOINTS / str(step)
+    verify_checkpoint(path, step)
     ocp = _quiet_orbax()
     expected, treedef = _flatten(template)
     try:

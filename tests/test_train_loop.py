@@ -1,0 +1,132 @@
+"""The training loop, datasets, models and the weight-decay mask (switchnorm.train)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import switchnorm
+from switchnorm.train import (
+    LinenAdapter,
+    TrainConfig,
+    Trainer,
+    WeightHistory,
+    build_model,
+    load_dataset,
+    weight_decay_mask,
+)
+from switchnorm.train import data as data_lib
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset("synthetic")
+
+
+def test_loop_learns_the_synthetic_set(synthetic):
+    model = build_model("mlp", synthetic.input_shape, synthetic.num_classes, norm="sn")
+    history = WeightHistory()
+    trainer = Trainer(model, TrainConfig(epochs=4, batch_size=32, learning_rate=1e-2), synthetic)
+    _, initial_accuracy = trainer.evaluate(trainer.initial_state())
+    state, record = trainer.fit(callbacks=[history])
+
+    assert record["train_loss"] < 0.5 * np.log(4)  # cross-entropy of chance is log(4)
+    assert record["test_accuracy"] > 0.8 > 0.25 + 0.5  # chance is 1/4
+    assert initial_accuracy < 0.5
+    assert history.steps == [16, 32, 48, 64]
+    # The mixing weights learned something, and history holds them by layer.
+    assert set(history.weights[-1]) == {"norms/0", "norms/1"}
+    assert max(abs(w - 0.5) for w in history.series("norms/0", "var", "bn")) > 1e-3
+
+
+def test_eval_runs_in_eval_mode_with_running_averages(synthetic):
+    model = build_model("mlp", synthetic.input_shape, synthetic.num_classes, norm="bn")
+    trainer = Trainer(model, TrainConfig(epochs=1, batch_size=64), synthetic)
+    state, _ = trainer.fit()
+    evaluated = trainer.model_at(state)
+    assert all(layer.use_running_average for layer in evaluated.norms)
+    # The running mean moved from its initial zeros: the train step updated it.
+    assert float(jnp.abs(evaluated.norms[0].mean[...]).max()) > 0
+    # Eval output does not depend on the rest of the batch (running averages).
+    x = synthetic.x_test[:8]
+    alone = evaluated(x[:1])
+    assert np.allclose(evaluated(x)[:1], alone, atol=1e-6)
+
+
+def test_weight_decay_mask_excludes_exactly_the_mixing_logits(synthetic):
+    model = build_model("mlp", (8,), 4, norm="sn")
+    params = nnx.state(model, nnx.Param)
+    mask = weight_decay_mask(params)
+    flags = {
+        jax.tree_util.keystr(path): flag
+        for path, flag in jax.tree_util.tree_leaves_with_path(mask)
+    }
+    excluded = {path for path, flag in flags.items() if not flag}
+    assert excluded and all(("mean_logits" in p) or ("var_logits" in p) for p in excluded)
+    assert sum(("logits" in p) for p in flags) == len(excluded)
+
+    # Used by AdamW: with zero gradients, decay shrinks kernels but not logits.
+    tree = {"norm": {"mean_logits": jnp.ones(4), "scale": jnp.ones(3)}, "kernel": jnp.ones((2, 2))}
+    tx = optax.adamw(0.1, weight_decay=0.5, mask=weight_decay_mask)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
+    assert np.all(updates["norm"]["mean_logits"] == 0)
+    assert np.all(updates["kernel"] < 0) and np.all(updates["norm"]["scale"] < 0)
+
+
+def test_data_order_depends_only_on_seed_and_epoch():
+    a = data_lib.epoch_order(100, seed=3, epoch=5)
+    assert np.array_equal(a, data_lib.epoch_order(100, seed=3, epoch=5))
+    assert not np.array_equal(a, data_lib.epoch_order(100, seed=3, epoch=6))
+    assert not np.array_equal(a, data_lib.epoch_order(100, seed=4, epoch=5))
+
+
+def test_datasets_have_the_documented_shapes_and_splits():
+    digits = load_dataset("digits")
+    assert digits.x_train.shape[1:] == (8, 8, 1) and len(digits.x_train) + len(digits.x_test) == 1797
+    mnist1d = load_dataset("mnist1d")
+    assert mnist1d.x_train.shape == (4000, 40, 1) and mnist1d.x_test.shape == (1000, 40, 1)
+    assert mnist1d.x_train.dtype == np.float32 and mnist1d.y_train.dtype == np.int32
+    assert set(np.unique(mnist1d.y_test)) == set(range(10))
+
+
+@pytest.mark.parametrize("norm", ["sn", "bn", "in", "ln", "gn", "none"])
+def test_norm_flag_changes_only_the_normalization_layers(norm):
+    model = build_model("resnet2d", (8, 8, 1), 10, norm=norm)
+    plain = build_model("resnet2d", (8, 8, 1), 10, norm="none")
+    assert nnx.eval_shape(lambda: model(jnp.ones((2, 8, 8, 1)))).shape == (2, 10)
+    kernels = lambda m: [  # noqa: E731
+        v.shape for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param)) if p[-1] == "kernel"
+    ]
+    assert kernels(model) == kernels(plain)
+    weights = switchnorm.mixing_weights(model)
+    if norm == "none":
+        assert weights == {}
+    else:
+        expected = ["bn", "in", "ln", "gn"] if norm == "sn" else [norm]
+        assert all(list(w["mean"]) == expected for w in weights.values())
+
+
+def test_in_and_gn_are_refused_on_dense_features():
+    with pytest.raises(ValueError, match="spatial"):
+        build_model("mlp", (8,), 4, norm="gn")
+
+
+def test_linen_model_trains_through_the_adapter(synthetic):
+    import flax.linen as nn
+
+    from switchnorm import linen as snn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, use_running_average):
+            x = nn.Dense(32, use_bias=False)(x)
+            x = nn.relu(snn.SwitchNorm(use_running_average=use_running_average)(x))
+            return nn.Dense(4)(x)
+
+    model = LinenAdapter(Net(), jnp.zeros((1, 8)))
+    trainer = Trainer(model, TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2), synthetic)
+    state, record = trainer.fit()
+    assert record["test_accuracy"] > 0.6
+    assert list(record["weights"]) == ["inner/SwitchNorm_0"]
