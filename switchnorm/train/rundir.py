@@ -149,6 +149,8 @@ def save_checkpoint(path: Path, step: int, state: Any, epoch: int, max_to_keep: 
         kept = set(manager.all_steps())
     finally:
         manager.close()
+    if jax.process_index() != 0:  # multi-process run: orbax synced the save; one manifest writer
+        return
     (path / MANIFESTS).mkdir(exist_ok=True)
     _atomic_write(path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(path / CHECKPOINTS / str(step))))
     for manifest in (path / MANIFESTS).glob("*.json"):  # of checkpoints orbax has deleted
