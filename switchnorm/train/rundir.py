@@ -130,6 +130,16 @@ def save_checkpoint(path: Path, step: int, state: Any, epoch: int, max_to_keep: 
     """Saves ``state`` (any pytree) and the epoch it ends, as checkpoint ``step``."""
     ocp = _quiet_orbax()
     flat, _ = _flatten(state)
+    unfinished = path / CHECKPOINTS / str(step)
+    if jax.process_index() == 0 and unfinished.is_dir() and not (path / MANIFESTS / f"{step}.json").is_file():
+        # left by a kill between orbax's rename and the manifest: orbax would refuse the step
+        import shutil
+
+        shutil.rmtree(unfinished)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"switchnorm-save-{step}")
     manager = ocp.CheckpointManager(
         (path / CHECKPOINTS).absolute(),
         options=ocp.CheckpointManagerOptions(
