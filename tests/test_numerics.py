@@ -89,11 +89,16 @@ def test_half_precision_input_gives_half_precision_output_close_to_float32(rng, 
 def test_bfloat16_through_both_front_ends(rng):
     x = jnp.asarray(rng.normal(size=(4, 5, 5, 8)), jnp.bfloat16)
     layer = switchnorm.SwitchNorm(8, rngs=nnx.Rngs(0))
-    y_nnx = layer(x)
+    y_nnx = nnx.jit(lambda m, x: m(x))(layer, x)
     module = snn.SwitchNorm()
-    variables = module.init(jax.random.key(0), x, use_running_average=False)
-    y_linen, _ = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-    y32 = layer(x.astype(jnp.float32))
+
+    @jax.jit
+    def linen_forward(x):
+        variables = module.init(jax.random.key(0), x, use_running_average=False)
+        return module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0]
+
+    y_linen = linen_forward(x)
+    y32 = linen_forward(x.astype(jnp.float32))
     assert y_nnx.dtype == y_linen.dtype == jnp.bfloat16
     assert layer.var[...].dtype == jnp.float32  # running averages stay float32
     for y in (y_nnx, y_linen):
