@@ -50,6 +50,11 @@ FIGURES = ("weights_over_training.png", "final_weights.png")
 SCALING_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")
 
 
+def _learned(weights: dict[str, Any]) -> dict[str, Any]:
+    """The layers whose weights are learned: those that blend more than one normalizer."""
+    return {path: layer for path, layer in (weights or {}).items() if len(layer["mean"]) > 1}
+
+
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
 
@@ -261,8 +266,8 @@ class _ReporterMethods:
                     f"train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}  "
                     f"test loss {record['test_loss']:.4f}  test acc {record['test_accuracy']:.4f}"
                 )
-                if record["weights"]:
-                    self._write(switchnorm.format_mixing_weights(record["weights"]))
+                if _learned(record["weights"]):
+                    self._write(switchnorm.format_mixing_weights(_learned(record["weights"])))
 
     def on_train_end(self, trainer, state, record):
         self.bar.close()
@@ -281,9 +286,9 @@ def _print_result(out: Path, config: dict[str, Any], record: dict[str, Any], sec
         f"\n{config['dataset']} {config['model']} norm={config['norm']}: "
         f"test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs{timing}"
     )
-    if record.get("weights"):
+    if _learned(record.get("weights")):
         print("learned mixing weights (* marks each row's dominant normalizer):")
-        print(switchnorm.format_mixing_weights(record["weights"]))
+        print(switchnorm.format_mixing_weights(_learned(record["weights"])))
     print(f"run directory: {out}")
 
 
@@ -315,6 +320,8 @@ def _write_figures(out: Path, config: dict[str, Any], records: list[dict[str, An
     from switchnorm.train import plots
 
     name = f"{config['dataset']}, {config['model']}, norm={config['norm']}"
+    if not records or not _learned(records[-1].get("weights")):
+        return []  # norm=none or a single normalizer: nothing was learned
     written = [
         plots.plot_weights_over_training(records, out / FIGURES[0], f"Mixing weights over training ({name})"),
         plots.plot_final_weights(
@@ -469,11 +476,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     if evals:
         print(f"test accuracy {evals[-1]['test_accuracy']:.4f} (epoch {evals[-1]['epoch']})")
-    weights = loop.model_weights(model)
+    weights = _learned(loop.model_weights(model))
     if weights:
         print(switchnorm.format_mixing_weights(weights))
     else:
-        print("the model has no SwitchNorm mixing weights (norm=none).")
+        print(f"norm={config['norm']}: the model has no learned mixing weights.")
     return 0
 
 
@@ -489,7 +496,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run} has no metrics to plot yet")
     written = _write_figures(args.run, config, records)
     if not written:
-        print(f"{args.run}: no SwitchNorm mixing weights to plot (norm={config.get('norm')}).")
+        print(f"{args.run}: norm={config.get('norm')} learns no mixing weights; no figures.")
     for path in written:
         print(path)
     return 0
