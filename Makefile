@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 ## Train a small SwitchNorm CNN on scikit-learn's digits, print accuracy and learned weights.
 demo: $(STAMP)
-	$(VENV)/bin/switchnorm train --dataset digits --norm sn --epochs 30 --out runs/demo --overwrite
+	$(VENV)/bin/switchnorm train --dataset digits --norm sn --epochs 30 --eval-every 10 --out runs/demo --overwrite
 
 ## Run the test suite.
 test: $(STAMP)
