@@ -95,6 +95,7 @@ def test_datasets_have_the_documented_shapes_and_splits():
 def test_norm_flag_changes_only_the_normalization_layers(norm):
     model = build_model("resnet2d", (8, 8, 1), 10, norm=norm)
     plain = build_model("resnet2d", (8, 8, 1), 10, norm="none")
+    model.eval()  # eval mode: no running-average update inside eval_shape
     assert nnx.eval_shape(lambda: model(jnp.ones((2, 8, 8, 1)))).shape == (2, 10)
     kernels = lambda m: [  # noqa: E731
         v.shape for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param)) if p[-1] == "kernel"
@@ -130,3 +131,23 @@ def test_linen_model_trains_through_the_adapter(synthetic):
     state, record = trainer.fit()
     assert record["test_accuracy"] > 0.6
     assert list(record["weights"]) == ["inner/SwitchNorm_0"]
+
+
+def test_bfloat16_models_keep_float32_parameters_and_statistics():
+    model = build_model("resnet1d", (40, 1), 10, norm="sn", dtype=jnp.bfloat16)
+    assert model.layers[0](jnp.ones((2, 40, 1), jnp.bfloat16)).dtype == jnp.bfloat16
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+    assert {p.dtype for p in params} == {jnp.dtype("float32")} == {s.dtype for s in stats}
+
+
+def test_importing_the_library_and_the_training_wing_loads_no_heavy_dependency():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, switchnorm, switchnorm.train, switchnorm.train.cli;"
+        "print([m for m in ('matplotlib', 'sklearn', 'orbax', 'mnist1d', 'tqdm') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
