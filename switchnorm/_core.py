@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from switchnorm import _vjp
+
 Array = jax.Array
 
 NORMALIZERS: tuple[str, ...] = ("bn", "in", "ln", "gn")
@@ -409,6 +411,54 @@ def switch_norm(
       and variance per channel, for the running averages (``None`` when "bn"
       is not used or ``use_running_average`` is true).
     """
+    return _switch_norm(
+        x,
+        mean_logits,
+        var_logits,
+        scale=scale,
+        bias=bias,
+        normalizers=normalizers,
+        num_groups=num_groups,
+        group_size=group_size,
+        epsilon=epsilon,
+        use_running_average=use_running_average,
+        running_mean=running_mean,
+        running_var=running_var,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        dtype=dtype,
+        custom_gradient=True,
+    )
+
+
+def switch_norm_autodiff(*args: Any, **kwargs: Any) -> tuple[Array, BatchStats | None]:
+    """:func:`switch_norm` with JAX autodiff in place of its custom VJP.
+
+    The same forward computation, differentiated by JAX (forward mode
+    included). Tests use it as the reference the custom VJP must reproduce.
+    """
+    return _switch_norm(*args, custom_gradient=False, **kwargs)
+
+
+def _switch_norm(
+    x: Array,
+    mean_logits: Array,
+    var_logits: Array,
+    *,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    normalizers: Sequence[str] = NORMALIZERS,
+    num_groups: int | None = None,
+    group_size: int | None = None,
+    epsilon: float = 1e-5,
+    use_running_average: bool = False,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    custom_gradient: bool = True,
+) -> tuple[Array, BatchStats | None]:
     normalizers = validate_normalizers(normalizers)
     check_input(x, normalizers)
     num_channels = x.shape[-1]
@@ -423,30 +473,97 @@ def switch_norm(
                 f"{name} has shape {jnp.shape(logits)}, expected ({len(normalizers)},) "
                 f"for normalizers {normalizers}."
             )
+    if use_running_average and "bn" in normalizers and (
+        running_mean is None or running_var is None
+    ):
+        raise ValueError(
+            "use_running_average=True with 'bn' needs running_mean and running_var."
+        )
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     out_dtype = x.dtype if dtype is None else dtype
+    graph = functools.partial(
+        cell_graph,
+        normalizers=normalizers,
+        num_groups=groups,
+        epsilon=epsilon,
+        use_running_average=use_running_average,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        compute_dtype=compute_dtype,
+    )
+    inputs = GraphInputs(
+        mean_logits=jnp.asarray(mean_logits),
+        var_logits=jnp.asarray(var_logits),
+        scale=scale,
+        running_mean=running_mean if use_running_average and "bn" in normalizers else None,
+        running_var=running_var if use_running_average and "bn" in normalizers else None,
+    )
+    normalize_fn = _vjp.switch_norm_vjp if custom_gradient else _vjp.switch_norm_autodiff
+    return normalize_fn(graph, compute_dtype, out_dtype, x, inputs, bias)
 
-    cells = cell_stats(x, compute_dtype)
+
+class GraphInputs(NamedTuple):
+    """The small parameters of the layer: everything but x and bias."""
+
+    mean_logits: Array
+    var_logits: Array
+    scale: Array | None
+    running_mean: Array | None
+    running_var: Array | None
+
+
+def cell_graph(
+    shift: Array,
+    s1: Array,
+    s2: Array,
+    count: int,
+    inputs: GraphInputs,
+    *,
+    normalizers: tuple[str, ...],
+    num_groups: int,
+    epsilon: float,
+    use_running_average: bool,
+    axis_name: Any,
+    axis_index_groups: Any,
+    compute_dtype: Any,
+) -> tuple[Array, Array, BatchStats | None]:
+    """Everything between the two passes over x, on (N, C)-sized arrays only.
+
+    From the shifted sums ``s1 = sum_s (x - K)``, ``s2 = sum_s (x - K)^2`` of
+    every (n, c) cell (K = ``shift``, a constant) to the two per-cell numbers
+    the normalize pass needs, ``y = ((x - K) - mix_mean) * a + bias``:
+
+    * ``mix_mean``: the blended mean, relative to K;
+    * ``a = scale / sqrt(mix_var + epsilon)``;
+
+    and the bn scope's batch mean and variance for the running averages
+    (``None`` without "bn" or with ``use_running_average``). The backward
+    pass differentiates this function alone (see :mod:`switchnorm._vjp`).
+    """
+    mean = s1 / count
+    m2 = jnp.maximum(s2 - s1 * mean, 0.0)
+    cells = CellStats(shift=shift, mean=mean, m2=m2, count=count)
     stats, batch_stats = [], None
     for name in normalizers:
         if name == "bn" and use_running_average:
-            if running_mean is None or running_var is None:
-                raise ValueError(
-                    "use_running_average=True with 'bn' needs running_mean and running_var."
+            stats.append(
+                ScopeStats(
+                    mean=inputs.running_mean.astype(compute_dtype)[None, :] - shift,
+                    var=jnp.broadcast_to(
+                        inputs.running_var.astype(compute_dtype), mean.shape
+                    ),
                 )
-            mean = running_mean.astype(compute_dtype)[None, :] - cells.shift
-            var = jnp.broadcast_to(running_var.astype(compute_dtype), cells.mean.shape)
-            stats.append(ScopeStats(mean=mean, var=var))
+            )
             continue
         scope = scope_stats(
             cells,
             name,
-            num_groups=groups,
+            num_groups=num_groups,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
         )
         if name == "bn":
-            batch_mean = (cells.shift + scope.mean)[0]
+            batch_mean = (shift + scope.mean)[0]
             if axis_name is not None:
                 # shift is per device, so this sum can differ in the last bit
                 # between devices and is not typed as replicated; one pmean
@@ -460,8 +577,10 @@ def switch_norm(
 
     mixed = blend(
         stats,
-        mixing_weights_from_logits(jnp.asarray(mean_logits)).astype(compute_dtype),
-        mixing_weights_from_logits(jnp.asarray(var_logits)).astype(compute_dtype),
+        mixing_weights_from_logits(inputs.mean_logits).astype(compute_dtype),
+        mixing_weights_from_logits(inputs.var_logits).astype(compute_dtype),
     )
-    y = normalize(x, cells.shift, mixed, scale, bias, epsilon, compute_dtype, out_dtype)
-    return y, batch_stats
+    a = lax.rsqrt(mixed.var + epsilon)
+    if inputs.scale is not None:
+        a = a * inputs.scale.astype(compute_dtype)
+    return mixed.mean, a, batch_stats

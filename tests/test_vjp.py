@@ -1,0 +1,125 @@
+"""The custom VJP of the core (``switchnorm._vjp``) equals JAX autodiff of the same layer.
+
+``switch_norm`` differentiates through a hand-written two-pass backward;
+``switch_norm_autodiff`` is the same forward computation differentiated by
+JAX. In float64 their gradients must agree to round-off for every subset of
+normalizers, in training and inference mode, with respect to x, both
+logits, scale, bias and the running averages, including the cotangent of the
+returned batch statistics; and so must their second derivatives.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from switchnorm._core import switch_norm, switch_norm_autodiff
+
+ALL = ("bn", "in", "ln", "gn")
+SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(ALL, r)]
+# (2, 4, 4, 6): 16 elements per (n, c) cell, enough to take the fusion-boundary path;
+# (3, 2, 6): 2 per cell, the path without it; (5, 6): one per cell (dense features).
+SHAPE = (2, 4, 4, 6)
+
+
+def make_args(shape, normalizers, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    x = rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3
+    k = len(normalizers)
+    return dict(
+        x=jnp.asarray(x),
+        mean_logits=jnp.asarray(rng.normal(size=k)),
+        var_logits=jnp.asarray(rng.normal(size=k)),
+        scale=jnp.asarray(rng.uniform(0.5, 1.5, c)),
+        bias=jnp.asarray(rng.normal(size=c)),
+        running_mean=jnp.asarray(rng.normal(size=c)),
+        running_var=jnp.asarray(rng.uniform(0.5, 2.0, c)),
+    ), jnp.asarray(rng.normal(size=shape))
+
+
+def make_loss(layer, normalizers, use_running_average, dy):
+    """A scalar touching every output element and both batch statistics."""
+
+    def loss(args):
+        y, batch_stats = layer(
+            args["x"], args["mean_logits"], args["var_logits"],
+            scale=args["scale"], bias=args["bias"], normalizers=normalizers,
+            num_groups=2, use_running_average=use_running_average,
+            running_mean=args["running_mean"], running_var=args["running_var"],
+        )
+        value = jnp.sum(y * dy)
+        if batch_stats is not None:
+            value += jnp.sum(jnp.sin(batch_stats.mean)) + jnp.sum(batch_stats.var**2)
+        return value
+
+    return loss
+
+
+def assert_trees_close(got, want, tol=1e-10):
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        w = want
+        for key in path:
+            w = w[key.key]
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
+@pytest.mark.parametrize("normalizers", SUBSETS, ids="-".join)
+def test_gradients_equal_autodiff_for_every_subset(x64, normalizers, use_running_average):
+    args, dy = make_args(SHAPE, normalizers)
+    custom = jax.jit(jax.grad(make_loss(switch_norm, normalizers, use_running_average, dy)))
+    plain = jax.jit(jax.grad(make_loss(switch_norm_autodiff, normalizers, use_running_average, dy)))
+    assert_trees_close(custom(args), plain(args))
+
+
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
+@pytest.mark.parametrize(
+    "shape, normalizers", [((3, 2, 6), ALL), ((5, 6), ("bn", "ln"))], ids=["two-per-cell", "dense"]
+)
+def test_gradients_equal_autodiff_for_small_cells(x64, shape, normalizers, use_running_average):
+    args, dy = make_args(shape, normalizers, seed=1)
+    custom = jax.grad(make_loss(switch_norm, normalizers, use_running_average, dy))
+    plain = jax.grad(make_loss(switch_norm_autodiff, normalizers, use_running_average, dy))
+    assert_trees_close(jax.jit(custom)(args), jax.jit(plain)(args))
+
+
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
+@pytest.mark.parametrize("shape", [SHAPE, (5, 6)], ids=["rank4", "dense"])
+def test_second_derivatives_equal_autodiff(x64, shape, use_running_average):
+    normalizers = ALL if len(shape) > 2 else ("bn", "ln")
+    args, dy = make_args(shape, normalizers, seed=2)
+
+    def grad_norm(layer):
+        grad = jax.grad(make_loss(layer, normalizers, use_running_average, dy))
+        return jax.jit(jax.grad(lambda a: sum(jnp.sum(g**2) for g in jax.tree.leaves(grad(a)))))
+
+    assert_trees_close(grad_norm(switch_norm)(args), grad_norm(switch_norm_autodiff)(args), tol=1e-8)
+
+
+def test_outputs_equal_autodiff_path(x64):
+    args, _ = make_args(SHAPE, ALL)
+    kwargs = dict(scale=args["scale"], bias=args["bias"], num_groups=2)
+    y, stats = switch_norm(args["x"], args["mean_logits"], args["var_logits"], **kwargs)
+    y0, stats0 = switch_norm_autodiff(args["x"], args["mean_logits"], args["var_logits"], **kwargs)
+    np.testing.assert_allclose(y, y0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.var, stats0.var, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_gradients_are_bfloat16_and_match_float32():
+    args, dy = make_args(SHAPE, ALL, seed=3)
+    args = jax.tree.map(lambda a: a.astype(jnp.float32), args)
+    loss = make_loss(switch_norm, ALL, False, dy.astype(jnp.float32))
+    g32 = jax.jit(jax.grad(loss))(args)
+    g16 = jax.jit(jax.grad(loss))({**args, "x": args["x"].astype(jnp.bfloat16)})
+    assert g16["x"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(g16["x"].astype(jnp.float32), g32["x"], rtol=5e-2, atol=5e-2)
+
+
+def test_forward_mode_is_available_through_the_autodiff_path(x64):
+    args, _ = make_args(SHAPE, ALL)
+    f = lambda x: switch_norm_autodiff(x, args["mean_logits"], args["var_logits"], num_groups=2)[0]  # noqa: E731
+    _, tangent = jax.jvp(f, (args["x"],), (jnp.ones_like(args["x"]),))
+    assert np.all(np.isfinite(tangent))
