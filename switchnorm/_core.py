@@ -1,11 +1,15 @@
 """The functional core of Switchable Normalization: arrays in, arrays out, no Flax.
 
-Data flows one way, and so does this file::
+Data flows one way::
 
-    x --cell_stats--> per-(n, c) mean and centred sum of squares
-      --scope_stats--> bn, in, ln and gn means and variances
-      --blend--------> one mixed mean and variance per (n, c)
-      --normalize----> y = (x - mixed mean) * scale / sqrt(mixed var + eps) + bias
+    x --shifted_sums--> per-(n, c) sums of x - K and (x - K)^2      (_vjp.py, one pass)
+      --cell_graph----> per-cell mean and centred sum of squares,   (this file, (N, C)
+                        bn/in/ln/gn statistics (scope_stats),        arrays only)
+                        blend, a = scale / sqrt(mixed var + eps)
+      --normalize_pass> y = ((x - K) - mixed mean) * a + bias        (_vjp.py, one pass)
+
+:mod:`switchnorm._vjp` holds the two passes over x and the custom VJP whose
+backward pass has the same shape (DESIGN.md section 2).
 
 Both Flax front ends (:mod:`switchnorm.nnx` and :mod:`switchnorm.linen`) only
 hold parameters and state and call :func:`switch_norm`; all the math is here.
@@ -180,37 +184,6 @@ class ScopeStats(NamedTuple):
     var: Array
 
 
-def _to_cells(x: Array) -> Array:
-    """(N, *S, C) -> (N, m, C), m = prod(S) (1 for rank 2)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def cell_stats(x: Array, compute_dtype: Any) -> CellStats:
-    """Per-(n, c) mean and centred sum of squares in one pass over ``x``.
-
-    Important details:
-
-    * Shifted sums: ``s1 = sum(x - K)`` and ``s2 = sum((x - K)^2)`` with
-      ``K_nc = x[n, first position, c]`` are reduced together (XLA fuses the
-      two sums into one read of x), then ``mean = s1/m`` and
-      ``m2 = s2 - s1 * mean``. Because K sits inside the data, no digits are
-      lost when |mean| >> std, unlike ``E[x^2] - E[x]^2`` on raw data.
-    * K is a constant for differentiation (``stop_gradient``): the statistics
-      do not depend on it.
-    * Reductions run in ``compute_dtype`` (float32 for half-precision input).
-    * ``m2`` is clipped at zero against round-off.
-    """
-    cells = _to_cells(x).astype(compute_dtype)
-    shift = lax.stop_gradient(cells[:, 0, :])
-    centred = cells - shift[:, None, :]
-    count = cells.shape[1]
-    s1 = jnp.sum(centred, axis=1)
-    s2 = jnp.sum(centred * centred, axis=1)
-    mean = s1 / count
-    m2 = jnp.maximum(s2 - s1 * mean, 0.0)
-    return CellStats(shift=shift, mean=mean, m2=m2, count=count)
-
-
 def _combine(
     shift: Array,
     mean: Array,
@@ -319,35 +292,6 @@ def blend(
     return ScopeStats(mean=mix_mean, var=mix_var)
 
 
-def normalize(
-    x: Array,
-    shift: Array,
-    mixed: ScopeStats,
-    scale: Array | None,
-    bias: Array | None,
-    epsilon: float,
-    compute_dtype: Any,
-    out_dtype: Any,
-) -> Array:
-    """One fused elementwise pass: y = ((x - K) - mix_mean) * a + bias.
-
-    ``a = scale / sqrt(mix_var + eps)`` per (n, c). The mean is subtracted in the
-    frame of the shift K, so float32 keeps its digits when |mean| >> std.
-    """
-    a = lax.rsqrt(mixed.var + epsilon)
-    if scale is not None:
-        a = a * scale.astype(compute_dtype)
-    spatial = (1,) * (x.ndim - 2)
-
-    def per_cell(v: Array) -> Array:  # (N, C) -> (N, 1, ..., 1, C)
-        return v.reshape(v.shape[0], *spatial, v.shape[-1])
-
-    y = ((x.astype(compute_dtype) - per_cell(shift)) - per_cell(mixed.mean)) * per_cell(a)
-    if bias is not None:
-        y = y + bias.astype(compute_dtype)
-    return y.astype(out_dtype)
-
-
 def switch_norm(
     x: Array,
     mean_logits: Array,
@@ -376,7 +320,8 @@ def switch_norm(
 
     Important details:
 
-    * One pass over x gives per-(n, c) shifted sums (:func:`cell_stats`);
+    * One pass over x gives per-(n, c) shifted sums
+      (:func:`switchnorm._vjp.shifted_sums`);
       bn, in, ln and gn statistics are merged from those (N, C)-sized arrays
       with the parallel-variance rule (:func:`_combine`), never with
       ``E[x^2] - E[x]^2`` on raw data.
@@ -387,6 +332,10 @@ def switch_norm(
       ``running_mean`` / ``running_var``; in, ln and gn are always per sample.
     * With ``axis_name`` the bn statistics span that named axis (``shard_map``,
       ``pmap``), as in ``flax.linen.BatchNorm``; in, ln and gn stay local.
+    * The gradient is a ``jax.custom_vjp`` (:mod:`switchnorm._vjp`) whose
+      backward pass reads x and dy in one reduction pass and one elementwise
+      pass, like the forward. Reverse mode of any order works; forward mode
+      (``jax.jvp``, ``jax.jacfwd``) needs :func:`switch_norm_autodiff`.
 
     Args:
       x: input of shape (N, *spatial, C), rank >= 2, floating point.
