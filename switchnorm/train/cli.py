@@ -512,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())
         print(f"switchnorm: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `switchnorm inspect run | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("switchnorm: interrupted; continue with --resume", file=sys.stderr)
         return 130
