@@ -151,3 +151,13 @@ def test_importing_the_library_and_the_training_wing_loads_no_heavy_dependency()
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_sgd_weight_decay_also_spares_the_mixing_logits():
+    from switchnorm.train import make_optimizer
+
+    tree = {"norm": {"var_logits": jnp.ones(4), "scale": jnp.ones(3)}, "kernel": jnp.ones((2, 2))}
+    tx = make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=0.5)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
+    assert np.all(updates["norm"]["var_logits"] == 0)
+    assert np.all(updates["kernel"] < 0)
