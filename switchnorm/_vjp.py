@@ -212,7 +212,11 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     a, g1, g2 = _fusion_boundary(a, g1, 2.0 * g2, count=_count(x))
     dx = _per_cell(a) * dy + _per_cell(g1) + _per_cell(g2) * centred
     dx = dx.reshape(x.shape).astype(x.dtype)
-    bias_bar = None if bias is None else _like(jnp.sum(r1, axis=0), bias).astype(bias.dtype)
+    # From the same (N, m, C) view as r1 (XLA merges sum(r1, 0) into a reduce
+    # of the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
+    bias_bar = (
+        None if bias is None else _like(jnp.sum(dy, axis=(0, 1)), bias).astype(bias.dtype)
+    )
     return dx, inputs_bar, bias_bar
 
 
