@@ -1,0 +1,1 @@
+"""Performance harness for switchnorm: ``python -m benchmarks.layer --help``."""
