@@ -147,10 +147,15 @@ def build(variant: str, mode: str, x: jax.Array, dy: jax.Array):
     return jax.jit(grad), (params, state, x, dy)
 
 
-def temp_bytes(fn, args) -> int | None:
-    """Compiled temporary memory of ``fn(*args)``, or None if not reported."""
+def compile_ahead(fn, args):
+    """``fn`` compiled for ``args`` once: timed, and asked for its memory."""
+    return fn.lower(*args).compile()
+
+
+def temp_bytes(compiled) -> int | None:
+    """Compiled temporary memory, or None if the backend does not report it."""
     try:
-        analysis = fn.lower(*args).compile().memory_analysis()
+        analysis = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
     if analysis is None:
@@ -494,8 +499,9 @@ def main(argv: list[str] | None = None) -> dict:
             fns = {}
             for variant in args.variants:
                 for mode in args.modes:
-                    fns[(variant, mode)] = build(variant, mode, x, dy)
-            memory = {k: temp_bytes(fn, a) for k, (fn, a) in fns.items()}
+                    fn, fn_args = build(variant, mode, x, dy)
+                    fns[(variant, mode)] = (compile_ahead(fn, fn_args), fn_args)
+            memory = {k: temp_bytes(fn) for k, (fn, _) in fns.items()}
             medians = interleaved_medians(fns, args.repeats, args.min_sample_ms / 1e3)
             for (variant, mode), m in medians.items():
                 report["results"].append({
