@@ -3,8 +3,10 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh
 #
-# Runs from the repository root with PYTHONPATH=. (the machine has jax[cuda],
-# flax and optax but not this package installed). Writes into $OUT:
+# Worst case: 45 s of checks + 280 s of harness (results are written after
+# every shape, so a timeout keeps what finished). Runs from the repository
+# root with PYTHONPATH=. (the machine has jax[cuda], flax and optax but not
+# this package installed). Writes into $OUT:
 #   env.txt                    nvidia-smi, python and jax versions
 #   checks.txt                 gradient and large-mean checks of the core on the GPU
 #   layer-<GPU>.json / .md     the harness results (python -m benchmarks.layer)
@@ -23,7 +25,7 @@ cat "$OUT/env.txt"
 
 # 1. Correctness on this backend (about 20 s): custom VJP vs autodiff, and
 #    mean 1e4 / std 1 in float32 against float64 NumPy.
-timeout 120 $PY - > "$OUT/checks.txt" 2>&1 <<'PYEOF'
+timeout 45 $PY - > "$OUT/checks.txt" 2>&1 <<'PYEOF'
 import jax, jax.numpy as jnp, numpy as np
 from switchnorm._core import switch_norm, switch_norm_autodiff
 print("backend", jax.default_backend(), jax.devices()[0].device_kind)
@@ -48,6 +50,6 @@ cat "$OUT/checks.txt"
 # 2. The harness: every variant, shape and dtype, interleaved; training step.
 GPU_NAME=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '-'))" 2>/dev/null || echo gpu)
 # BENCH_ARGS replaces the defaults below (e.g. BENCH_ARGS=--quick for a smoke test).
-timeout 300 $PY -m benchmarks.layer --device "$GPU_NAME" --out "$OUT" \
+timeout 280 $PY -m benchmarks.layer --device "$GPU_NAME" --out "$OUT" \
     ${BENCH_ARGS:---repeats 11 --min-sample-ms 10 --train-batch 64 --train-size 32 --train-features 64}
 echo "gpu.sh finished in $(( $(date +%s) - start )) s"

@@ -512,6 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{shape_str(shape):>14} {dtype:>8}: " + "  ".join(
                 f"{v}/{mo}={m['median_s'] * 1e3:.3f}ms" for (v, mo), m in medians.items()
             ), flush=True)
+            write(report, args.out, label)  # partial results survive a timeout
     if args.train_step:
         fns = {
             f"linen-cnn/{k}": v
@@ -527,17 +528,23 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for key, m in medians.items():
             print(f"train step {key}: {m['median_s'] * 1e3:.2f} ms", flush=True)
+    table = write(report, args.out, label)
+    print(table)
+    print(f"wrote {os.path.join(args.out, f'layer-{label}')}.json and .md")
+    return report
+
+
+def write(report: dict, out: str, label: str) -> str:
+    """Writes the JSON and Markdown results so far; returns the Markdown."""
     report["targets"] = target_checks(report["results"]) + train_checks(report)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"layer-{label}")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"layer-{label}")
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     table = markdown(report)
     with open(stem + ".md", "w") as f:
         f.write(table)
-    print(table)
-    print(f"wrote {stem}.json and {stem}.md")
-    return report
+    return table
 
 
 if __name__ == "__main__":
