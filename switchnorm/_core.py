@@ -217,9 +217,8 @@ def _combine(
     if axis_name is not None:
         scope_mean = pmean(scope_mean)
     deviation = in_frame - scope_mean
-    scope_m2 = jnp.sum(m2, axis=axis, keepdims=True) + count * jnp.sum(
-        deviation * deviation, axis=axis, keepdims=True
-    )
+    # One reduction for both terms: each is a separate small kernel otherwise.
+    scope_m2 = jnp.sum(m2 + count * (deviation * deviation), axis=axis, keepdims=True)
     var = scope_m2 / (count * mean.shape[axis])
     if axis_name is not None:  # equal local batches, as flax.linen.BatchNorm assumes
         var = pmean(var)
@@ -524,11 +523,11 @@ def cell_graph(
             batch_stats = BatchStats(mean=batch_mean, var=scope.var[0])
         stats.append(scope)
 
-    mixed = blend(
-        stats,
-        mixing_weights_from_logits(inputs.mean_logits).astype(compute_dtype),
-        mixing_weights_from_logits(inputs.var_logits).astype(compute_dtype),
-    )
+    # Both softmaxes as the rows of one (2, K) array: one set of small kernels.
+    mean_weights, var_weights = mixing_weights_from_logits(
+        jnp.stack([inputs.mean_logits, inputs.var_logits])
+    ).astype(compute_dtype)
+    mixed = blend(stats, mean_weights, var_weights)
     a = lax.rsqrt(mixed.var + epsilon)
     if inputs.scale is not None:
         a = a * inputs.scale.astype(compute_dtype)
