@@ -73,6 +73,11 @@ def mixing_weights(
         default a layer with 4 logits is read as ("bn", "in", "ln", "gn") and
         one with 2 as ("bn", "ln"), the layer's own defaults.
 
+    An NNX layer built with the default normalizers keeps logits for all four
+    and reports all four, also when it only ever sees (N, C) features, where
+    it blends just "bn" and "ln": build such layers with
+    ``normalizers=("bn", "ln")``.
+
     Returns:
       ``{path: {"mean": {name: weight}, "var": {name: weight}}}`` in the order
       the layers appear, with paths such as ``"block1/norm"``; weights are
