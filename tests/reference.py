@@ -14,6 +14,12 @@ import numpy as np
 ALL = ("bn", "in", "ln", "gn")
 
 
+def channel_input(rng: np.random.Generator, shape, offset: float = 0.0) -> np.ndarray:
+    """Test input (float64) with a different mean and spread in every channel."""
+    c = shape[-1]
+    return rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3 + offset
+
+
 def softmax(logits) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     e = np.exp(z - z.max())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoint_files import final_arrays
 from switchnorm.train import rundir
 
 ARGS = ["train", "--dataset", "synthetic", "--epochs", "3", "--batch-size", "64",
@@ -62,15 +63,6 @@ def train(out: Path, *extra: str, kill_at: str | None = None) -> int:
     return done.returncode
 
 
-def final_arrays(out: Path) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
-
-    step = rundir.latest_step(out)
-    assert step == 3 * STEPS_PER_EPOCH
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore((out / "checkpoints" / str(step) / "state").absolute())
-
-
 def test_sigkill_during_checkpoint_write_resumes_from_previous_and_ends_identical(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     train(reference)
@@ -86,7 +78,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous_and_ends_identica
     assert rundir.latest_step(killed) == 2 * STEPS_PER_EPOCH
 
     train(killed, "--resume")
-    expected, got = final_arrays(reference), final_arrays(killed)
+    last_step = 3 * STEPS_PER_EPOCH
+    expected, got = final_arrays(reference, last_step), final_arrays(killed, last_step)
     assert sorted(expected) == sorted(got)
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name

@@ -10,7 +10,7 @@ import reference
 import switchnorm
 from switchnorm import switch_norm
 
-ALL = ("bn", "in", "ln", "gn")
+ALL = reference.ALL
 # Small channels-last shapes, one per rank; C = 6 allows 1, 2, 3 or 6 groups.
 SHAPES = {2: (8, 6), 3: (4, 5, 6), 4: (3, 4, 3, 6), 5: (2, 3, 2, 3, 6)}
 
@@ -18,7 +18,7 @@ SHAPES = {2: (8, 6), 3: (4, 5, 6), 4: (3, 4, 3, 6), 5: (2, 3, 2, 3, 6)}
 def random_case(rng, shape, num_logits, dtype=np.float32):
     """x with a different mean and spread per channel, random logits, scale, bias."""
     c = shape[-1]
-    x = rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3
+    x = reference.channel_input(rng, shape)
     return dict(
         x=jnp.asarray(x, dtype),
         mean_logits=jnp.asarray(rng.normal(size=num_logits), dtype),

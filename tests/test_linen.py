@@ -13,15 +13,13 @@ import reference
 import switchnorm
 from switchnorm import linen as snn
 
-ALL = ("bn", "in", "ln", "gn")
+ALL = reference.ALL
 C = 6
 SHAPES = {2: (8, C), 3: (4, 5, C), 4: (3, 4, 3, C), 5: (2, 3, 2, 3, C)}
 
 
 def data(rng, shape, offset=0.0):
-    c = shape[-1]
-    x = rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3 + offset
-    return jnp.asarray(x, jnp.float32)
+    return jnp.asarray(reference.channel_input(rng, shape, offset), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -13,7 +13,7 @@ import switchnorm
 from switchnorm import linen as snn
 from switchnorm import switch_norm
 
-ALL = ("bn", "in", "ln", "gn")
+ALL = reference.ALL
 
 
 @functools.partial(jax.jit, static_argnames=("normalizers", "num_groups", "dtype"))

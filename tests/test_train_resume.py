@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoint_files import final_arrays
 from switchnorm.train import rundir
 
 ARGS = ["train", "--dataset", "synthetic", "--epochs", "8", "--batch-size", "32", "--eval-every", "2", "--quiet"]
@@ -41,15 +42,6 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, err
 
 
-def final_arrays(out: Path) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
-
-    step = rundir.latest_step(out)
-    assert step == 8 * STEPS_PER_EPOCH
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore((out / "checkpoints" / str(step) / "state").absolute())
-
-
 def test_sigkilled_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     uninterrupted = launch(reference)
@@ -74,7 +66,8 @@ def test_sigkilled_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     finish(uninterrupted)
 
     # Bitwise: every parameter, running average and optimizer state ...
-    expected, got = final_arrays(reference), final_arrays(killed)
+    last_step = 8 * STEPS_PER_EPOCH
+    expected, got = final_arrays(reference, last_step), final_arrays(killed, last_step)
     assert sorted(expected) == sorted(got)
     for name in expected:
         assert expected[name].dtype == got[name].dtype, name

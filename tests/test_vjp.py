@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reference import ALL, channel_input
 from switchnorm._core import switch_norm, switch_norm_autodiff
 
-ALL = ("bn", "in", "ln", "gn")
 SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(ALL, r)]
 # (2, 4, 4, 6): 16 elements per (n, c) cell, enough to take the fusion-boundary path;
 # (3, 2, 6): 2 per cell, the path without it; (5, 6): one per cell (dense features).
@@ -27,7 +27,7 @@ SHAPE = (2, 4, 4, 6)
 def make_args(shape, normalizers, seed=0):
     rng = np.random.default_rng(seed)
     c = shape[-1]
-    x = rng.normal(size=shape) * rng.uniform(0.5, 2.0, c) + rng.normal(size=c) * 3
+    x = channel_input(rng, shape)
     k = len(normalizers)
     return dict(
         x=jnp.asarray(x),
