@@ -90,7 +90,7 @@ class NaiveSwitchNorm(nn.Module):
         }
         logits = self.param("logits", nn.initializers.zeros, (len(names),))
         weights = jax.nn.softmax(logits)
-        y = sum(w * layers[n]()(x).astype(jnp.float32) for w, n in zip(weights, names))
+        y = sum(w * layers[n]()(x).astype(jnp.float32) for w, n in zip(weights, names, strict=True))
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
         return (y * scale + bias).astype(x.dtype)
@@ -156,7 +156,7 @@ def temp_bytes(compiled) -> int | None:
     """Compiled temporary memory, or None if the backend does not report it."""
     try:
         analysis = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
+    except Exception:
         return None
     if analysis is None:
         return None
@@ -327,9 +327,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"shape {text!r} is not of the form 32x32x32x64"
-        ) from None
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not of the form 32x32x32x64") from None
     if len(shape) < 2:
         raise argparse.ArgumentTypeError(f"shape {text!r} needs rank >= 2")
     return shape
@@ -367,8 +365,14 @@ def train_checks(report: dict) -> list[dict]:
         sn, bn = steps.get(f"{model}/sn"), steps.get(f"{model}/bn")
         if sn and bn:
             ratio = sn["median_s"] / bn["median_s"]
-            checks.append({"target": "full training step: sn / bn <= 1.15", "shape": model,
-                           "ratio": ratio, "met": ratio <= 1.15})
+            checks.append(
+                {
+                    "target": "full training step: sn / bn <= 1.15",
+                    "shape": model,
+                    "ratio": ratio,
+                    "met": ratio <= 1.15,
+                }
+            )
     return checks
 
 
@@ -388,8 +392,9 @@ def markdown(report: dict) -> str:
     ]
     results = report["results"]
     index = {(r["shape"], r["dtype"], r["variant"], r["mode"]): r for r in results}
-    combos = sorted({(r["shape"], r["dtype"], r["mode"]) for r in results},
-                    key=lambda t: (t[2], t[1] != "float32", t[0]))
+    combos = sorted(
+        {(r["shape"], r["dtype"], r["mode"]) for r in results}, key=lambda t: (t[2], t[1] != "float32", t[0])
+    )
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
     header = "| mode | dtype | shape | sn ms | " + " | ".join(f"{v}/sn" for v in variants) + " |"
     lines += [header, "|" + "---|" * (4 + len(variants))]
@@ -401,7 +406,9 @@ def markdown(report: dict) -> str:
         for v in variants:
             r = index.get((shape, dtype, v, mode))
             cells.append(f"{r['median_s'] / sn['median_s']:.2f}" if r else "-")
-        lines.append(f"| {mode} | {dtype} | {shape} | {sn['median_s'] * 1e3:.3f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {mode} | {dtype} | {shape} | {sn['median_s'] * 1e3:.3f} | " + " | ".join(cells) + " |"
+        )
     lines += [
         "",
         "## Compiled temporary memory (MiB) and ratio to SwitchNorm training",
@@ -444,22 +451,39 @@ def markdown(report: dict) -> str:
         for key, m in t["steps"].items():
             bn = t["steps"][key.rsplit("/", 1)[0] + "/bn"]
             lines.append(f"| {key} | {m['median_s'] * 1e3:.2f} | {m['median_s'] / bn['median_s']:.3f} |")
-    lines += ["", "## Targets (float32; ratio per shape)", "", "| target | shape | ratio | met |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Targets (float32; ratio per shape)",
+        "",
+        "| target | shape | ratio | met |",
+        "|---|---|---|---|",
+    ]
     for c in report["targets"]:
-        lines.append(f"| {c['target']} | {c['shape']} | {c['ratio']:.2f} | {'yes' if c['met'] else '**no**'} |")
+        lines.append(
+            f"| {c['target']} | {c['shape']} | {c['ratio']:.2f} | {'yes' if c['met'] else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(SHAPES),
-                        help="shapes like 32x32x32x64 (default: the five of issue 4)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=parse_shape,
+        default=list(SHAPES),
+        help="shapes like 32x32x32x64 (default: the five of issue 4)",
+    )
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=15, help="interleaved samples per variant")
-    parser.add_argument("--min-sample-ms", type=float, default=20.0,
-                        help="each sample runs back-to-back calls for at least this long")
+    parser.add_argument(
+        "--min-sample-ms",
+        type=float,
+        default=20.0,
+        help="each sample runs back-to-back calls for at least this long",
+    )
     parser.add_argument("--device", default=None, help="label for the results (default: the jax device kind)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--train-step", dest="train_step", action="store_true", default=True)
@@ -468,8 +492,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-size", type=int, default=32)
     parser.add_argument("--train-features", type=int, default=32)
     parser.add_argument("--train-repeats", type=int, default=None, help="default: --repeats")
-    parser.add_argument("--quick", action="store_true",
-                        help="one small shape, float32, 5 repeats, small training step")
+    parser.add_argument(
+        "--quick", action="store_true", help="one small shape, float32, 5 repeats, small training step"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.dtypes, args.repeats = [(32, 32, 32, 64)], ["float32"], 5
@@ -481,8 +506,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     report: dict[str, Any] = {
         "device": label,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m benchmarks.layer " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.layer "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "jax": jax.__version__,
         "flax": flax.__version__,
         "backend": jax.default_backend(),
@@ -504,14 +530,22 @@ def main(argv: list[str] | None = None) -> dict:
             memory = {k: temp_bytes(fn) for k, (fn, _) in fns.items()}
             medians = interleaved_medians(fns, args.repeats, args.min_sample_ms / 1e3)
             for (variant, mode), m in medians.items():
-                report["results"].append({
-                    "shape": shape_str(shape), "dtype": dtype, "variant": variant,
-                    "mode": mode, **m, "temp_bytes": memory[(variant, mode)],
-                    "x_bytes": int(x.size * x.dtype.itemsize),
-                })
-            print(f"{shape_str(shape):>14} {dtype:>8}: " + "  ".join(
-                f"{v}/{mo}={m['median_s'] * 1e3:.3f}ms" for (v, mo), m in medians.items()
-            ), flush=True)
+                report["results"].append(
+                    {
+                        "shape": shape_str(shape),
+                        "dtype": dtype,
+                        "variant": variant,
+                        "mode": mode,
+                        **m,
+                        "temp_bytes": memory[(variant, mode)],
+                        "x_bytes": int(x.size * x.dtype.itemsize),
+                    }
+                )
+            print(
+                f"{shape_str(shape):>14} {dtype:>8}: "
+                + "  ".join(f"{v}/{mo}={m['median_s'] * 1e3:.3f}ms" for (v, mo), m in medians.items()),
+                flush=True,
+            )
             write(report, args.out, label)  # partial results survive a timeout
     if args.train_step:
         fns = {
@@ -523,8 +557,11 @@ def main(argv: list[str] | None = None) -> dict:
         fns.update(resnet_step_fns(args.train_batch, args.train_size) or {})
         medians = interleaved_medians(fns, args.train_repeats or args.repeats, args.min_sample_ms / 1e3)
         report["train_step"] = {
-            "batch": args.train_batch, "size": args.train_size,
-            "features": args.train_features, "dtype": "float32", "steps": medians,
+            "batch": args.train_batch,
+            "size": args.train_size,
+            "features": args.train_features,
+            "dtype": "float32",
+            "steps": medians,
         }
         for key, m in medians.items():
             print(f"train step {key}: {m['median_s'] * 1e3:.2f} ms", flush=True)

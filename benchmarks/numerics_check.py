@@ -28,9 +28,9 @@ def main() -> None:
     cases.append((("bn", "in", "ln", "gn"), rng.normal(size=4), rng.normal(size=4)))
     worst = 0.0
     for normalizers, ml, vl in cases:
-        y = jax.jit(
-            lambda x, ml, vl: switch_norm(x, ml, vl, normalizers=normalizers)[0]
-        )(x, jnp.asarray(ml, jnp.float32), jnp.asarray(vl, jnp.float32))
+        y = jax.jit(lambda x, ml, vl, ns=normalizers: switch_norm(x, ml, vl, normalizers=ns)[0])(
+            x, jnp.asarray(ml, jnp.float32), jnp.asarray(vl, jnp.float32)
+        )
         ref, _, _ = reference.switch_norm(x64, ml, vl, normalizers=normalizers, num_groups=groups)
         err = float(np.max(np.abs(np.asarray(y, np.float64) - ref)))
         worst = max(worst, err)
@@ -41,10 +41,10 @@ def main() -> None:
     ml, vl = (jnp.asarray(rng.normal(size=4), jnp.float32) for _ in range(2))
     dy = jnp.asarray(rng.normal(size=xs.shape), jnp.float32)
     grads = [
-        jax.jit(jax.grad(lambda x, m, v: jnp.sum(f(x, m, v)[0] * dy), argnums=(0, 1, 2)))(xs, ml, vl)
+        jax.jit(jax.grad(lambda x, m, v, f=f: jnp.sum(f(x, m, v)[0] * dy), argnums=(0, 1, 2)))(xs, ml, vl)
         for f in (switch_norm, switch_norm_autodiff)
     ]
-    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(*grads)]
+    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(*grads, strict=True)]
     print("custom VJP vs autodiff, max |difference| for x, mean_logits, var_logits:", diffs)
 
 

@@ -24,7 +24,9 @@ model = build_model("resnet1d", data.input_shape, data.num_classes, norm="sn")
 steps = EPOCHS * (len(data.x_train) // BATCH)
 schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // EPOCHS, steps)
 # AdamW whose weight decay spares every SwitchNorm layer's mean_logits and var_logits.
-optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-2, mask=weight_decay_mask), wrt=nnx.Param)
+optimizer = nnx.Optimizer(
+    model, optax.adamw(schedule, weight_decay=1e-2, mask=weight_decay_mask), wrt=nnx.Param
+)
 
 
 @nnx.jit
@@ -56,4 +58,6 @@ for epoch in range(EPOCHS):
     print(f"epoch {epoch + 1}: loss {float(loss):.4f}, test accuracy {accuracy:.4f}")
 
 print(switchnorm.format_mixing_weights(history.weights[-1]))
-print("first layer's variance weight of bn by epoch:", np.round(history.series("layers/0/norm", "var", "bn"), 3))
+print(
+    "first layer's variance weight of bn by epoch:", np.round(history.series("layers/0/norm", "var", "bn"), 3)
+)

@@ -62,14 +62,11 @@ def validate_normalizers(normalizers: Sequence[str]) -> tuple[str, ...]:
         )
     normalizers = tuple(normalizers)
     if not normalizers:
-        raise ValueError(
-            f"normalizers must name at least one of {NORMALIZERS}, got an empty sequence."
-        )
+        raise ValueError(f"normalizers must name at least one of {NORMALIZERS}, got an empty sequence.")
     for name in normalizers:
         if name not in NORMALIZERS:
             raise ValueError(
-                f"normalizers: unknown normalizer {name!r} in {normalizers}; "
-                f"choose from {NORMALIZERS}."
+                f"normalizers: unknown normalizer {name!r} in {normalizers}; choose from {NORMALIZERS}."
             )
     repeated = sorted({n for n in normalizers if normalizers.count(n) > 1})
     if repeated:
@@ -93,14 +90,11 @@ def default_num_groups(num_channels: int) -> int:
     return max(g for g in range(1, limit + 1) if num_channels % g == 0)
 
 
-def resolve_num_groups(
-    num_channels: int, num_groups: int | None, group_size: int | None
-) -> int:
+def resolve_num_groups(num_channels: int, num_groups: int | None, group_size: int | None) -> int:
     """The gn group count from GroupNorm-style ``num_groups`` / ``group_size``."""
     if num_groups is not None and group_size is not None:
         raise ValueError(
-            f"give num_groups or group_size, not both (got num_groups={num_groups}, "
-            f"group_size={group_size})."
+            f"give num_groups or group_size, not both (got num_groups={num_groups}, group_size={group_size})."
         )
     if group_size is not None:
         if group_size < 1 or num_channels % group_size:
@@ -119,9 +113,7 @@ def resolve_num_groups(
     return num_groups
 
 
-def check_input(
-    x: Any, normalizers: tuple[str, ...], num_features: int | None = None
-) -> None:
+def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None = None) -> None:
     """Raises ``TypeError``/``ValueError`` if ``x`` cannot go through the layer."""
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
@@ -206,9 +198,7 @@ def _combine(
     relative to each cell's own shift (broadcast back to the cells' shape) and
     the scope variance m2 / (count * number of cells).
     """
-    pmean = functools.partial(
-        lax.pmean, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )
+    pmean = functools.partial(lax.pmean, axis_name=axis_name, axis_index_groups=axis_index_groups)
     ref = lax.slice_in_dim(shift, 0, 1, axis=axis)
     if axis_name is not None:
         ref = pmean(ref)
@@ -222,9 +212,7 @@ def _combine(
     var = scope_m2 / (count * mean.shape[axis])
     if axis_name is not None:  # equal local batches, as flax.linen.BatchNorm assumes
         var = pmean(var)
-    return ScopeStats(
-        mean=scope_mean + (ref - shift), var=jnp.broadcast_to(var, mean.shape)
-    )
+    return ScopeStats(mean=scope_mean + (ref - shift), var=jnp.broadcast_to(var, mean.shape))
 
 
 def scope_stats(
@@ -282,12 +270,10 @@ def mixing_weights_from_logits(logits: Array) -> Array:
     return jax.nn.softmax(jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32)))
 
 
-def blend(
-    stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array
-) -> ScopeStats:
+def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
     """mix_mean = sum_k w_mean_k * mean_k,  mix_var = sum_k w_var_k * var_k."""
-    mix_mean = sum(w * s.mean for w, s in zip(mean_weights, stats))
-    mix_var = sum(w * s.var for w, s in zip(var_weights, stats))
+    mix_mean = sum(w * s.mean for w, s in zip(mean_weights, stats, strict=True))
+    mix_var = sum(w * s.var for w, s in zip(var_weights, stats, strict=True))
     return ScopeStats(mean=mix_mean, var=mix_var)
 
 
@@ -410,23 +396,15 @@ def _switch_norm(
     normalizers = validate_normalizers(normalizers)
     check_input(x, normalizers)
     num_channels = x.shape[-1]
-    groups = (
-        resolve_num_groups(num_channels, num_groups, group_size)
-        if "gn" in normalizers
-        else 1
-    )
+    groups = resolve_num_groups(num_channels, num_groups, group_size) if "gn" in normalizers else 1
     for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
         if jnp.shape(logits) != (len(normalizers),):
             raise ValueError(
                 f"{name} has shape {jnp.shape(logits)}, expected ({len(normalizers)},) "
                 f"for normalizers {normalizers}."
             )
-    if use_running_average and "bn" in normalizers and (
-        running_mean is None or running_var is None
-    ):
-        raise ValueError(
-            "use_running_average=True with 'bn' needs running_mean and running_var."
-        )
+    if use_running_average and "bn" in normalizers and (running_mean is None or running_var is None):
+        raise ValueError("use_running_average=True with 'bn' needs running_mean and running_var.")
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     out_dtype = x.dtype if dtype is None else dtype
     graph = functools.partial(
@@ -497,9 +475,7 @@ def cell_graph(
             stats.append(
                 ScopeStats(
                     mean=inputs.running_mean.astype(compute_dtype)[None, :] - shift,
-                    var=jnp.broadcast_to(
-                        inputs.running_var.astype(compute_dtype), mean.shape
-                    ),
+                    var=jnp.broadcast_to(inputs.running_var.astype(compute_dtype), mean.shape),
                 )
             )
             continue
@@ -517,9 +493,7 @@ def cell_graph(
                 # between devices and is not typed as replicated; one pmean
                 # of C values makes the running mean identical everywhere
                 # (shard_map out_specs=P() accepts it, as with nn.BatchNorm).
-                batch_mean = lax.pmean(
-                    batch_mean, axis_name, axis_index_groups=axis_index_groups
-                )
+                batch_mean = lax.pmean(batch_mean, axis_name, axis_index_groups=axis_index_groups)
             batch_stats = BatchStats(mean=batch_mean, var=scope.var[0])
         stats.append(scope)
 

@@ -130,10 +130,7 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     """
     if count < MIN_COUNT_FOR_BOUNDARY:
         return cells
-    return tuple(
-        lax.cumsum(jnp.stack([c, jnp.zeros_like(c)], axis=-1), axis=c.ndim)[..., 1]
-        for c in cells
-    )
+    return tuple(lax.cumsum(jnp.stack([c, jnp.zeros_like(c)], axis=-1), axis=c.ndim)[..., 1] for c in cells)
 
 
 def _varying_axes(v: Array) -> frozenset:
@@ -205,18 +202,14 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     # One reduction pass over (dy, x): the cotangents of mix_mean and a.
     r1 = jnp.sum(dy, axis=1)
     r2 = jnp.sum(dy * (centred - _per_cell(mix_mean)), axis=1)
-    g1, g2, inputs_bar = graph_vjp(
-        (_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar)
-    )
+    g1, g2, inputs_bar = graph_vjp((_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar))
     # One elementwise pass: dx = a dy + ds1 + 2 (x - K) ds2.
     a, g1, g2 = _fusion_boundary(a, g1, 2.0 * g2, count=_count(x))
     dx = _per_cell(a) * dy + _per_cell(g1) + _per_cell(g2) * centred
     dx = dx.reshape(x.shape).astype(x.dtype)
     # From the same (N, m, C) view as r1 (XLA merges sum(r1, 0) into a reduce
     # of the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
-    bias_bar = (
-        None if bias is None else _like(jnp.sum(dy, axis=(0, 1)), bias).astype(bias.dtype)
-    )
+    bias_bar = None if bias is None else _like(jnp.sum(dy, axis=(0, 1)), bias).astype(bias.dtype)
     return dx, inputs_bar, bias_bar
 
 

@@ -20,7 +20,11 @@ def _weights(mean_logits: Any, var_logits: Any, names: Sequence[str]) -> LayerWe
     return {
         # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
         # then become float32 quietly when x64 is off, instead of warning.
-        kind: dict(zip(names, np.asarray(_core.mixing_weights_from_logits(jnp.asarray(logits))).tolist()))
+        kind: dict(
+            zip(
+                names, np.asarray(_core.mixing_weights_from_logits(jnp.asarray(logits))).tolist(), strict=True
+            )
+        )
         for kind, logits in (("mean", mean_logits), ("var", var_logits))
     }
 
@@ -42,9 +46,7 @@ def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
             "mixing_weights to name them."
         )
     if len(names) != size:
-        raise ValueError(
-            f"layer {path!r} has {size} logits but normalizers={names} names {len(names)}."
-        )
+        raise ValueError(f"layer {path!r} has {size} logits but normalizers={names} names {len(names)}.")
     return names
 
 
@@ -127,8 +129,7 @@ def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
             row = layer[kind]
             top = max(row, key=row.get)
             cells = "".join(
-                f"{row[n]:>7.3f}{'*' if n == top else ' '}" if n in row else f"{'-':>7} "
-                for n in names
+                f"{row[n]:>7.3f}{'*' if n == top else ' '}" if n in row else f"{'-':>7} " for n in names
             )
             lines.append(f"{(path or '(root)') if kind == 'mean' else '':<{layer_width}}  {kind:<4} {cells}")
     return "\n".join(lines)

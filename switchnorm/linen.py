@@ -93,9 +93,7 @@ class SwitchNorm(nn.Module):
         )
         _core.check_input(x, ())
         normalizers = _core.validate_normalizers(
-            _core.default_normalizers(x.ndim)
-            if self.normalizers is None
-            else self.normalizers
+            _core.default_normalizers(x.ndim) if self.normalizers is None else self.normalizers
         )
         num_channels = x.shape[-1]
         for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean")):
@@ -107,15 +105,9 @@ class SwitchNorm(nn.Module):
         mean_logits = self.param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
         var_logits = self.param("var_logits", initializers.zeros, logits_shape, self.param_dtype)
         scale = (
-            self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-            if self.use_scale
-            else None
+            self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
         )
-        bias = (
-            self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
         ra_mean = ra_var = None
         if "bn" in normalizers:
             ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)

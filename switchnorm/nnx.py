@@ -102,14 +102,10 @@ class SwitchNorm(nnx.Module):
         self.mean_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
         self.var_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
         self.scale = (
-            nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype))
-            if use_scale
-            else nnx.data(None)
+            nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype)) if use_scale else nnx.data(None)
         )
         self.bias = (
-            nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype))
-            if use_bias
-            else nnx.data(None)
+            nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype)) if use_bias else nnx.data(None)
         )
         if "bn" in self.normalizers:
             self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -187,7 +183,5 @@ class SwitchNorm(nnx.Module):
             self.mean[...] = _core.update_running_average(
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
-            self.var[...] = _core.update_running_average(
-                self.var[...], stop(batch_stats.var), self.momentum
-            )
+            self.var[...] = _core.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
         return y

@@ -27,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -72,8 +71,7 @@ def batch(seed: int = 0, shape=(BATCH, 5, 5, CHANNELS)) -> np.ndarray:
 
 def layer(normalizers, **kwargs) -> switchnorm.SwitchNorm:
     """A layer with random logits, scale and bias (so every term matters)."""
-    norm = switchnorm.SwitchNorm(CHANNELS, normalizers=normalizers, num_groups=4,
-                                 rngs=nnx.Rngs(0), **kwargs)
+    norm = switchnorm.SwitchNorm(CHANNELS, normalizers=normalizers, num_groups=4, rngs=nnx.Rngs(0), **kwargs)
     keys = jax.random.split(jax.random.key(1), 4)
     k = len(normalizers)
     norm.mean_logits[...] = jax.random.normal(keys[0], (k,))
@@ -92,10 +90,19 @@ def forward(graphdef, state, x):
 
 def functional(norm: switchnorm.SwitchNorm, **kwargs):
     """``switch_norm`` closed over ``norm``'s parameters."""
+
     def apply(x):
         return switchnorm.switch_norm(
-            x, norm.mean_logits[...], norm.var_logits[...], scale=norm.scale[...],
-            bias=norm.bias[...], normalizers=norm.normalizers, num_groups=4, **kwargs)
+            x,
+            norm.mean_logits[...],
+            norm.var_logits[...],
+            scale=norm.scale[...],
+            bias=norm.bias[...],
+            normalizers=norm.normalizers,
+            num_groups=4,
+            **kwargs,
+        )
+
     return apply
 
 
@@ -118,13 +125,11 @@ def check_jit(mesh: Mesh) -> None:
         y8, s8 = step(graphdef, jax.device_put(state, replicated), x_sharded)
         assert y8.sharding.is_equivalent_to(data, y8.ndim), y8.sharding
         if "bn" in normalizers:  # XLA must have inserted a cross-device reduction
-            hlo = step.lower(graphdef, jax.device_put(state, replicated),
-                             x_sharded).compile().as_text()
+            hlo = step.lower(graphdef, jax.device_put(state, replicated), x_sharded).compile().as_text()
             assert "all-reduce" in hlo
         record(f"jit/nnx/{name}/output", (y1, y8))
         if "bn" in normalizers:
-            record(f"jit/nnx/{name}/running_stats",
-                   ((s1["mean"], s1["var"]), (s8["mean"], s8["var"])))
+            record(f"jit/nnx/{name}/running_stats", ((s1["mean"], s1["var"]), (s8["mean"], s8["var"])))
         f = jax.jit(functional(norm))
         (y1, b1), (y8, b8) = f(x), f(x_sharded)
         record(f"jit/functional/{name}/output", (y1, y8), (b1, b8))
@@ -143,41 +148,47 @@ def check_shard_map(mesh: Mesh) -> None:
         full = jax.jit(functional(norm))
         y_full, b_full = full(x)
 
-        synced = jax.jit(jax.shard_map(
-            functional(norm, axis_name="data"), mesh=mesh,
-            in_specs=P("data"), out_specs=(P("data"), P())))
+        synced = jax.jit(
+            jax.shard_map(
+                functional(norm, axis_name="data"), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())
+            )
+        )
         y, b = synced(x)
         record(f"shard_map/axis_name/{name}/output", (y_full, y), (b_full, b))
 
-        local = jax.jit(jax.shard_map(
-            functional(norm), mesh=mesh, in_specs=P("data"),
-            out_specs=(P("data"), P("data"))))
+        local = jax.jit(
+            jax.shard_map(functional(norm), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P("data")))
+        )
         y, b = local(x)
         per_shard = [full(s) for s in shards]
         if name == "bn":  # proves the comparison below can tell the two apart
             record("shard_map/no_axis_name/bn/gap_to_full_batch", (y_full, y))
-        record(f"shard_map/no_axis_name/{name}/output",
-               (np.concatenate([p[0] for p in per_shard]), y))
+        record(f"shard_map/no_axis_name/{name}/output", (np.concatenate([p[0] for p in per_shard]), y))
         if b_full is not None:
-            record(f"shard_map/no_axis_name/{name}/batch_stats",
-                   (np.stack([p[1].mean for p in per_shard]),
-                    np.asarray(b.mean).reshape(DEVICES, -1)),
-                   (np.stack([p[1].var for p in per_shard]),
-                    np.asarray(b.var).reshape(DEVICES, -1)))
+            record(
+                f"shard_map/no_axis_name/{name}/batch_stats",
+                (np.stack([p[1].mean for p in per_shard]), np.asarray(b.mean).reshape(DEVICES, -1)),
+                (np.stack([p[1].var for p in per_shard]), np.asarray(b.var).reshape(DEVICES, -1)),
+            )
 
         # The NNX module under shard_map: state replicated in and out.
         sync_norm = layer(normalizers, axis_name="data")
         graphdef, state = nnx.split(sync_norm)
-        y, new_state = jax.jit(jax.shard_map(
-            lambda s, x: forward(graphdef, s, x), mesh=mesh,
-            in_specs=(P(), P("data")), out_specs=(P("data"), P())))(state, x)
-        _, ref_state = jax.jit(forward, static_argnums=0)(
-            *nnx.split(layer(normalizers)), x)
+        y, new_state = jax.jit(
+            jax.shard_map(
+                lambda s, x, g=graphdef: forward(g, s, x),
+                mesh=mesh,
+                in_specs=(P(), P("data")),
+                out_specs=(P("data"), P()),
+            )
+        )(state, x)
+        _, ref_state = jax.jit(forward, static_argnums=0)(*nnx.split(layer(normalizers)), x)
         record(f"shard_map/axis_name/nnx/{name}/output", (y_full, y))
         if "bn" in normalizers:
-            record(f"shard_map/axis_name/nnx/{name}/running_stats",
-                   ((ref_state["mean"], ref_state["var"]),
-                    (new_state["mean"], new_state["var"])))
+            record(
+                f"shard_map/axis_name/nnx/{name}/running_stats",
+                ((ref_state["mean"], ref_state["var"]), (new_state["mean"], new_state["var"])),
+            )
 
 
 def check_groups(mesh2d: Mesh) -> None:
@@ -192,15 +203,21 @@ def check_groups(mesh2d: Mesh) -> None:
     full = jax.jit(functional(norm))
     expected = np.concatenate([full(h)[0] for h in halves])
 
-    f = jax.jit(jax.shard_map(
-        functional(norm, axis_name="data"), mesh=mesh2d,
-        in_specs=P(("group", "data")), out_specs=(P(("group", "data")), P("group"))))
+    f = jax.jit(
+        jax.shard_map(
+            functional(norm, axis_name="data"),
+            mesh=mesh2d,
+            in_specs=P(("group", "data")),
+            out_specs=(P(("group", "data")), P("group")),
+        )
+    )
     y, _ = f(x)
     record("shard_map/2d_mesh_groups/sn/output", (expected, y))
 
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    g = jax.pmap(lambda s: functional(norm, axis_name="data", axis_index_groups=groups)(s)[0],
-                 axis_name="data")
+    g = jax.pmap(
+        lambda s: functional(norm, axis_name="data", axis_index_groups=groups)(s)[0], axis_name="data"
+    )
     y = g(x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:]))
     record("pmap/axis_index_groups/sn/output", (expected, np.asarray(y).reshape(x.shape)))
 
@@ -214,8 +231,10 @@ def check_pmap() -> None:
         y, b = jax.pmap(functional(norm, axis_name="data"), axis_name="data")(shards)
         pairs = [(y_full, np.asarray(y).reshape(x.shape))]
         if b_full is not None:  # every device holds the same global statistics
-            pairs += [(np.broadcast_to(b_full.mean, b.mean.shape), b.mean),
-                      (np.broadcast_to(b_full.var, b.var.shape), b.var)]
+            pairs += [
+                (np.broadcast_to(b_full.mean, b.mean.shape), b.mean),
+                (np.broadcast_to(b_full.var, b.var.shape), b.var),
+            ]
         record(f"pmap/axis_name/{name}/output", *pairs)
 
 
@@ -227,11 +246,13 @@ def check_pmap() -> None:
 class ConvNet(nnx.Module):
     def __init__(self, normalizers, rngs: nnx.Rngs, axis_name=None):
         self.conv1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
-        self.norm1 = switchnorm.SwitchNorm(8, normalizers=normalizers, num_groups=4,
-                                           axis_name=axis_name, rngs=rngs)
+        self.norm1 = switchnorm.SwitchNorm(
+            8, normalizers=normalizers, num_groups=4, axis_name=axis_name, rngs=rngs
+        )
         self.conv2 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
-        self.norm2 = switchnorm.SwitchNorm(8, normalizers=normalizers, num_groups=4,
-                                           axis_name=axis_name, rngs=rngs)
+        self.norm2 = switchnorm.SwitchNorm(
+            8, normalizers=normalizers, num_groups=4, axis_name=axis_name, rngs=rngs
+        )
         self.head = nnx.Linear(8, 4, rngs=rngs)
 
     def __call__(self, x):
@@ -249,6 +270,7 @@ def train_data(seed=4):
 
 def make_step(graphdef, tx, axis_name=None):
     """One SGD step on (model state, optimizer state), as a pure function."""
+
     def step(state, opt_state, images, labels):
         model = nnx.merge(graphdef, state)
 
@@ -269,6 +291,7 @@ def make_step(graphdef, tx, axis_name=None):
         updates, opt_state = tx.update(grads, opt_state, params)
         nnx.update(model, optax.apply_updates(params, updates))
         return nnx.state(model), opt_state, loss
+
     return step
 
 
@@ -290,15 +313,21 @@ def check_train(mesh: Mesh) -> None:
             return state, losses
 
         s1, l1 = run(state, images, labels)
-        s8, l8 = run(jax.device_put(state, replicated), jax.device_put(images, data),
-                     jax.device_put(labels, data))
+        s8, l8 = run(
+            jax.device_put(state, replicated), jax.device_put(images, data), jax.device_put(labels, data)
+        )
         assert all(len(leaf.sharding.device_set) == DEVICES for leaf in jax.tree.leaves(s8))
         record(f"train/jit/{name}/params_and_stats", (s1, s8), (l1, l8))
 
         sync_graphdef, _ = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0), axis_name="data"))
-        smap = jax.jit(jax.shard_map(
-            make_step(sync_graphdef, tx, axis_name="data"), mesh=mesh,
-            in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), P())))
+        smap = jax.jit(
+            jax.shard_map(
+                make_step(sync_graphdef, tx, axis_name="data"),
+                mesh=mesh,
+                in_specs=(P(), P(), P("data"), P("data")),
+                out_specs=(P(), P(), P()),
+            )
+        )
         s, opt_state, losses = state, tx.init(state.filter(nnx.Param)), []
         for _ in range(3):
             s, opt_state, loss = smap(s, opt_state, images, labels)
@@ -311,11 +340,11 @@ def check_linen_jit(mesh: Mesh) -> None:
     x = batch(5)
     module = snn.SwitchNorm(num_groups=4)
     variables = module.init(jax.random.key(0), x, use_running_average=False)
-    apply = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False,
-                                              mutable=["batch_stats"]))
+    apply = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))
     y1, u1 = apply(variables, x)
-    y8, u8 = apply(jax.device_put(variables, NamedSharding(mesh, P())),
-                   jax.device_put(x, NamedSharding(mesh, P("data"))))
+    y8, u8 = apply(
+        jax.device_put(variables, NamedSharding(mesh, P())), jax.device_put(x, NamedSharding(mesh, P("data")))
+    )
     record("jit/linen/sn/output_and_running_stats", (y1, y8), (u1, u8))
 
 
@@ -323,8 +352,10 @@ def main() -> None:
     start = time.perf_counter()
     devices = jax.devices()
     if len(devices) != DEVICES:
-        sys.exit(f"need {DEVICES} devices, got {len(devices)}; set "
-                 f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}")
+        sys.exit(
+            f"need {DEVICES} devices, got {len(devices)}; set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}"
+        )
     mesh = Mesh(np.array(devices), ("data",))
     mesh2d = Mesh(np.array(devices).reshape(2, 4), ("group", "data"))
     selected = sys.argv[1:] or ["jit", "shard_map", "groups", "pmap", "train", "linen"]

@@ -41,7 +41,7 @@ def scope_stats(x: np.ndarray, name: str, num_groups: int = 1):
     elif name == "ln":  # space and channels, one value per sample
         axes = tuple(range(1, rank))
     elif name == "gn":  # space and a group of channels, one per (sample, group)
-        n, c = x.shape[0], x.shape[-1]
+        c = x.shape[-1]
         grouped = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
         axes = (*spatial, rank)  # space and the channels within a group
         mean = grouped.mean(axis=axes, keepdims=True)
@@ -73,7 +73,6 @@ def switch_norm(
     the last two the per-channel batch statistics of the bn scope.
     """
     x = np.asarray(x, np.float64)
-    c = x.shape[-1]
     w_mean, w_var = softmax(mean_logits), softmax(var_logits)
     mu = np.zeros(x.shape)
     var = np.zeros(x.shape)

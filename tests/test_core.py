@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax.test_util import check_grads
 
-import reference
 import switchnorm
 from switchnorm import switch_norm
 
@@ -94,7 +94,8 @@ def test_logits_follow_the_order_of_normalizers(rng):
     y, _ = run_core(case, normalizers=ALL, num_groups=2)
     order = [2, 0, 3, 1]  # ("ln", "bn", "gn", "in")
     permuted = dict(
-        case, mean_logits=case["mean_logits"][jnp.array(order)],
+        case,
+        mean_logits=case["mean_logits"][jnp.array(order)],
         var_logits=case["var_logits"][jnp.array(order)],
     )
     y_permuted, _ = run_core(permuted, normalizers=tuple(ALL[i] for i in order), num_groups=2)
@@ -126,9 +127,7 @@ def test_gn_with_one_group_is_ln_and_with_one_channel_per_group_is_in(rng):
 def test_scale_and_bias_are_optional(rng):
     case = random_case(rng, SHAPES[3], 4)
     y, _ = jit_switch_norm(case["x"], case["mean_logits"], case["var_logits"], num_groups=2)
-    y_ref, _, _ = reference.switch_norm(
-        case["x"], case["mean_logits"], case["var_logits"], num_groups=2
-    )
+    y_ref, _, _ = reference.switch_norm(case["x"], case["mean_logits"], case["var_logits"], num_groups=2)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -150,12 +149,19 @@ def test_inference_uses_running_averages_for_the_bn_term(rng, rank):
     running_mean = jnp.asarray(rng.normal(size=6), jnp.float32)
     running_var = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
     y, batch_stats = run_core(
-        case, normalizers=normalizers, num_groups=2, use_running_average=True,
-        running_mean=running_mean, running_var=running_var,
+        case,
+        normalizers=normalizers,
+        num_groups=2,
+        use_running_average=True,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     y_ref, _, _ = run_reference(
-        case, normalizers=normalizers, num_groups=2,
-        running_mean=running_mean, running_var=running_var,
+        case,
+        normalizers=normalizers,
+        num_groups=2,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     assert batch_stats is None
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -166,8 +172,11 @@ def test_inference_with_bn_alone_is_the_running_average_affine_map(rng):
     running_mean = jnp.asarray(rng.normal(size=6), jnp.float32)
     running_var = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
     y, _ = run_core(
-        case, normalizers=("bn",), use_running_average=True,
-        running_mean=running_mean, running_var=running_var,
+        case,
+        normalizers=("bn",),
+        use_running_average=True,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     expected = (case["x"] - running_mean) / jnp.sqrt(running_var + 1e-5) * case["scale"] + case["bias"]
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -178,8 +187,11 @@ def test_in_ln_gn_ignore_the_mode(rng):
     kwargs = dict(normalizers=("in", "ln", "gn"), num_groups=2)
     train, stats = run_core(case, **kwargs)
     infer, _ = run_core(
-        case, use_running_average=True,
-        running_mean=jnp.full(6, 100.0), running_var=jnp.full(6, 100.0), **kwargs,
+        case,
+        use_running_average=True,
+        running_mean=jnp.full(6, 100.0),
+        running_var=jnp.full(6, 100.0),
+        **kwargs,
     )
     assert stats is None
     np.testing.assert_allclose(infer, train, rtol=1e-6, atol=1e-6)
@@ -207,8 +219,11 @@ def test_in_ln_gn_never_depend_on_other_samples(rng, normalizers, bn_logit, use_
         case["mean_logits"] = case["mean_logits"].at[0].set(bn_logit)
         case["var_logits"] = case["var_logits"].at[0].set(bn_logit)
     kwargs = dict(
-        normalizers=normalizers, num_groups=2, use_running_average=use_running_average,
-        running_mean=jnp.zeros(6), running_var=jnp.ones(6),
+        normalizers=normalizers,
+        num_groups=2,
+        use_running_average=use_running_average,
+        running_mean=jnp.zeros(6),
+        running_var=jnp.ones(6),
     )
     y, _ = run_core(case, **kwargs)
     y_perturbed, _ = run_core(dict(case, x=perturb_sample(case["x"], 2)), **kwargs)
@@ -226,8 +241,10 @@ def test_bn_in_training_mode_does_mix_samples(rng):
 def test_bn_in_inference_mode_does_not_mix_samples(rng):
     case = random_case(rng, SHAPES[4], 4)
     kwargs = dict(
-        num_groups=2, use_running_average=True,
-        running_mean=jnp.full(6, 0.3), running_var=jnp.full(6, 2.0),
+        num_groups=2,
+        use_running_average=True,
+        running_mean=jnp.full(6, 0.3),
+        running_var=jnp.full(6, 2.0),
     )
     y, _ = run_core(case, **kwargs)
     y_perturbed, _ = run_core(dict(case, x=perturb_sample(case["x"], 2)), **kwargs)
@@ -254,9 +271,16 @@ def test_gradients_pass_check_grads(x64, shape, normalizers, order, use_running_
     @jax.jit
     def f(x, mean_logits, var_logits, scale, bias):
         y, _ = switch_norm(
-            x, mean_logits, var_logits, scale=scale, bias=bias, normalizers=normalizers,
-            num_groups=2, use_running_average=use_running_average,
-            running_mean=running_mean, running_var=running_var,
+            x,
+            mean_logits,
+            var_logits,
+            scale=scale,
+            bias=bias,
+            normalizers=normalizers,
+            num_groups=2,
+            use_running_average=use_running_average,
+            running_mean=running_mean,
+            running_var=running_var,
         )
         return y
 
@@ -274,7 +298,9 @@ def test_gradients_pass_check_grads(x64, shape, normalizers, order, use_running_
 def test_jit_gives_the_eager_result(rng):
     case = random_case(rng, SHAPES[4], 4)
     kwargs = {k: case[k] for k in ("scale", "bias")}
-    eager, eager_stats = switch_norm(case["x"], case["mean_logits"], case["var_logits"], num_groups=2, **kwargs)
+    eager, eager_stats = switch_norm(
+        case["x"], case["mean_logits"], case["var_logits"], num_groups=2, **kwargs
+    )
     jitted, jitted_stats = run_core(case, num_groups=2)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jitted_stats.var, eager_stats.var, rtol=1e-5, atol=1e-6)

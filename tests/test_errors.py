@@ -26,31 +26,40 @@ CORE_ERRORS = {
     "rank-1": (dict(x=jax.ShapeDtypeStruct((6,), jnp.float32)), ValueError, r"rank >= 2.*\(6,\)"),
     "rank-0": (dict(x=jax.ShapeDtypeStruct((), jnp.float32)), ValueError, r"rank >= 2"),
     "groups-do-not-divide": (
-        dict(x=IMAGE, num_groups=4), ValueError, r"num_groups=4 does not divide the 6 channels"
+        dict(x=IMAGE, num_groups=4),
+        ValueError,
+        r"num_groups=4 does not divide the 6 channels",
     ),
     "group-size-does-not-divide": (
-        dict(x=IMAGE, group_size=4), ValueError, r"group_size=4 does not divide the 6 channels"
+        dict(x=IMAGE, group_size=4),
+        ValueError,
+        r"group_size=4 does not divide the 6 channels",
     ),
     "zero-groups": (dict(x=IMAGE, num_groups=0), ValueError, r"num_groups=0"),
     "both-group-arguments": (
-        dict(x=IMAGE, num_groups=2, group_size=3), ValueError,
+        dict(x=IMAGE, num_groups=2, group_size=3),
+        ValueError,
         r"num_groups or group_size, not both.*num_groups=2.*group_size=3",
     ),
-    "unknown-normalizer": (
-        dict(x=IMAGE, normalizers=("bn", "xn")), ValueError, r"unknown normalizer 'xn'"
-    ),
+    "unknown-normalizer": (dict(x=IMAGE, normalizers=("bn", "xn")), ValueError, r"unknown normalizer 'xn'"),
     "repeated-normalizer": (
-        dict(x=IMAGE, normalizers=("bn", "ln", "bn")), ValueError, r"'bn'.*more than once"
+        dict(x=IMAGE, normalizers=("bn", "ln", "bn")),
+        ValueError,
+        r"'bn'.*more than once",
     ),
     "empty-normalizers": (dict(x=IMAGE, normalizers=()), ValueError, r"at least one"),
     "normalizers-as-a-string": (dict(x=IMAGE, normalizers="bn", logits=1), TypeError, r"\('bn',\)"),
     "in-on-dense": (dict(x=DENSE, normalizers=("bn", "in")), ValueError, r"\['in'\].*spatial extent"),
     "gn-on-dense": (dict(x=DENSE, normalizers=("gn",)), ValueError, r"\['gn'\].*spatial extent"),
     "integer-input": (
-        dict(x=jax.ShapeDtypeStruct((2, 4, 4, 6), jnp.int32)), TypeError, r"floating-point.*int32"
+        dict(x=jax.ShapeDtypeStruct((2, 4, 4, 6), jnp.int32)),
+        TypeError,
+        r"floating-point.*int32",
     ),
     "logits-of-wrong-length": (
-        dict(x=IMAGE, normalizers=("bn", "ln"), logits=3), ValueError, r"mean_logits has shape \(3,\)"
+        dict(x=IMAGE, normalizers=("bn", "ln"), logits=3),
+        ValueError,
+        r"mean_logits has shape \(3,\)",
     ),
 }
 
@@ -96,7 +105,10 @@ def test_nnx_constructor_refuses_a_bad_channel_count(num_features):
 
 NNX_CALL_ERRORS = {
     "channel-count-differs": (
-        dict(), jnp.zeros((2, 4, 4, 8)), ValueError, r"8 channels.*built for num_features=6"
+        dict(),
+        jnp.zeros((2, 4, 4, 8)),
+        ValueError,
+        r"8 channels.*built for num_features=6",
     ),
     "rank-1": (dict(), jnp.zeros((6,)), ValueError, r"rank >= 2"),
     "integer-input": (dict(), jnp.zeros((2, 4, 4, 6), jnp.int32), TypeError, r"floating-point"),
@@ -125,9 +137,7 @@ LINEN_ERRORS = {
     "empty-normalizers": (dict(normalizers=()), IMAGE, ValueError, r"at least one"),
     "in-on-dense": (dict(normalizers=("bn", "in")), DENSE, ValueError, r"spatial extent"),
     "rank-1": (dict(), jax.ShapeDtypeStruct((6,), jnp.float32), ValueError, r"rank >= 2"),
-    "integer-input": (
-        dict(), jax.ShapeDtypeStruct((2, 4, 4, 6), jnp.int8), TypeError, r"floating-point"
-    ),
+    "integer-input": (dict(), jax.ShapeDtypeStruct((2, 4, 4, 6), jnp.int8), TypeError, r"floating-point"),
 }
 
 

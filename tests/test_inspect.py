@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from flax import linen as nn
 from flax import nnx
 
-import reference
 import switchnorm
 from switchnorm import linen as snn
 
@@ -48,7 +48,11 @@ def test_nnx_model_with_nested_layers(rng):
         randomize_logits(layer, rng)
     weights = switchnorm.mixing_weights(model)
     assert set(weights) == {"stem", "block/norm", "head_norm"}
-    for path, layer in (("stem", model.stem), ("block/norm", model.block.norm), ("head_norm", model.head_norm)):
+    for path, layer in (
+        ("stem", model.stem),
+        ("block/norm", model.block.norm),
+        ("head_norm", model.head_norm),
+    ):
         assert_weights_are_softmax(
             weights[path], layer.normalizers, layer.mean_logits[...], layer.var_logits[...]
         )
@@ -65,9 +69,7 @@ def test_nnx_state_reads_like_the_module(rng):
     model = Model(nnx.Rngs(0))
     for layer in (model.stem, model.head_norm):
         randomize_logits(layer, rng)
-    from_state = switchnorm.mixing_weights(
-        nnx.state(model), normalizers={"block/norm": ("gn", "ln")}
-    )
+    from_state = switchnorm.mixing_weights(nnx.state(model), normalizers={"block/norm": ("gn", "ln")})
     assert from_state == switchnorm.mixing_weights(model)
 
 
@@ -97,8 +99,9 @@ def init_linen_model():
 def linen_variables(rng):
     variables = init_linen_model()
     params = jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.asarray(rng.normal(size=p.shape), p.dtype)
-        if path[-1].key.endswith("logits") else p,
+        lambda path, p: (
+            jnp.asarray(rng.normal(size=p.shape), p.dtype) if path[-1].key.endswith("logits") else p
+        ),
         variables["params"],
     )
     return {**variables, "params": params}
@@ -123,9 +126,7 @@ def test_linen_variables_dict(linen_variables):
 
 
 def test_params_tree_reads_like_the_variables_dict(linen_variables):
-    assert switchnorm.mixing_weights(linen_variables["params"]) == switchnorm.mixing_weights(
-        linen_variables
-    )
+    assert switchnorm.mixing_weights(linen_variables["params"]) == switchnorm.mixing_weights(linen_variables)
 
 
 def test_ambiguous_logits_length_is_an_error_until_named(rng):
@@ -135,7 +136,9 @@ def test_ambiguous_logits_length_is_an_error_until_named(rng):
     names = ("in", "ln", "gn")
     for normalizers in (names, {"norm": names}):
         weights = switchnorm.mixing_weights(tree, normalizers=normalizers)
-        assert_weights_are_softmax(weights["norm"], names, tree["norm"]["mean_logits"], tree["norm"]["var_logits"])
+        assert_weights_are_softmax(
+            weights["norm"], names, tree["norm"]["mean_logits"], tree["norm"]["var_logits"]
+        )
 
 
 def test_names_that_do_not_match_the_logits_length_are_an_error():

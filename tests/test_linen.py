@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from flax import linen as nn
 from flax import nnx
 
-import reference
 import switchnorm
 from switchnorm import linen as snn
 
@@ -56,15 +56,19 @@ def flax_counterpart(name, rank):
         return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False)
     if name == "ln":
         return nn.LayerNorm(
-            epsilon=1e-5, reduction_axes=tuple(range(1, rank)), feature_axes=-1,
+            epsilon=1e-5,
+            reduction_axes=tuple(range(1, rank)),
+            feature_axes=-1,
             use_fast_variance=False,
         )
     return nn.GroupNorm(num_groups=3, epsilon=1e-5, use_fast_variance=False)
 
 
-SINGLE_CASES = [("bn", r) for r in (2, 3, 4, 5)] + [("ln", r) for r in (2, 3, 4, 5)] + [
-    (n, r) for n in ("in", "gn") for r in (3, 4, 5)
-]
+SINGLE_CASES = (
+    [("bn", r) for r in (2, 3, 4, 5)]
+    + [("ln", r) for r in (2, 3, 4, 5)]
+    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
+)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)
@@ -74,8 +78,10 @@ def test_single_normalizer_equals_the_flax_layer(rng, name, rank):
     ours_vars = with_random_params(init(ours, x), rng, names=("scale", "bias"))
     params = {k: ours_vars["params"][k] for k in ("scale", "bias")}
     if name == "bn":
-        theirs_vars = {"params": params, "batch_stats": nn.BatchNorm().init(
-            jax.random.key(0), x, use_running_average=True)["batch_stats"]}
+        theirs_vars = {
+            "params": params,
+            "batch_stats": nn.BatchNorm().init(jax.random.key(0), x, use_running_average=True)["batch_stats"],
+        }
         for step in range(2):
             x = data(rng, SHAPES[rank], offset=step)
             y, ours_stats = train(ours, ours_vars, x)
@@ -87,12 +93,16 @@ def test_single_normalizer_equals_the_flax_layer(rng, name, rank):
             theirs_vars = {**theirs_vars, **theirs_stats}
         for stat in ("mean", "var"):
             np.testing.assert_allclose(
-                ours_vars["batch_stats"][stat], theirs_vars["batch_stats"][stat],
-                rtol=1e-5, atol=1e-6,
+                ours_vars["batch_stats"][stat],
+                theirs_vars["batch_stats"][stat],
+                rtol=1e-5,
+                atol=1e-6,
             )
         np.testing.assert_allclose(
             infer(ours, ours_vars, x),
-            theirs.apply(theirs_vars, x, use_running_average=True), rtol=1e-5, atol=1e-5,
+            theirs.apply(theirs_vars, x, use_running_average=True),
+            rtol=1e-5,
+            atol=1e-5,
         )
     else:
         assert "batch_stats" not in ours_vars
@@ -149,8 +159,13 @@ def test_random_parameters_match_float64_reference(rng, rank):
     p = variables["params"]
     normalizers = ALL if rank > 2 else ("bn", "ln")
     y_ref, _, _ = reference.switch_norm(
-        x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"],
-        normalizers=normalizers, num_groups=2,
+        x,
+        p["mean_logits"],
+        p["var_logits"],
+        scale=p["scale"],
+        bias=p["bias"],
+        normalizers=normalizers,
+        num_groups=2,
     )
     np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
 
@@ -203,8 +218,14 @@ def test_inference_uses_running_averages_for_bn_only(rng):
     variables = {**variables, "batch_stats": running}
     p = variables["params"]
     y_ref, _, _ = reference.switch_norm(
-        x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"], num_groups=2,
-        running_mean=running["mean"], running_var=running["var"],
+        x,
+        p["mean_logits"],
+        p["var_logits"],
+        scale=p["scale"],
+        bias=p["bias"],
+        num_groups=2,
+        running_mean=running["mean"],
+        running_var=running["var"],
     )
     np.testing.assert_allclose(infer(module, variables, x), y_ref, rtol=1e-4, atol=1e-4)
     # The attribute works as well as the call argument.
@@ -235,8 +256,10 @@ def test_nnx_and_linen_agree_given_the_same_parameters(rng, rank):
     }
     nnx_forward = nnx.jit(lambda m, x: m(x))
     np.testing.assert_allclose(
-        infer(module, variables, x), nnx_forward(nnx.view(layer, use_running_average=True), x),
-        rtol=1e-6, atol=1e-6,
+        infer(module, variables, x),
+        nnx_forward(nnx.view(layer, use_running_average=True), x),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
     y_linen, updates = train(module, variables, x)
@@ -287,7 +310,9 @@ def test_vmap_over_an_ensemble_of_variables(rng):
     for i, member in enumerate(members):
         y_i, updates_i = train(module, member, x)
         np.testing.assert_allclose(y[i], y_i, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(updates["batch_stats"]["var"][i], updates_i["batch_stats"]["var"], rtol=1e-6)
+        np.testing.assert_allclose(
+            updates["batch_stats"]["var"][i], updates_i["batch_stats"]["var"], rtol=1e-6
+        )
     assert not np.allclose(y[0], y[1])
 
 

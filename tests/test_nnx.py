@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from flax import nnx
 
-import reference
 import switchnorm
 
 ALL = reference.ALL
@@ -33,15 +33,21 @@ def flax_counterpart(name, rank):
         return nnx.InstanceNorm(C, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
     if name == "ln":  # the ln scope: every non-batch axis
         return nnx.LayerNorm(
-            C, epsilon=1e-5, reduction_axes=tuple(range(1, rank)), feature_axes=-1,
-            use_fast_variance=False, rngs=rngs,
+            C,
+            epsilon=1e-5,
+            reduction_axes=tuple(range(1, rank)),
+            feature_axes=-1,
+            use_fast_variance=False,
+            rngs=rngs,
         )
     return nnx.GroupNorm(C, num_groups=3, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
 
 
-SINGLE_CASES = [("bn", r) for r in (2, 3, 4, 5)] + [("ln", r) for r in (2, 3, 4, 5)] + [
-    (n, r) for n in ("in", "gn") for r in (3, 4, 5)
-]
+SINGLE_CASES = (
+    [("bn", r) for r in (2, 3, 4, 5)]
+    + [("ln", r) for r in (2, 3, 4, 5)]
+    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
+)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)
@@ -101,9 +107,7 @@ def test_use_scale_and_use_bias_false_leave_those_parameters_out(rng):
 
 
 def test_dtype_and_param_dtype(rng):
-    layer = switchnorm.SwitchNorm(
-        C, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
-    )
+    layer = switchnorm.SwitchNorm(C, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert layer.scale[...].dtype == jnp.bfloat16
     assert layer.mean_logits[...].dtype == jnp.bfloat16
     assert forward(layer, data(rng, SHAPES[4])).dtype == jnp.bfloat16
@@ -123,8 +127,12 @@ def test_random_logits_match_float64_reference(rng, rank):
     layer.bias[...] = jnp.asarray(rng.normal(size=C), jnp.float32)
     x = data(rng, SHAPES[rank])
     y_ref, _, _ = reference.switch_norm(
-        x, layer.mean_logits[...], layer.var_logits[...], scale=layer.scale[...],
-        bias=layer.bias[...], num_groups=2,
+        x,
+        layer.mean_logits[...],
+        layer.var_logits[...],
+        scale=layer.scale[...],
+        bias=layer.bias[...],
+        num_groups=2,
     )
     np.testing.assert_allclose(forward(layer, x), y_ref, rtol=1e-4, atol=1e-4)
 
@@ -136,9 +144,7 @@ def test_default_layer_blends_bn_and_ln_on_dense_features(rng):
     layer.mean_logits[...], layer.var_logits[...] = mean_logits, var_logits
     x = data(rng, SHAPES[2])
     bn_ln = jnp.array([0, 2])  # positions of "bn" and "ln" in the default order
-    y_ref, _, _ = reference.switch_norm(
-        x, mean_logits[bn_ln], var_logits[bn_ln], normalizers=("bn", "ln")
-    )
+    y_ref, _, _ = reference.switch_norm(x, mean_logits[bn_ln], var_logits[bn_ln], normalizers=("bn", "ln"))
     np.testing.assert_allclose(forward(layer, x), y_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -228,8 +234,12 @@ def test_eval_and_train_reach_layers_nested_in_a_model(rng):
     x = data(rng, SHAPES[4])
     hidden = model.linear(x)
     y_ref, _, _ = reference.switch_norm(
-        hidden, np.zeros(4), np.zeros(4), num_groups=3,
-        running_mean=model.norm.mean[...], running_var=model.norm.var[...],
+        hidden,
+        np.zeros(4),
+        np.zeros(4),
+        num_groups=3,
+        running_mean=model.norm.mean[...],
+        running_var=model.norm.var[...],
     )
     np.testing.assert_allclose(forward(evaluated, x), y_ref, rtol=1e-4, atol=1e-4)
 
@@ -288,7 +298,7 @@ def test_vmap_over_an_ensemble_of_layers(rng):
 
     ensemble = create(nnx.Rngs(0))
     graphdef, state = nnx.split(ensemble)
-    singles = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(members)]
+    singles = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(members)]
     x = data(rng, SHAPES[4])
     y = ensemble_forward(ensemble, x)
     assert y.shape == (members, *SHAPES[4])

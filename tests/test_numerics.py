@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from flax import nnx
 
-import reference
 import switchnorm
 from switchnorm import linen as snn
 from switchnorm import switch_norm
@@ -19,8 +19,14 @@ ALL = reference.ALL
 @functools.partial(jax.jit, static_argnames=("normalizers", "num_groups", "dtype"))
 def normalize(x, mean_logits, var_logits, scale=None, bias=None, *, normalizers, num_groups=2, dtype=None):
     y, _ = switch_norm(
-        x, mean_logits, var_logits, scale=scale, bias=bias, normalizers=normalizers,
-        num_groups=num_groups, dtype=dtype,
+        x,
+        mean_logits,
+        var_logits,
+        scale=scale,
+        bias=bias,
+        normalizers=normalizers,
+        num_groups=num_groups,
+        dtype=dtype,
     )
     return y
 
@@ -28,6 +34,7 @@ def normalize(x, mean_logits, var_logits, scale=None, bias=None, *, normalizers,
 # --------------------------------------------------------------------------
 # |mean| >> std: no digits lost in float32.
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "normalizers, shape",
@@ -47,7 +54,7 @@ def test_float32_input_with_mean_1e4_and_std_1_matches_float64(rng, normalizers,
     x = jnp.asarray(x64, jnp.float32)
     k = len(normalizers)
     logits = (rng.normal(size=k), rng.normal(size=k)) if k > 1 else (np.zeros(1), np.zeros(1))
-    y = normalize(x, *(jnp.asarray(l, jnp.float32) for l in logits), normalizers=normalizers)
+    y = normalize(x, *(jnp.asarray(lg, jnp.float32) for lg in logits), normalizers=normalizers)
     # The reference sees the float32 input exactly, so only the layer's own error counts.
     y_ref, _, _ = reference.switch_norm(np.asarray(x), *logits, normalizers=normalizers, num_groups=2)
     assert np.max(np.abs(np.asarray(y, np.float64) - y_ref)) < 1e-3

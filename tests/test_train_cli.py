@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from switchnorm.train import rundir
@@ -195,7 +194,9 @@ def test_python_dash_m_exits_2_on_bad_input(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["switchnorm: error: unknown norm 'wn'; choose one of sn, bn, in, ln, gn, none"]
+    assert result.stderr.strip().splitlines() == [
+        "switchnorm: error: unknown norm 'wn'; choose one of sn, bn, in, ln, gn, none"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 

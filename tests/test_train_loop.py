@@ -59,10 +59,7 @@ def test_weight_decay_mask_excludes_exactly_the_mixing_logits(synthetic):
     model = build_model("mlp", (8,), 4, norm="sn")
     params = nnx.state(model, nnx.Param)
     mask = weight_decay_mask(params)
-    flags = {
-        jax.tree_util.keystr(path): flag
-        for path, flag in jax.tree_util.tree_leaves_with_path(mask)
-    }
+    flags = {jax.tree_util.keystr(path): flag for path, flag in jax.tree_util.tree_leaves_with_path(mask)}
     excluded = {path for path, flag in flags.items() if not flag}
     assert excluded and all(("mean_logits" in p) or ("var_logits" in p) for p in excluded)
     assert sum(("logits" in p) for p in flags) == len(excluded)

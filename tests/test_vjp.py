@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from reference import ALL, channel_input
+
 from switchnorm._core import switch_norm, switch_norm_autodiff
 
 SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(ALL, r)]
@@ -45,10 +45,16 @@ def make_loss(layer, normalizers, use_running_average, dy):
 
     def loss(args):
         y, batch_stats = layer(
-            args["x"], args["mean_logits"], args["var_logits"],
-            scale=args["scale"], bias=args["bias"], normalizers=normalizers,
-            num_groups=2, use_running_average=use_running_average,
-            running_mean=args["running_mean"], running_var=args["running_var"],
+            args["x"],
+            args["mean_logits"],
+            args["var_logits"],
+            scale=args["scale"],
+            bias=args["bias"],
+            normalizers=normalizers,
+            num_groups=2,
+            use_running_average=use_running_average,
+            running_mean=args["running_mean"],
+            running_var=args["running_var"],
         )
         value = jnp.sum(y * dy)
         if batch_stats is not None:

@@ -104,25 +104,68 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default=S, help="digits, mnist1d (default) or synthetic")
     train.add_argument("--model", default=S, help="resnet2d, resnet1d or mlp (default: the dataset's)")
     train.add_argument("--norm", default=S, help="sn (default), bn, in, ln, gn or none")
-    train.add_argument("--epochs", type=_positive_int, default=S, help="default: 20 mnist1d, 30 digits, 10 synthetic")
-    train.add_argument("--batch-size", type=_positive_int, default=S, help="default: 64 mnist1d, 32 otherwise")
+    train.add_argument(
+        "--epochs", type=_positive_int, default=S, help="default: 20 mnist1d, 30 digits, 10 synthetic"
+    )
+    train.add_argument(
+        "--batch-size", type=_positive_int, default=S, help="default: 64 mnist1d, 32 otherwise"
+    )
     train.add_argument("--optimizer", default=S, help="adamw (default) or sgd (Nesterov momentum)")
-    train.add_argument("--lr", dest="learning_rate", type=_positive_float, default=S, help="peak learning rate (default 3e-3)")
-    train.add_argument("--momentum", type=_nonnegative_float, default=S, help="SGD momentum / AdamW b1 (default 0.9)")
-    train.add_argument("--weight-decay", type=_nonnegative_float, default=S, help="default 1e-2; never on the mixing logits")
-    train.add_argument("--warmup-epochs", type=_nonnegative_float, default=S, help="linear warmup, then cosine (default 1)")
-    train.add_argument("--eval-every", type=_positive_int, default=S, help="epochs between evaluations and weight tables (default 5)")
+    train.add_argument(
+        "--lr",
+        dest="learning_rate",
+        type=_positive_float,
+        default=S,
+        help="peak learning rate (default 3e-3)",
+    )
+    train.add_argument(
+        "--momentum", type=_nonnegative_float, default=S, help="SGD momentum / AdamW b1 (default 0.9)"
+    )
+    train.add_argument(
+        "--weight-decay", type=_nonnegative_float, default=S, help="default 1e-2; never on the mixing logits"
+    )
+    train.add_argument(
+        "--warmup-epochs", type=_nonnegative_float, default=S, help="linear warmup, then cosine (default 1)"
+    )
+    train.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=S,
+        help="epochs between evaluations and weight tables (default 5)",
+    )
     train.add_argument("--seed", type=_int, default=S, help="initialization and data order (default 0)")
-    train.add_argument("--dtype", default=S, help="activation dtype: float32 (default) or bfloat16 (parameters stay float32)")
+    train.add_argument(
+        "--dtype", default=S, help="activation dtype: float32 (default) or bfloat16 (parameters stay float32)"
+    )
     train.add_argument("--out", type=Path, default=None, help="run directory (default runs/<dataset>-<norm>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run already in --out and start afresh"
+    )
     train.add_argument("--quiet", action="store_true", help="no per-evaluation weight tables")
     # Scaling out (switchnorm.train.distributed, docs/scaling.md); not part of a run's config.
-    train.add_argument("--devices", type=_positive_int, default=None, help="local devices per process to shard each batch over (default: all)")
-    train.add_argument("--coordinator-address", default=None, help="host:port of process 0, for a multi-process run (or JAX_COORDINATOR_ADDRESS)")
-    train.add_argument("--num-processes", type=_positive_int, default=None, help="processes in a multi-process run (or JAX_NUM_PROCESSES)")
-    train.add_argument("--process-id", type=_int, default=None, help="this process's rank, 0 .. N-1 (or JAX_PROCESS_ID)")
+    train.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="local devices per process to shard each batch over (default: all)",
+    )
+    train.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="host:port of process 0, for a multi-process run (or JAX_COORDINATOR_ADDRESS)",
+    )
+    train.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        default=None,
+        help="processes in a multi-process run (or JAX_NUM_PROCESSES)",
+    )
+    train.add_argument(
+        "--process-id", type=_int, default=None, help="this process's rank, 0 .. N-1 (or JAX_PROCESS_ID)"
+    )
 
     inspect = commands.add_parser("inspect", help="print a run's learned weights from its latest checkpoint")
     inspect.add_argument("run", type=Path)
@@ -373,7 +416,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from switchnorm.train import data, loop
+    from switchnorm.train import data
 
     dataset = data.load_dataset(config["dataset"], config["seed"])
     if config["batch_size"] > len(dataset.x_train):

@@ -59,9 +59,7 @@ def digits(seed: int = 0) -> Dataset:
     bunch = load_digits()
     x = bunch.images.astype(np.float64)[..., None]  # (1797, 8, 8, 1), values 0..16
     y = bunch.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     x_train, x_test = _standardize(x_train, x_test)
     return Dataset("digits", x_train, y_train, x_test, y_test, 10)
 

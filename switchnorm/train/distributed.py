@@ -79,10 +79,11 @@ class Cluster:
 
         return cls(
             coordinator_address or environ.get(ENV_COORDINATOR) or None,
-            number(num_processes if num_processes is not None
-                   else environ.get(ENV_NUM_PROCESSES), "num_processes"),
-            number(process_id if process_id is not None
-                   else environ.get(ENV_PROCESS_ID), "process_id"),
+            number(
+                num_processes if num_processes is not None else environ.get(ENV_NUM_PROCESSES),
+                "num_processes",
+            ),
+            number(process_id if process_id is not None else environ.get(ENV_PROCESS_ID), "process_id"),
         )
 
     @property
@@ -102,9 +103,7 @@ class Cluster:
         if self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}.")
         if not 0 <= self.process_id < self.num_processes:
-            raise ValueError(
-                f"process_id must be in 0..{self.num_processes - 1}, got {self.process_id}."
-            )
+            raise ValueError(f"process_id must be in 0..{self.num_processes - 1}, got {self.process_id}.")
 
 
 def initialize(
@@ -126,9 +125,7 @@ def initialize(
     cluster.validate()
     if cluster.num_processes == 1:
         return False
-    jax.distributed.initialize(
-        cluster.coordinator_address, cluster.num_processes, cluster.process_id
-    )
+    jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
     return True
 
 
@@ -170,8 +167,7 @@ def mesh_devices(devices: int | None = None) -> list[jax.Device]:
         devices = local
     if not isinstance(devices, int) or not 1 <= devices <= local:
         raise ValueError(
-            f"devices must be between 1 and the {local} local device(s) of this "
-            f"process, got {devices!r}."
+            f"devices must be between 1 and the {local} local device(s) of this process, got {devices!r}."
         )
     chosen = []
     for process in range(jax.process_count()):
@@ -200,8 +196,10 @@ class DataParallel:
         self.process_index = jax.process_index()
 
     def __repr__(self) -> str:
-        return (f"DataParallel({self.num_devices} devices, {self.num_processes} "
-                f"process(es), this one #{self.process_index})")
+        return (
+            f"DataParallel({self.num_devices} devices, {self.num_processes} "
+            f"process(es), this one #{self.process_index})"
+        )
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.num_devices:
@@ -234,9 +232,7 @@ class DataParallel:
         def put(leaf):
             if isinstance(leaf, jax.Array) and leaf.sharding == self.replicated:
                 return leaf
-            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
-                leaf.dtype, jax.dtypes.prng_key
-            ):
+            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 data = put(jax.random.key_data(leaf))
                 return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
             host = np.asarray(leaf)
@@ -276,9 +272,7 @@ class DataParallelTrainer(loop.Trainer):
         evaluate = jax.jit(self._eval_step_impl, out_shardings=replicated)
         shard = self.parallel.shard
         self._train_step = lambda state, x, y: train(state, shard(x), shard(y))
-        self._eval_step = lambda state, x, y, valid: evaluate(
-            state, shard(x), shard(y), shard(valid)
-        )
+        self._eval_step = lambda state, x, y, valid: evaluate(state, shard(x), shard(y), shard(valid))
 
     def fit(self, state=None, start_epoch: int = 0, callbacks=()):
         """As ``Trainer.fit``; a given ``state`` (e.g. restored) is replicated first."""

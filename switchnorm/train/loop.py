@@ -145,9 +145,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def schedule_for(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """Warmup then cosine decay over the whole run."""
     total = steps_per_epoch * config.epochs
-    return optim.warmup_cosine(
-        config.learning_rate, total, round(config.warmup_epochs * steps_per_epoch)
-    )
+    return optim.warmup_cosine(config.learning_rate, total, round(config.warmup_epochs * steps_per_epoch))
 
 
 def make_tx(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -174,19 +174,17 @@ class MLP(nnx.Module):
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, use_bias=norm == "none", dtype=dtype, rngs=rngs)
-                for a, b in zip(sizes[:-1], sizes[1:])
+                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
             ]
         )
-        self.norms = nnx.List(
-            [make_norm(norm, b, spatial=False, dtype=dtype, rngs=rngs) for b in widths]
-        )
+        self.norms = nnx.List([make_norm(norm, b, spatial=False, dtype=dtype, rngs=rngs) for b in widths])
         self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        for layer, norm in zip(self.layers, self.norms):
+        for layer, norm in zip(self.layers, self.norms, strict=True):
             x = jax.nn.relu(_apply(norm, layer(x)))
         return self.head(x).astype(jnp.float32)
 
@@ -198,9 +196,7 @@ def resnet2d(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
 
 def resnet1d(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
     """The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
-    return ResNet(
-        input_shape, num_classes, widths=(32, 64, 128), kernel=5, norm=norm, dtype=dtype, rngs=rngs
-    )
+    return ResNet(input_shape, num_classes, widths=(32, 64, 128), kernel=5, norm=norm, dtype=dtype, rngs=rngs)
 
 
 def mlp(input_shape, num_classes, *, norm="sn", dtype=None, rngs):

@@ -49,9 +49,7 @@ def weight_decay_mask(params: Any, exclude: Collection[str] = MIXING_LOGITS) -> 
       >>> tx = optax.adamw(1e-3, weight_decay=1e-4, mask=weight_decay_mask)
     """
     excluded = frozenset(exclude)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: _leaf_name(path) not in excluded, params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in excluded, params)
 
 
 def warmup_cosine(learning_rate: float, total_steps: int, warmup_steps: int) -> optax.Schedule:

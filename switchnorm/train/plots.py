@@ -52,10 +52,14 @@ def plot_weights_over_training(
     )
     steps = [0] + [r["step"] for r in records]
     largest = max(
-        w for r in records for layer in r["weights"].values() for kind in layer.values() for w in kind.values()
+        w
+        for r in records
+        for layer in r["weights"].values()
+        for kind in layer.values()
+        for w in kind.values()
     )
     top = min(1.0, max(0.5, largest + 0.1))
-    for ax, layer in zip(axes.flat, layers):
+    for ax, layer in zip(axes.flat, layers, strict=True):
         for name in names:
             uniform = 1.0 / len(records[-1]["weights"][layer]["mean"])
             for kind, style in (("mean", "-"), ("var", "--")):
@@ -64,7 +68,7 @@ def plot_weights_over_training(
         ax.set_title(layer, fontsize=10)
         ax.grid(alpha=0.3)
         ax.set_ylim(0, top)
-    for ax in axes.flat[len(layers):]:
+    for ax in axes.flat[len(layers) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
@@ -106,7 +110,7 @@ def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") 
                 edgecolor="white",
                 linewidth=0.6,
             )
-            bottom = [b + v for b, v in zip(bottom, values)]
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=9)
     ax.set_ylabel("softmax weight")
@@ -115,7 +119,9 @@ def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") 
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS.get(n), label=LABELS.get(n, n)) for n in names]
     handles += [
         plt.Rectangle((0, 0), 1, 1, facecolor="lightgray", label="left bar: mean"),
-        plt.Rectangle((0, 0), 1, 1, facecolor="lightgray", hatch="//", edgecolor="dimgray", label="right bar: variance"),
+        plt.Rectangle(
+            (0, 0), 1, 1, facecolor="lightgray", hatch="//", edgecolor="dimgray", label="right bar: variance"
+        ),
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     ax.set_title(title or "Final SwitchNorm mixing weights per layer", fontsize=12)

@@ -119,9 +119,7 @@ def _flatten(tree: Any) -> tuple[dict[str, np.ndarray], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     flat = {}
     for path, leaf in leaves:
-        name = ".".join(
-            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
-        )
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
         flat[name] = np.asarray(leaf)
     return flat, treedef
 
@@ -162,7 +160,9 @@ def save_checkpoint(path: Path, step: int, state: Any, epoch: int, max_to_keep: 
     if jax.process_index() != 0:  # multi-process run: orbax synced the save; one manifest writer
         return
     (path / MANIFESTS).mkdir(exist_ok=True)
-    _atomic_write(path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(path / CHECKPOINTS / str(step))))
+    _atomic_write(
+        path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(path / CHECKPOINTS / str(step)))
+    )
     for manifest in (path / MANIFESTS).glob("*.json"):  # of checkpoints orbax has deleted
         if manifest.stem.isdigit() and int(manifest.stem) not in kept:
             manifest.unlink()
