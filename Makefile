@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-quick lint wheel-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ demo: $(STAMP)
 ## Run the test suite.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## The suite without the slow subprocess tests (training runs, multi-device checks).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+## Build the wheel, install it into a clean venv and import it there: packaging mistakes fail here.
+wheel-check: $(STAMP)
+	rm -rf build/wheel build/wheel-venv
+	$(PY) -m pip wheel -q --no-deps -w build/wheel .
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install -q build/wheel/switchnorm-*.whl
+	cd build && wheel-venv/bin/python -c "import switchnorm, importlib.resources as r; assert r.files('switchnorm').joinpath('py.typed').is_file(); print('wheel ok: switchnorm', switchnorm.__version__, switchnorm.__file__)"
+
+## Lint gate: ruff's checks and its formatter must both pass.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 ## Layer benchmark (see README, Performance).
 bench: $(STAMP)

@@ -18,12 +18,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from checkpoint_files import final_arrays
+
 from switchnorm.train import rundir
 
-ARGS = ["train", "--dataset", "synthetic", "--epochs", "3", "--batch-size", "64",
-        "--eval-every", "1", "--quiet"]
+ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "64",
+    "--eval-every",
+    "1",
+    "--quiet",
+]
 STEPS_PER_EPOCH = 512 // 64
 
 KILLER = """
@@ -46,6 +56,8 @@ else:
         return original(target, text)
     rundir._atomic_write = atomic_write
 from switchnorm.train.cli import main
+
+pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or processes
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -56,8 +68,9 @@ def train(out: Path, *extra: str, kill_at: str | None = None) -> int:
     if kill_at:
         env["SWITCHNORM_KILL_AT"] = kill_at
         command = [sys.executable, "-c", KILLER]
-    done = subprocess.run([*command, *ARGS, "--out", str(out), *extra], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, *ARGS, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=300
+    )
     if kill_at is None:
         assert done.returncode == 0, done.stderr[-3000:]
     return done.returncode

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or processes
+
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 NORMS = ["bn", "in", "ln", "gn", "sn"]  # sn: all four with random logits
 TOL = 1e-5
@@ -25,10 +27,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def diff():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -22,6 +22,8 @@ from flax import nnx
 
 from switchnorm.train import cli
 
+pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or processes
+
 RUN = ["--dataset", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet"]
 TOL = 1e-5
 
@@ -31,7 +33,10 @@ def switchnorm_train(*args, env=None) -> subprocess.Popen:
     env.pop("XLA_FLAGS", None)  # --devices alone must give the CPU its devices
     return subprocess.Popen(
         [sys.executable, "-m", "switchnorm", "train", *RUN, *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -75,17 +80,32 @@ def one_device(tmp_path_factory) -> Path:
     return out
 
 
-def test_two_processes_with_two_devices_each_end_with_one_device_parameters(
-    one_device, tmp_path
-):
+def test_two_processes_with_two_devices_each_end_with_one_device_parameters(one_device, tmp_path):
     out = tmp_path / "two"
     port = free_port()
-    first = switchnorm_train("--out", out, "--devices", 2,
-                             "--coordinator-address", f"localhost:{port}",
-                             "--num-processes", 2, "--process-id", 0)
-    second = switchnorm_train("--out", out, "--devices", 2, env={  # the same, from env vars
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+    first = switchnorm_train(
+        "--out",
+        out,
+        "--devices",
+        2,
+        "--coordinator-address",
+        f"localhost:{port}",
+        "--num-processes",
+        2,
+        "--process-id",
+        0,
+    )
+    second = switchnorm_train(
+        "--out",
+        out,
+        "--devices",
+        2,
+        env={  # the same, from env vars
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": "1",
+        },
+    )
     for code, _, err in finish(first, second):
         assert code == 0, err[-3000:]
 
@@ -100,10 +120,13 @@ def test_two_processes_with_two_devices_each_end_with_one_device_parameters(
     assert records[-1]["test_accuracy"] == reference[-1]["test_accuracy"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--devices", "3"], "batch_size=32 must be a multiple of the 3 devices"),
-    (["--num-processes", "2"], "missing ['coordinator_address', 'process_id']"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--devices", "3"], "batch_size=32 must be a multiple of the 3 devices"),
+        (["--num-processes", "2"], "missing ['coordinator_address', 'process_id']"),
+    ],
+)
 def test_bad_scaling_flags_get_one_line_and_status_2(tmp_path, flags, message):
     [(code, _, err)] = finish(switchnorm_train("--out", tmp_path / "run", *flags))
     assert code == 2

@@ -8,11 +8,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-
+import pytest
 from checkpoint_files import final_arrays
+
 from switchnorm.train import rundir
 
-ARGS = ["train", "--dataset", "synthetic", "--epochs", "8", "--batch-size", "32", "--eval-every", "2", "--quiet"]
+pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or processes
+
+ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "8",
+    "--batch-size",
+    "32",
+    "--eval-every",
+    "2",
+    "--quiet",
+]
 STEPS_PER_EPOCH = 512 // 32
 
 
