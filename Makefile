@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint wheel-check bench clean
+.PHONY: demo test test-quick lint wheel-check docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ wheel-check: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+## HTML API reference from the docstrings: build/docs/index.html (installs pdoc, the `docs` extra).
+docs: $(STAMP)
+	$(PY) -c "import pdoc" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
+	rm -rf build/docs
+	$(PY) -W "ignore:Error parsing type annotation" -m pdoc --docformat google --no-search \
+		-o build/docs switchnorm switchnorm.train
+	@echo "API reference: build/docs/index.html"
 
 ## Layer benchmark (see README, Performance).
 bench: $(STAMP)
