@@ -111,7 +111,8 @@ def test_in_and_gn_are_refused_on_dense_features():
         build_model("mlp", (8,), 4, norm="gn")
 
 
-def test_linen_model_trains_through_the_adapter(synthetic):
+def _linen_net():
+    """A Linen MLP with a SwitchNorm (bn + ln) layer, as users write one."""
     import flax.linen as nn
 
     from switchnorm import linen as snn
@@ -123,11 +124,34 @@ def test_linen_model_trains_through_the_adapter(synthetic):
             x = nn.relu(snn.SwitchNorm(use_running_average=use_running_average)(x))
             return nn.Dense(4)(x)
 
-    model = LinenAdapter(Net(), jnp.zeros((1, 8)))
+    return Net()
+
+
+def test_linen_model_trains_through_the_adapter(synthetic):
+    model = LinenAdapter(_linen_net(), jnp.zeros((1, 8)))
     trainer = Trainer(model, TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2), synthetic)
     state, record = trainer.fit()
     assert record["test_accuracy"] > 0.6
     assert list(record["weights"]) == ["inner/SwitchNorm_0"]
+
+
+def test_linen_adapter_evaluates_with_the_running_averages(synthetic):
+    net = _linen_net()
+    trainer = Trainer(LinenAdapter(net, jnp.zeros((1, 8))), TrainConfig(epochs=1, batch_size=64), synthetic)
+    state, _ = trainer.fit()
+    evaluated = trainer.model_at(state)
+    params = nnx.to_pure_dict(nnx.state(evaluated.inner, nnx.Param))
+    stats = nnx.to_pure_dict(nnx.state(evaluated.inner, nnx.BatchStat))
+    assert float(np.abs(stats["SwitchNorm_0"]["mean"]).max()) > 0  # training moved them
+
+    x = synthetic.x_test[:8]
+    # Flax's own eval-mode call on the trained variables is the reference.
+    expected = net.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+    np.testing.assert_allclose(evaluated(x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(evaluated(x[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+    # ...and evaluating leaves the running averages where training left them.
+    after = nnx.to_pure_dict(nnx.state(evaluated.inner, nnx.BatchStat))
+    assert jax.tree.all(jax.tree.map(np.array_equal, after, stats))
 
 
 def test_bfloat16_models_keep_float32_parameters_and_statistics():
