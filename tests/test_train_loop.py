@@ -55,6 +55,20 @@ def test_eval_runs_in_eval_mode_with_running_averages(synthetic):
     assert np.allclose(evaluated(x)[:1], alone, atol=1e-6)
 
 
+def test_a_sharding_plan_changes_where_arrays_live_not_the_result(synthetic):
+    from switchnorm.train.distributed import DataParallel
+
+    config = TrainConfig(epochs=1, batch_size=128)
+    build = lambda: build_model("mlp", synthetic.input_shape, synthetic.num_classes, norm="sn")  # noqa: E731
+    plain_state, plain = Trainer(build(), config, synthetic).fit()
+    planned = Trainer(build(), config, synthetic, plan=DataParallel(devices=1))
+    state, record = planned.fit()
+    assert state.params["head"]["kernel"].sharding == planned.plan.replicated
+    assert record["test_loss"] == plain["test_loss"] and record["train_loss"] == plain["train_loss"]
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_weight_decay_mask_excludes_exactly_the_mixing_logits(synthetic):
     model = build_model("mlp", (8,), 4, norm="sn")
     params = nnx.state(model, nnx.Param)

@@ -12,6 +12,7 @@ from switchnorm.train.data import DATASETS, Dataset, load_dataset
 from switchnorm.train.loop import (
     Callback,
     LinenAdapter,
+    ShardingPlan,
     TrainConfig,
     Trainer,
     TrainState,
@@ -37,6 +38,7 @@ __all__ = [
     "Callback",
     "Dataset",
     "LinenAdapter",
+    "ShardingPlan",
     "TrainConfig",
     "TrainState",
     "Trainer",
