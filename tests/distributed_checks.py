@@ -3,10 +3,13 @@
 JAX fixes its device count when it first initializes, and the other test files
 share the pytest process with one CPU device. So ``test_distributed.py`` starts
 this script once with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``;
-the script runs every scenario on the same 8 CPU devices and prints one JSON
-object ``{scenario: largest absolute difference}`` on its last line. Each
-scenario compares a distributed computation with the single-device result it
-must reproduce, on the same global batch:
+the script runs every scenario on the same 8 CPU devices. Each scenario
+(``jit/bn``, ``pmap/sn``, ``groups``, ...) reports itself on stdout as one JSON
+line as soon as it ends, either ``{"scenario": name, "results": {comparison:
+largest absolute difference}}`` or ``{"scenario": name, "error": traceback}``,
+so one scenario that raises fails only the tests that read it. Each comparison
+sets a distributed computation against the single-device result it must
+reproduce, on the same global batch:
 
 * ``jit/...``: plain ``jax.jit`` on a batch sharded over a ``Mesh`` with
   ``NamedSharding``; XLA inserts the collectives, the layer has no axis_name.
@@ -15,16 +18,20 @@ must reproduce, on the same global batch:
 * ``pmap/...``: the same through ``jax.pmap``, including ``axis_index_groups``.
 * ``train/...``: whole SGD steps of a small conv net.
 
-Run it by hand to see the numbers:
+Run it by hand to see the numbers (arguments select scenarios by name or
+prefix, e.g. ``jit pmap/sn``):
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/distributed_checks.py``
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -47,18 +54,19 @@ CONFIGS = {  # name -> normalizers
     "sn": ("bn", "in", "ln", "gn"),
 }
 
-results: dict[str, float] = {}
+Results = dict[str, float]
+"""One scenario's comparisons: name -> largest absolute difference."""
 
 
-def record(name: str, *pairs) -> None:
-    """Stores the largest |a - b| over all pairs of array trees."""
+def largest_difference(*pairs) -> float:
+    """The largest |a - b| over all pairs of array trees."""
     worst = 0.0
     for a, b in pairs:
         for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
-            assert u.shape == v.shape, (name, u.shape, v.shape)
+            assert u.shape == v.shape, (u.shape, v.shape)
             worst = max(worst, float(np.max(np.abs(u - v))) if u.size else 0.0)
-    results[name] = worst
+    return worst
 
 
 def batch(seed: int = 0, shape=(BATCH, 5, 5, CHANNELS)) -> np.ndarray:
@@ -111,28 +119,30 @@ def functional(norm: switchnorm.SwitchNorm, **kwargs):
 # --------------------------------------------------------------------------
 
 
-def check_jit(mesh: Mesh) -> None:
+def check_jit(mesh: Mesh, name: str) -> Results:
+    normalizers = CONFIGS[name]
     x = batch()
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     x_sharded = jax.device_put(x, data)
     assert len(x_sharded.sharding.device_set) == DEVICES
-    for name, normalizers in CONFIGS.items():
-        norm = layer(normalizers)
-        graphdef, state = nnx.split(norm)
-        step = jax.jit(forward, static_argnums=0)
-        y1, s1 = step(graphdef, state, jax.device_put(x, jax.devices()[0]))
-        y8, s8 = step(graphdef, jax.device_put(state, replicated), x_sharded)
-        assert y8.sharding.is_equivalent_to(data, y8.ndim), y8.sharding
-        if "bn" in normalizers:  # XLA must have inserted a cross-device reduction
-            hlo = step.lower(graphdef, jax.device_put(state, replicated), x_sharded).compile().as_text()
-            assert "all-reduce" in hlo
-        record(f"jit/nnx/{name}/output", (y1, y8))
-        if "bn" in normalizers:
-            record(f"jit/nnx/{name}/running_stats", ((s1["mean"], s1["var"]), (s8["mean"], s8["var"])))
-        f = jax.jit(functional(norm))
-        (y1, b1), (y8, b8) = f(x), f(x_sharded)
-        record(f"jit/functional/{name}/output", (y1, y8), (b1, b8))
+    norm = layer(normalizers)
+    graphdef, state = nnx.split(norm)
+    step = jax.jit(forward, static_argnums=0)
+    y1, s1 = step(graphdef, state, jax.device_put(x, jax.devices()[0]))
+    y8, s8 = step(graphdef, jax.device_put(state, replicated), x_sharded)
+    assert y8.sharding.is_equivalent_to(data, y8.ndim), y8.sharding
+    results = {f"jit/nnx/{name}/output": largest_difference((y1, y8))}
+    if "bn" in normalizers:  # XLA must have inserted a cross-device reduction
+        hlo = step.lower(graphdef, jax.device_put(state, replicated), x_sharded).compile().as_text()
+        assert "all-reduce" in hlo
+        results[f"jit/nnx/{name}/running_stats"] = largest_difference(
+            ((s1["mean"], s1["var"]), (s8["mean"], s8["var"]))
+        )
+    f = jax.jit(functional(norm))
+    (y1, b1), (y8, b8) = f(x), f(x_sharded)
+    results[f"jit/functional/{name}/output"] = largest_difference((y1, y8), (b1, b8))
+    return results
 
 
 # --------------------------------------------------------------------------
@@ -140,58 +150,69 @@ def check_jit(mesh: Mesh) -> None:
 # --------------------------------------------------------------------------
 
 
-def check_shard_map(mesh: Mesh) -> None:
+def _shard_map_without_axis_name(mesh: Mesh, name: str, x: np.ndarray) -> Results:
+    """Each shard normalized on its own: equal to the layer applied to each shard."""
+    norm = layer(CONFIGS[name])
+    full = jax.jit(functional(norm))
+    y_full, b_full = full(x)
+    local = jax.jit(
+        jax.shard_map(functional(norm), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P("data")))
+    )
+    y, b = local(x)
+    per_shard = [full(s) for s in x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])]
+    results = {}
+    if name == "bn":  # proves the comparison below can tell the two apart
+        results["shard_map/no_axis_name/bn/gap_to_full_batch"] = largest_difference((y_full, y))
+    results[f"shard_map/no_axis_name/{name}/output"] = largest_difference(
+        (np.concatenate([p[0] for p in per_shard]), y)
+    )
+    if b_full is not None:
+        results[f"shard_map/no_axis_name/{name}/batch_stats"] = largest_difference(
+            (np.stack([p[1].mean for p in per_shard]), np.asarray(b.mean).reshape(DEVICES, -1)),
+            (np.stack([p[1].var for p in per_shard]), np.asarray(b.var).reshape(DEVICES, -1)),
+        )
+    return results
+
+
+def _shard_map_nnx(mesh: Mesh, name: str, x: np.ndarray, y_full: jax.Array) -> Results:
+    """The NNX module under shard_map with axis_name: state replicated in and out."""
+    normalizers = CONFIGS[name]
+    graphdef, state = nnx.split(layer(normalizers, axis_name="data"))
+    y, new_state = jax.jit(
+        jax.shard_map(
+            lambda s, x, g=graphdef: forward(g, s, x),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=(P("data"), P()),
+        )
+    )(state, x)
+    _, ref_state = jax.jit(forward, static_argnums=0)(*nnx.split(layer(normalizers)), x)
+    results = {f"shard_map/axis_name/nnx/{name}/output": largest_difference((y_full, y))}
+    if "bn" in normalizers:
+        results[f"shard_map/axis_name/nnx/{name}/running_stats"] = largest_difference(
+            ((ref_state["mean"], ref_state["var"]), (new_state["mean"], new_state["var"]))
+        )
+    return results
+
+
+def check_shard_map(mesh: Mesh, name: str) -> Results:
     x = batch(1)
-    shards = x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])
-    for name, normalizers in CONFIGS.items():
-        norm = layer(normalizers)
-        full = jax.jit(functional(norm))
-        y_full, b_full = full(x)
-
-        synced = jax.jit(
-            jax.shard_map(
-                functional(norm, axis_name="data"), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())
-            )
+    norm = layer(CONFIGS[name])
+    y_full, b_full = jax.jit(functional(norm))(x)
+    synced = jax.jit(
+        jax.shard_map(
+            functional(norm, axis_name="data"), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())
         )
-        y, b = synced(x)
-        record(f"shard_map/axis_name/{name}/output", (y_full, y), (b_full, b))
-
-        local = jax.jit(
-            jax.shard_map(functional(norm), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P("data")))
-        )
-        y, b = local(x)
-        per_shard = [full(s) for s in shards]
-        if name == "bn":  # proves the comparison below can tell the two apart
-            record("shard_map/no_axis_name/bn/gap_to_full_batch", (y_full, y))
-        record(f"shard_map/no_axis_name/{name}/output", (np.concatenate([p[0] for p in per_shard]), y))
-        if b_full is not None:
-            record(
-                f"shard_map/no_axis_name/{name}/batch_stats",
-                (np.stack([p[1].mean for p in per_shard]), np.asarray(b.mean).reshape(DEVICES, -1)),
-                (np.stack([p[1].var for p in per_shard]), np.asarray(b.var).reshape(DEVICES, -1)),
-            )
-
-        # The NNX module under shard_map: state replicated in and out.
-        sync_norm = layer(normalizers, axis_name="data")
-        graphdef, state = nnx.split(sync_norm)
-        y, new_state = jax.jit(
-            jax.shard_map(
-                lambda s, x, g=graphdef: forward(g, s, x),
-                mesh=mesh,
-                in_specs=(P(), P("data")),
-                out_specs=(P("data"), P()),
-            )
-        )(state, x)
-        _, ref_state = jax.jit(forward, static_argnums=0)(*nnx.split(layer(normalizers)), x)
-        record(f"shard_map/axis_name/nnx/{name}/output", (y_full, y))
-        if "bn" in normalizers:
-            record(
-                f"shard_map/axis_name/nnx/{name}/running_stats",
-                ((ref_state["mean"], ref_state["var"]), (new_state["mean"], new_state["var"])),
-            )
+    )
+    y, b = synced(x)
+    return {
+        f"shard_map/axis_name/{name}/output": largest_difference((y_full, y), (b_full, b)),
+        **_shard_map_without_axis_name(mesh, name, x),
+        **_shard_map_nnx(mesh, name, x, y_full),
+    }
 
 
-def check_groups(mesh2d: Mesh) -> None:
+def check_groups(mesh2d: Mesh) -> Results:
     """Sync BN within groups of 4 devices: 2-D mesh under shard_map, groups under pmap.
 
     ``shard_map`` does not implement ``axis_index_groups`` (JAX raises
@@ -212,30 +233,32 @@ def check_groups(mesh2d: Mesh) -> None:
         )
     )
     y, _ = f(x)
-    record("shard_map/2d_mesh_groups/sn/output", (expected, y))
+    results = {"shard_map/2d_mesh_groups/sn/output": largest_difference((expected, y))}
 
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     g = jax.pmap(
         lambda s: functional(norm, axis_name="data", axis_index_groups=groups)(s)[0], axis_name="data"
     )
     y = g(x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:]))
-    record("pmap/axis_index_groups/sn/output", (expected, np.asarray(y).reshape(x.shape)))
+    results["pmap/axis_index_groups/sn/output"] = largest_difference(
+        (expected, np.asarray(y).reshape(x.shape))
+    )
+    return results
 
 
-def check_pmap() -> None:
+def check_pmap(name: str) -> Results:
     x = batch(3)
     shards = x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])
-    for name, normalizers in CONFIGS.items():
-        norm = layer(normalizers)
-        y_full, b_full = jax.jit(functional(norm))(x)
-        y, b = jax.pmap(functional(norm, axis_name="data"), axis_name="data")(shards)
-        pairs = [(y_full, np.asarray(y).reshape(x.shape))]
-        if b_full is not None:  # every device holds the same global statistics
-            pairs += [
-                (np.broadcast_to(b_full.mean, b.mean.shape), b.mean),
-                (np.broadcast_to(b_full.var, b.var.shape), b.var),
-            ]
-        record(f"pmap/axis_name/{name}/output", *pairs)
+    norm = layer(CONFIGS[name])
+    y_full, b_full = jax.jit(functional(norm))(x)
+    y, b = jax.pmap(functional(norm, axis_name="data"), axis_name="data")(shards)
+    pairs = [(y_full, np.asarray(y).reshape(x.shape))]
+    if b_full is not None:  # every device holds the same global statistics
+        pairs += [
+            (np.broadcast_to(b_full.mean, b.mean.shape), b.mean),
+            (np.broadcast_to(b_full.var, b.var.shape), b.var),
+        ]
+    return {f"pmap/axis_name/{name}/output": largest_difference(*pairs)}
 
 
 # --------------------------------------------------------------------------
@@ -295,47 +318,49 @@ def make_step(graphdef, tx, axis_name=None):
     return step
 
 
-def check_train(mesh: Mesh) -> None:
+def _three_steps(step, tx, state, images, labels):
+    """Three steps of ``step`` from ``state``: the final state and the three losses."""
+    opt_state, losses = tx.init(state.filter(nnx.Param)), []
+    for _ in range(3):
+        state, opt_state, loss = step(state, opt_state, images, labels)
+        losses.append(loss)
+    return state, losses
+
+
+def check_train(mesh: Mesh, name: str) -> Results:
     images, labels = train_data()
     tx = optax.sgd(0.1, momentum=0.9)
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
-    for name in ("bn", "sn"):
-        graphdef, state = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0)))
-        step = jax.jit(make_step(graphdef, tx))
+    graphdef, state = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0)))
+    step = jax.jit(make_step(graphdef, tx))
+    s1, l1 = _three_steps(step, tx, state, images, labels)
+    s8, l8 = _three_steps(
+        step,
+        tx,
+        jax.device_put(state, replicated),
+        jax.device_put(images, data),
+        jax.device_put(labels, data),
+    )
+    assert all(len(leaf.sharding.device_set) == DEVICES for leaf in jax.tree.leaves(s8))
 
-        def run(state, images, labels, step=step):
-            opt_state = tx.init(state.filter(nnx.Param))
-            losses = []
-            for _ in range(3):
-                state, opt_state, loss = step(state, opt_state, images, labels)
-                losses.append(loss)
-            return state, losses
-
-        s1, l1 = run(state, images, labels)
-        s8, l8 = run(
-            jax.device_put(state, replicated), jax.device_put(images, data), jax.device_put(labels, data)
+    sync_graphdef, _ = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0), axis_name="data"))
+    smap = jax.jit(
+        jax.shard_map(
+            make_step(sync_graphdef, tx, axis_name="data"),
+            mesh=mesh,
+            in_specs=(P(), P(), P("data"), P("data")),
+            out_specs=(P(), P(), P()),
         )
-        assert all(len(leaf.sharding.device_set) == DEVICES for leaf in jax.tree.leaves(s8))
-        record(f"train/jit/{name}/params_and_stats", (s1, s8), (l1, l8))
-
-        sync_graphdef, _ = nnx.split(ConvNet(CONFIGS[name], nnx.Rngs(0), axis_name="data"))
-        smap = jax.jit(
-            jax.shard_map(
-                make_step(sync_graphdef, tx, axis_name="data"),
-                mesh=mesh,
-                in_specs=(P(), P(), P("data"), P("data")),
-                out_specs=(P(), P(), P()),
-            )
-        )
-        s, opt_state, losses = state, tx.init(state.filter(nnx.Param)), []
-        for _ in range(3):
-            s, opt_state, loss = smap(s, opt_state, images, labels)
-            losses.append(loss)
-        record(f"train/shard_map/{name}/params_and_stats", (s1, s), (l1, losses))
+    )
+    s, losses = _three_steps(smap, tx, state, images, labels)
+    return {
+        f"train/jit/{name}/params_and_stats": largest_difference((s1, s8), (l1, l8)),
+        f"train/shard_map/{name}/params_and_stats": largest_difference((s1, s), (l1, losses)),
+    }
 
 
-def check_linen_jit(mesh: Mesh) -> None:
+def check_linen_jit(mesh: Mesh) -> Results:
     """The Linen module under jit with a sharded batch, running stats included."""
     x = batch(5)
     module = snn.SwitchNorm(num_groups=4)
@@ -345,7 +370,33 @@ def check_linen_jit(mesh: Mesh) -> None:
     y8, u8 = apply(
         jax.device_put(variables, NamedSharding(mesh, P())), jax.device_put(x, NamedSharding(mesh, P("data")))
     )
-    record("jit/linen/sn/output_and_running_stats", (y1, y8), (u1, u8))
+    return {"jit/linen/sn/output_and_running_stats": largest_difference((y1, y8), (u1, u8))}
+
+
+def scenarios(devices: list[jax.Device]) -> dict[str, Callable[[], Results]]:
+    """Every scenario by name, in the order they run."""
+    mesh = Mesh(np.array(devices), ("data",))
+    mesh2d = Mesh(np.array(devices).reshape(2, 4), ("group", "data"))
+    table: dict[str, Callable[[], Results]] = {}
+    for name in CONFIGS:
+        table[f"jit/{name}"] = functools.partial(check_jit, mesh, name)
+    for name in CONFIGS:
+        table[f"shard_map/{name}"] = functools.partial(check_shard_map, mesh, name)
+    table["groups"] = functools.partial(check_groups, mesh2d)
+    for name in CONFIGS:
+        table[f"pmap/{name}"] = functools.partial(check_pmap, name)
+    for name in ("bn", "sn"):
+        table[f"train/{name}"] = functools.partial(check_train, mesh, name)
+    table["linen"] = functools.partial(check_linen_jit, mesh)
+    return table
+
+
+def run(name: str, scenario: Callable[[], Results]) -> dict:
+    """One scenario's report line: its results, or the traceback of what it raised."""
+    try:
+        return {"scenario": name, "results": scenario()}
+    except Exception:  # reported by name; the other scenarios still run
+        return {"scenario": name, "error": traceback.format_exc()}
 
 
 def main() -> None:
@@ -356,24 +407,21 @@ def main() -> None:
             f"need {DEVICES} devices, got {len(devices)}; set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}"
         )
-    mesh = Mesh(np.array(devices), ("data",))
-    mesh2d = Mesh(np.array(devices).reshape(2, 4), ("group", "data"))
-    selected = sys.argv[1:] or ["jit", "shard_map", "groups", "pmap", "train", "linen"]
-    checks = {
-        "jit": lambda: check_jit(mesh),
-        "shard_map": lambda: check_shard_map(mesh),
-        "groups": lambda: check_groups(mesh2d),
-        "pmap": check_pmap,
-        "train": lambda: check_train(mesh),
-        "linen": lambda: check_linen_jit(mesh),
-    }
-    for name in selected:
-        checks[name]()
+    table = scenarios(devices)
+    wanted = sys.argv[1:]
+    failed = 0
+    for name, scenario in table.items():
+        if wanted and not any(name == w or name.startswith(w + "/") for w in wanted):
+            continue
+        report = run(name, scenario)
+        print(json.dumps(report), flush=True)  # one line each, out before the next begins
+        failed += "error" in report
+        if os.environ.get("SWITCHNORM_VERBOSE"):
+            for key, value in report.get("results", {}).items():
+                print(f"{value:10.3g}  {key}", file=sys.stderr)
     if os.environ.get("SWITCHNORM_VERBOSE"):
-        for key, value in results.items():
-            print(f"{value:10.3g}  {key}", file=sys.stderr)
         print(f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print(json.dumps(results))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

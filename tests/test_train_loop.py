@@ -55,6 +55,20 @@ def test_eval_runs_in_eval_mode_with_running_averages(synthetic):
     assert np.allclose(evaluated(x)[:1], alone, atol=1e-6)
 
 
+def test_a_sharding_plan_changes_where_arrays_live_not_the_result(synthetic):
+    from switchnorm.train.distributed import DataParallel
+
+    config = TrainConfig(epochs=1, batch_size=128)
+    build = lambda: build_model("mlp", synthetic.input_shape, synthetic.num_classes, norm="sn")  # noqa: E731
+    plain_state, plain = Trainer(build(), config, synthetic).fit()
+    planned = Trainer(build(), config, synthetic, plan=DataParallel(devices=1))
+    state, record = planned.fit()
+    assert state.params["head"]["kernel"].sharding == planned.plan.replicated
+    assert record["test_loss"] == plain["test_loss"] and record["train_loss"] == plain["train_loss"]
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_weight_decay_mask_excludes_exactly_the_mixing_logits(synthetic):
     model = build_model("mlp", (8,), 4, norm="sn")
     params = nnx.state(model, nnx.Param)
@@ -111,7 +125,8 @@ def test_in_and_gn_are_refused_on_dense_features():
         build_model("mlp", (8,), 4, norm="gn")
 
 
-def test_linen_model_trains_through_the_adapter(synthetic):
+def _linen_net():
+    """A Linen MLP with a SwitchNorm (bn + ln) layer, as users write one."""
     import flax.linen as nn
 
     from switchnorm import linen as snn
@@ -123,11 +138,34 @@ def test_linen_model_trains_through_the_adapter(synthetic):
             x = nn.relu(snn.SwitchNorm(use_running_average=use_running_average)(x))
             return nn.Dense(4)(x)
 
-    model = LinenAdapter(Net(), jnp.zeros((1, 8)))
+    return Net()
+
+
+def test_linen_model_trains_through_the_adapter(synthetic):
+    model = LinenAdapter(_linen_net(), jnp.zeros((1, 8)))
     trainer = Trainer(model, TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2), synthetic)
     state, record = trainer.fit()
     assert record["test_accuracy"] > 0.6
     assert list(record["weights"]) == ["inner/SwitchNorm_0"]
+
+
+def test_linen_adapter_evaluates_with_the_running_averages(synthetic):
+    net = _linen_net()
+    trainer = Trainer(LinenAdapter(net, jnp.zeros((1, 8))), TrainConfig(epochs=1, batch_size=64), synthetic)
+    state, _ = trainer.fit()
+    evaluated = trainer.model_at(state)
+    params = nnx.to_pure_dict(nnx.state(evaluated.inner, nnx.Param))
+    stats = nnx.to_pure_dict(nnx.state(evaluated.inner, nnx.BatchStat))
+    assert float(np.abs(stats["SwitchNorm_0"]["mean"]).max()) > 0  # training moved them
+
+    x = synthetic.x_test[:8]
+    # Flax's own eval-mode call on the trained variables is the reference.
+    expected = net.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+    np.testing.assert_allclose(evaluated(x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(evaluated(x[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+    # ...and evaluating leaves the running averages where training left them.
+    after = nnx.to_pure_dict(nnx.state(evaluated.inner, nnx.BatchStat))
+    assert jax.tree.all(jax.tree.map(np.array_equal, after, stats))
 
 
 def test_bfloat16_models_keep_float32_parameters_and_statistics():

@@ -5,13 +5,14 @@ matplotlib and tqdm are imported when a function needs them (install them with
 ``pip install switchnorm[train]``). The layer never imports this package.
 
     >>> from switchnorm.train import Trainer, TrainConfig, load_dataset, build_model
-    >>> from switchnorm.train import weight_decay_mask, WeightHistory
+    >>> from switchnorm.train import weight_decay_mask, param_labels, WeightHistory
 """
 
 from switchnorm.train.data import DATASETS, Dataset, load_dataset
 from switchnorm.train.loop import (
     Callback,
     LinenAdapter,
+    ShardingPlan,
     TrainConfig,
     Trainer,
     TrainState,
@@ -24,6 +25,7 @@ from switchnorm.train.models import MODELS, NORMS, build_model
 from switchnorm.train.optim import (
     MIXING_LOGITS,
     make_optimizer,
+    param_labels,
     warmup_cosine,
     weight_decay_mask,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "Callback",
     "Dataset",
     "LinenAdapter",
+    "ShardingPlan",
     "TrainConfig",
     "TrainState",
     "Trainer",
@@ -46,6 +49,7 @@ __all__ = [
     "make_optimizer",
     "make_tx",
     "model_weights",
+    "param_labels",
     "warmup_cosine",
     "weight_decay_mask",
 ]

@@ -5,7 +5,9 @@ and each global batch is split along that axis. The train step stays a plain
 ``jax.jit``: XLA sees a batch sharded with ``NamedSharding`` and inserts the
 collectives itself, so the bn statistics of every SwitchNorm layer span the
 whole global batch and the result does not depend on the number of devices
-(up to the order of float32 reductions). No model code changes.
+(up to the order of float32 reductions). No model code changes, and no
+trainer subclass: :class:`DataParallel` is the sharding plan the ordinary
+:class:`~switchnorm.train.loop.Trainer` takes (:func:`make_trainer`).
 
 Several processes (hosts) join with :func:`initialize` (``jax.distributed``).
 Every process builds the same data order from the seed, takes its own
@@ -20,12 +22,12 @@ Example::
     >>> parallel = distributed.DataParallel(devices=None)   # all local devices
     >>> parallel.num_devices >= 1
     True
+    >>> # trainer = Trainer(model, config, dataset, plan=parallel)  # or make_trainer(...)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -177,7 +179,7 @@ def mesh_devices(devices: int | None = None) -> list[jax.Device]:
 
 
 class DataParallel:
-    """A ``("data",)`` mesh and the two placements the loop needs.
+    """A ``("data",)`` mesh and the two placements the loop needs: a ``loop.ShardingPlan``.
 
     * :meth:`replicate`: the same array on every device (model and optimizer state).
     * :meth:`shard`: a global batch split along its first axis; each process
@@ -247,43 +249,14 @@ class DataParallel:
         )
 
 
-class DataParallelTrainer(loop.Trainer):
-    """:class:`~switchnorm.train.loop.Trainer` on a device mesh, one or many processes.
-
-    Same steps, same results: the state is replicated, every train and eval
-    batch is sharded over the mesh, and the jitted steps are unchanged, so bn
-    statistics span the global batch. ``config.batch_size`` is the global batch
-    and must be a multiple of the device count.
-
-    Args:
-      model, config, dataset, tx: as for ``Trainer``.
-      parallel: a :class:`DataParallel` (default: all local devices).
-    """
-
-    def __init__(self, model, config, dataset, tx=None, parallel: DataParallel | None = None):
-        self.parallel = parallel or DataParallel()
-        self.parallel.check_batch_size(config.batch_size)
-        super().__init__(model, config, dataset, tx)
-        self._initial = self.parallel.replicate(self._initial)
-        devices = self.parallel.num_devices
-        self.eval_batch_size = math.ceil(self.eval_batch_size / devices) * devices
-        replicated = self.parallel.replicated
-        train = jax.jit(self._train_step_impl, out_shardings=replicated)
-        evaluate = jax.jit(self._eval_step_impl, out_shardings=replicated)
-        shard = self.parallel.shard
-        self._train_step = lambda state, x, y: train(state, shard(x), shard(y))
-        self._eval_step = lambda state, x, y, valid: evaluate(state, shard(x), shard(y), shard(valid))
-
-    def fit(self, state=None, start_epoch: int = 0, callbacks=()):
-        """As ``Trainer.fit``; a given ``state`` (e.g. restored) is replicated first."""
-        if state is not None:
-            state = self.parallel.replicate(state)
-        return super().fit(state, start_epoch, callbacks)
-
-
 def make_trainer(model, config, dataset, tx=None, devices: int | None = None) -> loop.Trainer:
-    """A :class:`DataParallelTrainer` when the mesh has several devices, else a ``Trainer``."""
+    """A :class:`~switchnorm.train.loop.Trainer` over ``devices`` local devices per process.
+
+    With several devices in all, the trainer gets a :class:`DataParallel` plan:
+    the state is replicated, every train and eval batch is sharded over the
+    mesh, and the jitted steps are the single-device ones, so bn statistics
+    span the global batch. ``config.batch_size`` is the global batch and must
+    be a multiple of the device count. With one device there is no plan.
+    """
     parallel = DataParallel(devices)
-    if parallel.num_devices == 1:
-        return loop.Trainer(model, config, dataset, tx)
-    return DataParallelTrainer(model, config, dataset, tx, parallel)
+    return loop.Trainer(model, config, dataset, tx, plan=parallel if parallel.num_devices > 1 else None)

@@ -1,8 +1,12 @@
 """A reusable training loop for NNX models: jitted steps, eval in eval mode, hooks.
 
 The loop splits the model once into a static graph and pure pytrees
-(parameters, other state such as running averages, optimizer state) and runs
-two jitted functions on them: ``train_step`` and ``eval_step``. Everything it
+(parameters, other state such as running averages, optimizer state) and jits
+two pure module-level functions once: :func:`train_step` and :func:`eval_step`,
+with the graph and the optimizer bound. On several devices the same functions
+run under a sharding plan (:class:`ShardingPlan`,
+:class:`switchnorm.train.distributed.DataParallel`) that only decides where
+their inputs and outputs live. Everything it
 needs to continue arrives in a :class:`TrainState`, so a checkpoint of that
 state plus the epoch number resumes a run exactly: the data order is a
 function of (seed, epoch) alone (:func:`switchnorm.train.data.epoch_order`).
@@ -22,8 +26,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +172,78 @@ def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainS
     return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
 
 
+# -- the two pure step functions ---------------------------------------------------------
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+    batch: tuple[jax.Array, jax.Array],
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One optimizer step on ``batch = (x, y)``: the new state, the batch's mean loss and accuracy.
+
+    ``graphdef`` is the model's static graph in training mode (batch statistics,
+    running averages updated); it and ``tx`` are bound before ``jax.jit``, so
+    only ``state`` and ``batch`` are traced.
+    """
+    x, y = batch
+    model = nnx.merge(graphdef, state.params, state.rest)
+
+    def loss_fn(model):
+        logits = model(x)
+        return cross_entropy(logits, y).mean(), logits
+
+    # nnx.value_and_grad, not jax's: it lets the layers update their
+    # running averages in place while differentiating w.r.t. nnx.Param.
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    accuracy = (logits.argmax(-1) == y).mean()
+    return TrainState(state.step + 1, params, rest, opt_state), loss, accuracy
+
+
+def eval_step(
+    graphdef: nnx.GraphDef, state: TrainState, batch: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, number correct) over the rows of ``batch = (x, y, valid)`` where ``valid``.
+
+    ``graphdef`` is the model's graph in eval mode (running averages); the
+    ``valid`` mask lets the last, padded batch keep the shape of the others.
+    """
+    x, y, valid = batch
+    logits = nnx.merge(graphdef, state.params, state.rest)(x)
+    loss = jnp.where(valid, cross_entropy(logits, y), 0.0).sum()
+    correct = jnp.where(valid, logits.argmax(-1) == y, False).sum()
+    return loss, correct
+
+
+class ShardingPlan(Protocol):
+    """Where a :class:`Trainer` puts its arrays when it spans several devices.
+
+    :class:`switchnorm.train.distributed.DataParallel` is the one this package
+    provides: the state replicated over a device mesh, every batch split along
+    its first axis.
+    """
+
+    num_devices: int
+    replicated: jax.sharding.Sharding  # where the steps' outputs live
+
+    def check_batch_size(self, batch_size: int) -> None: ...
+
+    def shard(self, global_batch: Any) -> jax.Array: ...
+
+    def replicate(self, tree: Any) -> Any: ...
+
+
+def _check_batch_size(batch_size: int, num_train: int) -> None:
+    if not 1 <= batch_size <= num_train:
+        raise ValueError(
+            f"batch_size must be between 1 and the training set's size {num_train}, got {batch_size}."
+        )
+
+
 class Trainer:
     """Trains an NNX classifier on a :class:`~switchnorm.train.data.Dataset`.
 
@@ -177,6 +255,10 @@ class Trainer:
       dataset: the data.
       tx: an optax transformation; by default ``optim.make_optimizer`` from the
         config, with the weight-decay mask that spares the mixing logits.
+      plan: a :class:`ShardingPlan` to spread every step over several devices
+        (``config.batch_size`` is then the global batch); None: one device.
+        The step functions are the same either way; only where their inputs
+        and outputs live differs.
     """
 
     def __init__(
@@ -185,15 +267,15 @@ class Trainer:
         config: TrainConfig,
         dataset: data_lib.Dataset,
         tx: optax.GradientTransformation | None = None,
+        plan: ShardingPlan | None = None,
     ):
-        if not 1 <= config.batch_size <= len(dataset.x_train):
-            raise ValueError(
-                f"batch_size must be between 1 and the training set's size "
-                f"{len(dataset.x_train)}, got {config.batch_size}."
-            )
+        if plan is not None:
+            plan.check_batch_size(config.batch_size)
+        _check_batch_size(config.batch_size, len(dataset.x_train))
         self.model = model
         self.config = config
         self.dataset = dataset
+        self.plan = plan
         self.steps_per_epoch = data_lib.steps_per_epoch(len(dataset.x_train), config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.tx = tx if tx is not None else make_tx(config, self.steps_per_epoch)
@@ -202,35 +284,21 @@ class Trainer:
         self.eval_graph = nnx.graphdef(model)
         model.train()
         self.train_graph = nnx.graphdef(model)
-        self._initial = initial_state(model, self.tx)
-        self.eval_batch_size = min(1000, len(dataset.x_test))
-        self._train_step = jax.jit(self._train_step_impl)
-        self._eval_step = jax.jit(self._eval_step_impl)
+        self._initial = self._place_state(initial_state(model, self.tx))
+        devices = 1 if plan is None else plan.num_devices
+        # One eval shape for every batch, split evenly over the devices.
+        self.eval_batch_size = math.ceil(min(1000, len(dataset.x_test)) / devices) * devices
+        outputs = {} if plan is None else {"out_shardings": plan.replicated}
+        self._train_step = jax.jit(functools.partial(train_step, self.train_graph, tx=self.tx), **outputs)
+        self._eval_step = jax.jit(functools.partial(eval_step, self.eval_graph), **outputs)
 
-    # -- the two jitted functions -------------------------------------------------
+    def _place_state(self, state: TrainState) -> TrainState:
+        """``state`` where the steps expect it: replicated under a plan, as is otherwise."""
+        return state if self.plan is None else self.plan.replicate(state)
 
-    def _train_step_impl(self, state: TrainState, x: jax.Array, y: jax.Array):
-        model = nnx.merge(self.train_graph, state.params, state.rest)
-
-        def loss_fn(model):
-            logits = model(x)
-            return cross_entropy(logits, y).mean(), logits
-
-        # nnx.value_and_grad, not jax's: it lets the layers update their
-        # running averages in place while differentiating w.r.t. nnx.Param.
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        updates, opt_state = self.tx.update(grads, state.opt_state, params)
-        params = optax.apply_updates(params, updates)
-        accuracy = (logits.argmax(-1) == y).mean()
-        return TrainState(state.step + 1, params, rest, opt_state), loss, accuracy
-
-    def _eval_step_impl(self, state: TrainState, x: jax.Array, y: jax.Array, valid: jax.Array):
-        model = nnx.merge(self.eval_graph, state.params, state.rest)
-        logits = model(x)
-        loss = jnp.where(valid, cross_entropy(logits, y), 0.0).sum()
-        correct = jnp.where(valid, logits.argmax(-1) == y, False).sum()
-        return loss, correct
+    def _place_batch(self, *arrays: Any) -> tuple[Any, ...]:
+        """The arrays of one batch, split over the plan's devices (as is without a plan)."""
+        return arrays if self.plan is None else tuple(self.plan.shard(a) for a in arrays)
 
     # -- public API -----------------------------------------------------------------
 
@@ -240,7 +308,7 @@ class Trainer:
 
     def train_step(self, state: TrainState, x: Any, y: Any) -> tuple[TrainState, float, float]:
         """One jitted optimizer step; returns the new state, the batch's loss and accuracy."""
-        state, loss, accuracy = self._train_step(state, x, y)
+        state, loss, accuracy = self._train_step(state, self._place_batch(x, y))
         return state, float(loss), float(accuracy)
 
     def evaluate(self, state: TrainState, x: np.ndarray | None = None, y: np.ndarray | None = None):
@@ -255,7 +323,7 @@ class Trainer:
             if n < size:  # pad to one shape: one compilation
                 xb = np.concatenate([xb, np.zeros((size - n, *xb.shape[1:]), xb.dtype)])
                 yb = np.concatenate([yb, np.zeros(size - n, yb.dtype)])
-            loss, correct = self._eval_step(state, xb, yb, np.arange(size) < n)
+            loss, correct = self._eval_step(state, self._place_batch(xb, yb, np.arange(size) < n))
             total_loss += float(loss)
             total_correct += int(correct)
         return total_loss / len(x), total_correct / len(x)
@@ -263,6 +331,31 @@ class Trainer:
     def model_at(self, state: TrainState) -> nnx.Module:
         """The model holding ``state`` (a new module; the trainer's own is untouched)."""
         return nnx.merge(self.eval_graph, state.params, state.rest)
+
+    def _train_epoch(
+        self, state: TrainState, epoch: int, callbacks: Sequence[Callback]
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """One pass over the training set; the state after it and the epoch's record."""
+        losses, accuracies = [], []
+        for x, y in data_lib.train_batches(
+            self.dataset.x_train, self.dataset.y_train, self.config.batch_size, self.config.seed, epoch
+        ):
+            state, loss, accuracy = self.train_step(state, x, y)
+            losses.append(loss)
+            accuracies.append(accuracy)
+            for callback in callbacks:
+                callback.on_step(self, int(state.step), loss, accuracy)
+        record = {
+            "epoch": epoch + 1,
+            "step": int(state.step),
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": float(np.mean(accuracies)),
+            "learning_rate": float(self.schedule(int(state.step))),
+        }
+        if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs:
+            record["test_loss"], record["test_accuracy"] = self.evaluate(state)
+        record["weights"] = model_weights(self.model_at(state))
+        return state, record
 
     def fit(
         self,
@@ -272,33 +365,15 @@ class Trainer:
     ) -> tuple[TrainState, dict[str, Any]]:
         """Trains from ``state`` (default: the initial one) at ``start_epoch`` to the end.
 
-        Returns the final state and the last epoch's record.
+        A given ``state`` (e.g. restored from a checkpoint) is first placed as
+        the plan wants it. Returns the final state and the last epoch's record.
         """
-        state = self._initial if state is None else state
-        config = self.config
+        state = self._initial if state is None else self._place_state(state)
         for callback in callbacks:
             callback.on_train_begin(self, state, start_epoch)
         record: dict[str, Any] = {}
-        for epoch in range(start_epoch, config.epochs):
-            losses, accuracies = [], []
-            for x, y in data_lib.train_batches(
-                self.dataset.x_train, self.dataset.y_train, config.batch_size, config.seed, epoch
-            ):
-                state, loss, accuracy = self.train_step(state, x, y)
-                losses.append(loss)
-                accuracies.append(accuracy)
-                for callback in callbacks:
-                    callback.on_step(self, int(state.step), loss, accuracy)
-            record = {
-                "epoch": epoch + 1,
-                "step": int(state.step),
-                "train_loss": float(np.mean(losses)),
-                "train_accuracy": float(np.mean(accuracies)),
-                "learning_rate": float(self.schedule(int(state.step))),
-            }
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                record["test_loss"], record["test_accuracy"] = self.evaluate(state)
-            record["weights"] = model_weights(self.model_at(state))
+        for epoch in range(start_epoch, self.config.epochs):
+            state, record = self._train_epoch(state, epoch, callbacks)
             for callback in callbacks:
                 callback.on_epoch_end(self, state, record)
         for callback in callbacks:

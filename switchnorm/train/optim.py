@@ -1,9 +1,13 @@
-"""Optax pieces for training SwitchNorm models: the weight-decay mask and the optimizers.
+"""Optax pieces for training SwitchNorm models: the weight-decay mask, labels and the optimizers.
 
 The mixing logits choose between normalizers; the SN paper learns them
 freely, without weight decay, which would pull every layer back towards the
 uniform blend. :func:`weight_decay_mask` builds the optax mask that leaves them
-out; :func:`make_optimizer` uses it.
+out; :func:`make_optimizer` uses it. Sparse SN (Shao et al., 2019) goes
+further and trains the logits with a tenth of the learning rate and clipped
+gradients: :func:`param_labels` tells the logits apart for
+``optax.multi_transform``, and ``make_optimizer(mixing_lr_scale=...,
+mixing_clip=...)`` builds that treatment. This module imports only jax and optax.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import optax
 
 MIXING_LOGITS = ("mean_logits", "var_logits")
 """The names of SwitchNorm's mixing-logit parameters."""
+
+MIXING = "mixing"
+REST = "rest"
+"""The two labels of :func:`param_labels`."""
 
 OPTIMIZERS = ("sgd", "adamw")
 """The choices of ``make_optimizer(name=...)``."""
@@ -52,6 +60,28 @@ def weight_decay_mask(params: Any, exclude: Collection[str] = MIXING_LOGITS) -> 
     return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in excluded, params)
 
 
+def param_labels(params: Any, mixing: Collection[str] = MIXING_LOGITS) -> Any:
+    """A pytree of labels, shaped like ``params``: ``"mixing"`` for the mixing logits, else ``"rest"``.
+
+    A leaf is a mixing logit when its own name (the last key of its path) is in
+    ``mixing``, as in :func:`weight_decay_mask`. Pass it as the ``param_labels``
+    of ``optax.multi_transform`` to give the logits their own optimizer.
+
+    Example::
+
+      >>> import jax.numpy as jnp, optax
+      >>> from switchnorm.train.optim import param_labels
+      >>> params = {"norm": {"mean_logits": jnp.zeros(4), "scale": jnp.ones(8)}}
+      >>> param_labels(params)
+      {'norm': {'mean_logits': 'mixing', 'scale': 'rest'}}
+      >>> tx = optax.multi_transform({"mixing": optax.sgd(1e-3), "rest": optax.adamw(1e-2)}, param_labels)
+    """
+    names = frozenset(mixing)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: MIXING if _leaf_name(path) in names else REST, params
+    )
+
+
 def warmup_cosine(learning_rate: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to 0."""
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
@@ -62,24 +92,10 @@ def warmup_cosine(learning_rate: float, total_steps: int, warmup_steps: int) -> 
     )
 
 
-def make_optimizer(
-    name: str,
-    schedule: optax.ScalarOrSchedule,
-    *,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    mask: Any = weight_decay_mask,
+def _base_optimizer(
+    name: str, schedule: optax.ScalarOrSchedule, momentum: float, weight_decay: float, mask: Any
 ) -> optax.GradientTransformation:
-    """SGD with Nesterov momentum or AdamW, weight decay masked by ``mask``.
-
-    Args:
-      name: "sgd" or "adamw".
-      schedule: the learning rate, a float or an optax schedule.
-      momentum: SGD's momentum, AdamW's ``b1``.
-      weight_decay: decoupled weight decay (AdamW's; for SGD added to the
-        gradient, as ``torch.optim.SGD`` does).
-      mask: which leaves weight decay touches; by default all but the mixing logits.
-    """
+    """SGD with Nesterov momentum or AdamW on ``schedule``, weight decay masked by ``mask``."""
     if name == "sgd":
         return optax.chain(
             optax.add_decayed_weights(weight_decay, mask),
@@ -88,3 +104,61 @@ def make_optimizer(
     if name == "adamw":
         return optax.adamw(schedule, b1=momentum, weight_decay=weight_decay, mask=mask)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def make_optimizer(
+    name: str,
+    schedule: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    mask: Any = weight_decay_mask,
+    mixing_lr_scale: float = 1.0,
+    mixing_clip: float | None = None,
+) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum or AdamW, weight decay masked by ``mask``.
+
+    With the defaults (``mixing_lr_scale=1``, no ``mixing_clip``) every
+    parameter shares one optimizer. Otherwise the mixing logits
+    (:func:`param_labels`) get their own, through ``optax.multi_transform``:
+    the same optimizer without weight decay, its learning rate times
+    ``mixing_lr_scale``, their gradients first clipped to a global norm of at
+    most ``mixing_clip`` (taken over all the logits together). The other
+    parameters are trained exactly as without these options.
+
+    Args:
+      name: "sgd" or "adamw".
+      schedule: the learning rate, a float or an optax schedule.
+      momentum: SGD's momentum, AdamW's ``b1``.
+      weight_decay: decoupled weight decay (AdamW's; for SGD added to the
+        gradient, as ``torch.optim.SGD`` does).
+      mask: which leaves weight decay touches; by default all but the mixing logits.
+      mixing_lr_scale: the logits' learning rate over everyone else's (Sparse
+        SN uses 0.1).
+      mixing_clip: if set, the largest global norm of the logits' gradient.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from switchnorm.train import make_optimizer
+      >>> params = {"norm": {"var_logits": jnp.zeros(2), "scale": jnp.ones(2)}}
+      >>> tx = make_optimizer("sgd", 1.0, momentum=0.0, mixing_lr_scale=0.5, mixing_clip=5.0)
+      >>> grads = {"norm": {"var_logits": jnp.array([6.0, 8.0]), "scale": jnp.ones(2)}}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> updates["norm"]["var_logits"]  # clipped to norm 5, then half the learning rate
+      Array([-1.5, -2. ], dtype=float32)
+      >>> updates["norm"]["scale"]  # the rest: as without the options
+      Array([-1., -1.], dtype=float32)
+    """
+    base = _base_optimizer(name, schedule, momentum, weight_decay, mask)
+    if mixing_lr_scale == 1.0 and mixing_clip is None:
+        return base
+    if not mixing_lr_scale > 0:
+        raise ValueError(f"mixing_lr_scale must be positive, got {mixing_lr_scale!r}.")
+    if mixing_clip is not None and not mixing_clip > 0:
+        raise ValueError(f"mixing_clip must be positive or None, got {mixing_clip!r}.")
+    clip = [] if mixing_clip is None else [optax.clip_by_global_norm(mixing_clip)]
+    logits = optax.chain(
+        *clip, _base_optimizer(name, schedule, momentum, 0.0, None), optax.scale(mixing_lr_scale)
+    )
+    return optax.multi_transform({MIXING: logits, REST: base}, param_labels)
