@@ -62,6 +62,13 @@ def _checked_radius(radius) -> None:
         )
 
 
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
 def _checked_logits(z) -> jax.Array:
     """z as an array with a floating dtype and at least one entry on the last axis."""
     z = jnp.asarray(z)
@@ -75,6 +82,24 @@ def _checked_logits(z) -> jax.Array:
             f"sparsestmax projects the last axis and needs K >= 1 entries there, got shape {z.shape}."
         )
     return z
+
+
+@jax.custom_jvp
+def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, whose derivative never forms denominator**2.
+
+    Autodiff of a division squares the denominator, which underflows for logits spread over
+    1e-30 and turns a finite derivative (of order 1 / denominator) into inf * 0 = NaN.
+    """
+    return numerator / denominator
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    numerator, denominator = primals
+    d_numerator, d_denominator = tangents
+    quotient = numerator / denominator
+    return quotient, (d_numerator - quotient * d_denominator) / denominator
 
 
 def _sparsemax_sorted(scores: jax.Array, active: jax.Array) -> jax.Array:
@@ -126,7 +151,7 @@ def _project_sorted(s: jax.Array, n: jax.Array, r2: jax.Array, beta_min: float) 
     top = s[..., :1]
     spread = top - jnp.take_along_axis(s, n[..., None] - 1, axis=-1)
     has_spread = spread > 0
-    e = jnp.where(active & has_spread, (s - top) / jnp.where(has_spread, spread, 1), 0)
+    e = jnp.where(active & has_spread, _ratio(s - top, jnp.where(has_spread, spread, 1)), 0)
     gamma, on_path = _path_scale(e, active, n, r2)
     gamma = jnp.maximum(gamma, beta_min * spread[..., 0])
     tied = active & (s == top)
@@ -134,6 +159,30 @@ def _project_sorted(s: jax.Array, n: jax.Array, r2: jax.Array, beta_min: float) 
     at_vertex = r2 >= 1 - 1 / n.astype(s.dtype)
     use_path = on_path & ~at_vertex
     return jnp.where(use_path[..., None], _sparsemax_sorted(gamma[..., None] * e, active), tied_uniform)
+
+
+@jax.jit
+def _sparsestmax(z: jax.Array, radius) -> jax.Array:
+    """The projection for K >= 2, compiled once per shape and dtype (eager calls included)."""
+    size = z.shape[-1]
+    dtype = jnp.promote_types(z.dtype, jnp.float32)
+    x = z.astype(dtype)
+    r = jnp.broadcast_to(jnp.asarray(radius, dtype), x.shape[:-1])
+    order = jnp.argsort(-x, axis=-1, stable=True)  # descending; among ties the lowest index first
+    s = jnp.take_along_axis(x, order, axis=-1)
+    top_r2 = 1 - 1 / size
+    r2 = jnp.minimum(jnp.maximum(r, 0) ** 2, top_r2)
+    weights = _project_sorted(s, jnp.full(r.shape, size), r2, 1.0)
+    # Tied maxima with the ball reaching past their face's centre: break the tie by index.
+    m = jnp.sum(s == s[..., :1], axis=-1)
+    face_r2 = 1 / m.astype(dtype) - 1 / size
+    tied = (m >= 2) & (r2 > face_r2)
+    tie_r2 = jnp.where(r2 >= top_r2, 1 - 1 / m.astype(dtype), r2 - face_r2)
+    tie_weights = _project_sorted(-order.astype(dtype), m, jnp.where(tied, tie_r2, 0), 0.0)
+    weights = jnp.where(tied[..., None], tie_weights, weights)
+    weights = jnp.take_along_axis(weights, jnp.argsort(order, axis=-1), axis=-1)
+    weights = jnp.where(jnp.isnan(r)[..., None], jnp.nan, weights)
+    return weights.astype(z.dtype)
 
 
 def sparsestmax(z: jax.Array, radius) -> jax.Array:
@@ -176,30 +225,19 @@ def sparsestmax(z: jax.Array, radius) -> jax.Array:
       [1.0, 0.0, 0.0]
 
     References:
-      Shao, Luo, et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax",
-      CVPR 2019 (https://arxiv.org/abs/1903.03793); extended in IJCV 2020.
+      Shao, Meng, Li, Zhang, Li, Wang and Luo, "SSN: Learning Sparse Switchable Normalization
+      via SparsestMax", CVPR 2019 (https://arxiv.org/abs/1903.03793); extended in IJCV 2020
+      (https://doi.org/10.1007/s11263-019-01269-y).
       Martins and Astudillo, "From Softmax to Sparsemax", ICML 2016 (https://arxiv.org/abs/1602.02068).
     """
     z = _checked_logits(z)
     _checked_radius(radius)
+    if not _broadcasts(jnp.shape(radius), z.shape[:-1]):
+        raise ValueError(
+            f"sparsestmax radius of shape {jnp.shape(radius)} does not broadcast to the batch shape "
+            f"{z.shape[:-1]} of logits {z.shape}; pass a scalar or one radius per row."
+        )
     size = z.shape[-1]
     if size == 1:  # static: the simplex is a single point
         return jnp.ones_like(z)
-    dtype = jnp.promote_types(z.dtype, jnp.float32)
-    x = z.astype(dtype)
-    r = jnp.broadcast_to(jnp.asarray(radius, dtype), x.shape[:-1])
-    order = jnp.argsort(-x, axis=-1, stable=True)  # descending; among ties the lowest index first
-    s = jnp.take_along_axis(x, order, axis=-1)
-    top_r2 = 1 - 1 / size
-    r2 = jnp.minimum(jnp.maximum(r, 0) ** 2, top_r2)
-    weights = _project_sorted(s, jnp.full(r.shape, size), r2, 1.0)
-    # Tied maxima with the ball reaching past their face's centre: break the tie by index.
-    m = jnp.sum(s == s[..., :1], axis=-1)
-    face_r2 = 1 / m.astype(dtype) - 1 / size
-    tied = (m >= 2) & (r2 > face_r2)
-    tie_r2 = jnp.where(r2 >= top_r2, 1 - 1 / m.astype(dtype), r2 - face_r2)
-    tie_weights = _project_sorted(-order.astype(dtype), m, jnp.where(tied, tie_r2, 0), 0.0)
-    weights = jnp.where(tied[..., None], tie_weights, weights)
-    weights = jnp.take_along_axis(weights, jnp.argsort(order, axis=-1), axis=-1)
-    weights = jnp.where(jnp.isnan(r)[..., None], jnp.nan, weights)
-    return weights.astype(z.dtype)
+    return _sparsestmax(z, radius)
