@@ -163,7 +163,7 @@ def _project_sorted(s: jax.Array, n: jax.Array, r2: jax.Array, beta_min: float) 
 
 @jax.jit
 def _sparsestmax(z: jax.Array, radius) -> jax.Array:
-    """The projection for K >= 2, compiled once per shape and dtype (eager calls included)."""
+    """The projection, compiled once per shape and dtype (eager calls included)."""
     size = z.shape[-1]
     dtype = jnp.promote_types(z.dtype, jnp.float32)
     x = z.astype(dtype)
@@ -237,7 +237,4 @@ def sparsestmax(z: jax.Array, radius) -> jax.Array:
             f"sparsestmax radius of shape {jnp.shape(radius)} does not broadcast to the batch shape "
             f"{z.shape[:-1]} of logits {z.shape}; pass a scalar or one radius per row."
         )
-    size = z.shape[-1]
-    if size == 1:  # static: the simplex is a single point
-        return jnp.ones_like(z)
     return _sparsestmax(z, radius)
