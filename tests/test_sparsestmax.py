@@ -144,9 +144,12 @@ def test_narrow_floats_are_computed_in_float32_and_returned_in_their_dtype(dtype
     np.testing.assert_array_equal(p, sparsestmax(z.astype(jnp.float32), 0.5).astype(dtype))
 
 
-def test_float64_stays_float64(x64):
-    assert sparsestmax(jnp.zeros((2, 3), jnp.float64), 0.1).dtype == jnp.float64
-    assert sparsestmax(jnp.zeros((2, 3), jnp.float32), 0.1).dtype == jnp.float32
+def test_float64_is_computed_and_returned_in_float64(x64):
+    z = jnp.array([1.0, 1.0 + 1e-12, 0.0])  # float32 would round the two largest into a tie
+    p = sparsestmax(z, 0.0)
+    assert p.dtype == jnp.float64
+    np.testing.assert_allclose(p[1] - p[0], 1e-12, rtol=1e-3)
+    assert sparsestmax(z.astype(jnp.float32), 0.0).dtype == jnp.float32
 
 
 @pytest.mark.parametrize(
