@@ -161,6 +161,25 @@ def _project_sorted(s: jax.Array, n: jax.Array, r2: jax.Array, beta_min: float) 
     return jnp.where(use_path[..., None], _sparsemax_sorted(gamma[..., None] * e, active), tied_uniform)
 
 
+def _descending_order(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sorted position of each entry (descending, ties to the lower index first) and its permutation
+    matrix; K x K comparisons beat a sort for the handful of entries a normalizer mix has."""
+    i = jnp.arange(x.shape[-1])
+    before = (x[..., None, :] > x[..., :, None]) | (
+        (x[..., None, :] == x[..., :, None]) & (i[None, :] < i[:, None])
+    )
+    rank = jnp.sum(before, axis=-1)  # [..., i]: how many entries sort ahead of entry i
+    to_sorted = (rank[..., :, None] == i).astype(x.dtype)  # [..., i, position]
+    order = _to_sorted_order(jnp.broadcast_to(i.astype(x.dtype), x.shape), to_sorted)
+    return order, to_sorted
+
+
+def _to_sorted_order(values: jax.Array, to_sorted: jax.Array) -> jax.Array:
+    """values permuted into sorted positions: a masked sum, not a matmul, so that no backend's
+    reduced-precision matmul (TF32 on GPUs, bfloat16 passes on TPUs) can round the logits."""
+    return jnp.sum(values[..., :, None] * to_sorted, axis=-2)
+
+
 @jax.jit
 def _sparsestmax(z: jax.Array, radius) -> jax.Array:
     """The projection, compiled once per shape and dtype (eager calls included)."""
@@ -168,8 +187,8 @@ def _sparsestmax(z: jax.Array, radius) -> jax.Array:
     dtype = jnp.promote_types(z.dtype, jnp.float32)
     x = z.astype(dtype)
     r = jnp.broadcast_to(jnp.asarray(radius, dtype), x.shape[:-1])
-    order = jnp.argsort(-x, axis=-1, stable=True)  # descending; among ties the lowest index first
-    s = jnp.take_along_axis(x, order, axis=-1)
+    order, to_sorted = _descending_order(x)
+    s = _to_sorted_order(x, to_sorted)
     top_r2 = 1 - 1 / size
     r2 = jnp.minimum(jnp.maximum(r, 0) ** 2, top_r2)
     weights = _project_sorted(s, jnp.full(r.shape, size), r2, 1.0)
@@ -178,10 +197,11 @@ def _sparsestmax(z: jax.Array, radius) -> jax.Array:
     face_r2 = 1 / m.astype(dtype) - 1 / size
     tied = (m >= 2) & (r2 > face_r2)
     tie_r2 = jnp.where(r2 >= top_r2, 1 - 1 / m.astype(dtype), r2 - face_r2)
-    tie_weights = _project_sorted(-order.astype(dtype), m, jnp.where(tied, tie_r2, 0), 0.0)
+    tie_weights = _project_sorted(-order, m, jnp.where(tied, tie_r2, 0), 0.0)
     weights = jnp.where(tied[..., None], tie_weights, weights)
-    weights = jnp.take_along_axis(weights, jnp.argsort(order, axis=-1), axis=-1)
-    weights = jnp.where(jnp.isnan(r)[..., None], jnp.nan, weights)
+    weights = jnp.sum(to_sorted * weights[..., None, :], axis=-1)  # back to the logits' order
+    undefined = jnp.isnan(r) | jnp.any(jnp.isnan(x), axis=-1)  # say so rather than return a guess
+    weights = jnp.where(undefined[..., None], jnp.nan, weights)
     return weights.astype(z.dtype)
 
 
@@ -201,7 +221,7 @@ def sparsestmax(z: jax.Array, radius) -> jax.Array:
 
     Args:
       z: logits, floating, projected along the last axis; leading axes are batch axes. Finite,
-        with a range below the dtype's largest value.
+        with a range below the dtype's largest value; a row holding NaN comes out NaN.
       radius: r >= 0, a scalar or an array broadcastable to ``z.shape[:-1]``; values above
         ``sqrt(1 - 1/K)`` act as ``sqrt(1 - 1/K)``. A traced negative radius acts as 0, a traced NaN
         radius gives NaN outputs (concrete ones raise).
@@ -210,7 +230,8 @@ def sparsestmax(z: jax.Array, radius) -> jax.Array:
       Weights of z's shape and dtype (computed in float32, or float64 for float64 input): on the
       simplex, at distance >= radius from its centre. K = 1 returns ones.
 
-    Cost: O(K^2) per row (every support size at once), meant for the handful of normalizers.
+    Cost: O(K^2) per row (entries ordered by pairwise comparison, every support size solved at
+    once), meant for the handful of normalizers a layer mixes.
 
     Example:
 

@@ -182,6 +182,11 @@ def test_traced_radius_negative_acts_as_zero_and_nan_propagates(rng):
     assert np.isnan(project(z, jnp.nan)).all()
 
 
+def test_a_row_with_nan_logits_comes_out_nan():
+    p = sparsestmax(jnp.array([[1.0, jnp.nan, 0.0], [1.0, 2.0, 0.0]]), 0.3)
+    assert np.isnan(p[0]).all() and np.isfinite(p[1]).all()
+
+
 def test_batched_over_leading_axes_with_a_radius_per_row(rng):
     z = random_logits(rng, 24, 4).astype(np.float32)
     radius = rng.uniform(0, 0.9, size=24).astype(np.float32)
