@@ -17,15 +17,17 @@ Important details this module takes care of:
   ||p - z||^2 - eta (||p - u||^2 - r^2) is a convex quadratic whose minimiser over the simplex is
   p(beta*); it equals the objective there (the constraint binds), and at every feasible p the
   objective is at least the Lagrangian, so no feasible p does better (strict convexity: unique).
-  This path is where SSN's four stages (sparsemax, push out from the centre, restrict to the
-  support, push out within the face) lead; the closed form walks it in one step.
+  SSN's four-stage algorithm (sparsemax, push out from the centre, restrict to the support, push
+  out within the face) walks this path a piece at a time; the closed form lands on its point
+  directly, however many times the support shrinks on the way.
 * Finding beta* without iterating. On the path the support is the top-j entries of z for beta in
   a known interval, and there ||p(beta) - u||^2 = beta^2 v_j + 1/j - 1/K, with v_j the sum of squared
   deviations of the top j entries from their mean. Entry j leaves the support at
   beta_j = 1 / (j (mean_j - z_(j))); the distance is increasing in beta, so the support size at the
   answer is 1 + #{j >= 2 : ||p(beta_j) - u||^2 > r^2}, and beta* = sqrt((r^2 - 1/k + 1/K) / v_k).
-  Every support size is evaluated at once (a K x K table): fixed work, no data-dependent control
-  flow, so it traces once under jit, vmap, scan and shard_map.
+  Every support size is evaluated at once (a K x K table) and the entries are ordered by K x K
+  comparisons and a permutation mask, not a sort: fixed work, no data-dependent control flow, so
+  it traces once under jit, vmap, scan and shard_map.
 * Ties. When the m >= 2 largest logits tie and r^2 > 1/m - 1/K the path ends (at the tied face's
   centre) inside the ball, and every point of that face at distance r from u is a minimiser. The
   output is then the limit of sparsestmax(z - eps * (0, 1, ..., K-1)) as eps -> 0+: the lowest
@@ -35,7 +37,9 @@ Important details this module takes care of:
   before any sum or square, so logits near 1e30 or 1e-30 neither overflow nor lose their order.
 * Gradients. Plain autodiff through the closed form, which is the projection's derivative wherever
   the support and the active constraint are locally constant; every division and square root is
-  guarded (double `where`), so gradients are finite everywhere, kinks and one-hot outputs included.
+  guarded (double `where`), and the division by the logits' range has a derivative that never
+  squares it (`_ratio`), so gradients are finite everywhere: kinks, one-hot outputs, logits near
+  1e-30.
 * Precision. float32 and narrower inputs are computed in float32 and returned in their dtype;
   float64 stays float64.
 """
