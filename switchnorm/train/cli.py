@@ -130,13 +130,17 @@ def _flag(field: str) -> str:
 
 
 def _options(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """(the run settings given on the command line, the RunConfig they make); UsageError if bad."""
+    """(the run settings given on the command line, the RunConfig they make); UsageError if bad.
+
+    A fresh run's config is resolved (the dataset's defaults filled in) and so fully checked.
+    """
     from switchnorm.train.config import ConfigError, RunConfig
 
     skip = ("command", *RUN_FLAGS, *SCALING_FLAGS)
     options = {k: v for k, v in vars(args).items() if k not in skip}
     try:
-        return options, RunConfig(**options)
+        config = RunConfig(**options)
+        return options, config if args.resume else config.resolved()
     except ConfigError as error:
         raise UsageError(error.naming(_flag(error.field))) from None
 
@@ -325,7 +329,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--resume needs --out, the run directory to continue")
     options, given = _options(args)
     primary = _join_cluster(args)
-    given = given.resolved()
     run = RunDir(args.out or Path("runs") / f"{given.dataset}-{given.norm}", primary=primary)
     if args.resume:
         setup = _build(_resumed_config(run, options), args.devices)
