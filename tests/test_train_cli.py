@@ -57,7 +57,7 @@ def test_checkpoint_holds_the_final_state_and_its_epoch(run):
     from switchnorm.train.cli import _restore_model
 
     assert RunDir(run).latest_step() == 16
-    config, model, step, epoch = _restore_model(run)
+    _, model, step, epoch = _restore_model(run)
     assert (step, epoch) == (16, 2)
     import switchnorm
 

@@ -364,7 +364,7 @@ def _create(run, config, overwrite: bool) -> None:
 
 
 def _restore_model(out: Path):
-    """(config, model holding the latest checkpoint, step, epoch)."""
+    """(config, model holding the run's latest checkpoint, step, epoch); reads only."""
     from flax import nnx
 
     from switchnorm.train import loop
@@ -400,17 +400,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from switchnorm.train.rundir import RunDir
 
     run = RunDir(args.run)
-    config, model, step, epoch = _restore_model(args.run)
+    config = run.read_config()
     records, _ = run.read_metrics()
-    summary = run.read_summary()
-    evals = [r for r in records if isinstance(r.get("test_accuracy"), float) and r["step"] <= step]
+    status = _status_line(run, run.read_summary())
+    if status and run.latest_step() is None:
+        print(f"{args.run}: {config.dataset} {config.model} norm={config.norm}, no checkpoint")
+        print(status)
+        return 0
+    config, model, step, epoch = _restore_model(args.run)
     print(
         f"{args.run}: {config.dataset} {config.model} norm={config.norm}, "
         f"checkpoint at epoch {epoch}/{config.epochs} (step {step})"
     )
-    status = _status_line(run, summary)
     if status:
         print(status)
+    evals = [r for r in records if isinstance(r.get("test_accuracy"), float) and r["step"] <= step]
     if evals:
         print(f"test accuracy {evals[-1]['test_accuracy']:.4f} (epoch {evals[-1]['epoch']})")
     weights = report.learned(loop.model_weights(model))
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (UsageError, LockHeld, RunError, OSError) as error:
-        print(f"switchnorm: error: {_one_line(error)}", file=sys.stderr)
+        print(f"switchnorm: error: {_one_line(error)}", file=getattr(error, "stderr", None) or sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("switchnorm: interrupted; continue with --resume", file=sys.stderr)

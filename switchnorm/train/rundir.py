@@ -38,10 +38,14 @@ The guarantees (docs/training.md lists them for users):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +70,17 @@ _MARKER_TEXT = '{"switchnorm_run": 1}\n'
 
 
 class RunError(Exception):
-    """A problem with a run directory, reported as a one-line message."""
+    """A problem with a run directory, reported as a one-line message.
+
+    ``stderr``, when set, is where to report it: orbax may still be printing
+    into the (captured) ``sys.stderr`` after a failed checkpoint write.
+    """
+
+    stderr: Any = None
 
 
 def _quiet_orbax() -> Any:
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # failures reach the user as RunError
     import orbax.checkpoint as ocp
 
     return ocp
@@ -167,6 +177,7 @@ class RunDir:
         self.primary = primary  # only the primary process writes files other than checkpoints
         self._lock = RunLock(self.path)
         self._manager: Any = None
+        self._failed = False
 
     def __enter__(self) -> RunDir:
         return self
@@ -175,8 +186,13 @@ class RunDir:
         self.close()
 
     def close(self) -> None:
+        """Closes the checkpoint manager and releases the lock (after a failed save, quietly)."""
         if self._manager is not None:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
             self._manager = None
         self._lock.release()
 
@@ -397,6 +413,8 @@ class RunDir:
         if self.primary:
             files.make_dir(self.path / MANIFESTS)
             files.atomic_write(self.path / MANIFESTS / f"{step}.pending", "{}\n")
+        saved_stderr = sys.stderr
+        sys.stderr = io.StringIO()  # orbax's threads print tracebacks of a failed write: one line suffices
         try:
             manager = self._checkpoint_manager()
             manager.save(
@@ -409,10 +427,14 @@ class RunDir:
             )
             manager.wait_until_finished()
         except Exception as error:  # orbax and tensorstore raise many kinds
-            raise RunError(
+            self._failed = True  # stderr stays captured: orbax's threads keep reporting this failure
+            failure = RunError(
                 f"cannot write the checkpoint of step {step} in {self.path / CHECKPOINTS}: "
-                f"{_first_line(error)}; the earlier checkpoints are intact: fix this and run with --resume"
-            ) from None
+                f"{_first_line(error)}; earlier checkpoints stay intact: fix this and run with --resume"
+            )
+            failure.stderr = saved_stderr
+            raise failure from None
+        sys.stderr = saved_stderr
         if self.primary:
             files.atomic_write(
                 self.path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(self._step_dir(step)))
@@ -466,7 +488,13 @@ class RunDir:
 
 
 def _first_line(error: BaseException) -> str:
+    """A short reason: the OS error inside a tensorstore message if there is one, else the first line."""
     text = str(error).strip()
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if code:
+        return os.strerror(int(code.group(1)))
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
