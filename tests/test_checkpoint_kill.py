@@ -101,7 +101,8 @@ def test_sigkill_at_every_write_point_resumes_and_ends_identical(tmp_path):
         assert train(killed, *extra, kill_at=kill_at) == -9, kill_at
         assert holder(killed) is None, kill_at
         assert run.latest_step() == latest, kill_at
-    assert any(".orbax-checkpoint-tmp" in p.name for p in (killed / "checkpoints").iterdir())
+        if kill_at.startswith("finalize"):  # orbax's temporary directory is left behind
+            assert any(".orbax-checkpoint-tmp" in p.name for p in (killed / "checkpoints").iterdir())
     train(killed, "--resume")
 
     last_step = EPOCHS * STEPS_PER_EPOCH
