@@ -237,6 +237,8 @@ def test_a_full_disk_stops_with_one_line_and_the_earlier_checkpoint_resumes_bitw
     assert "No space left on device" in one_error_line(capsys)
     assert RunDir(out).latest_step() == 8
     RunDir(out).verify_checkpoint(8)
+    if leave == 0:
+        return  # one resume below is enough: the failed checkpoint write is the harder case
     fillers[0].unlink()
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert (out / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()

@@ -158,6 +158,8 @@ def _writable_parent(out: Path) -> None:
 
 def _check_fresh_out(run, overwrite: bool) -> None:
     """UsageError unless a fresh run may start in ``run.path`` (reads only)."""
+    from switchnorm.train.rundir import LOCK
+
     out = run.path
     if out.is_symlink():
         raise UsageError(f"--out {out} is a symbolic link; pass the directory it points to")
@@ -165,8 +167,8 @@ def _check_fresh_out(run, overwrite: bool) -> None:
         return _writable_parent(out)
     if not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return None
+    if all(p.name == LOCK for p in out.iterdir()):  # empty, or left by a kill before the marker
+        return _check_no_writer(run)
     if not run.holds_run() and not run.made_by_switchnorm():
         raise UsageError(f"--out {out} exists and is not a run directory; refusing to touch it")
     if not overwrite:
