@@ -280,13 +280,16 @@ def _resume_point(run, setup: _Setup) -> tuple[Any, int]:
 
 def _continue(run, setup: _Setup, epoch: int) -> None:
     """Takes the lock and makes the run directory agree with the checkpoint it resumes from."""
+    from switchnorm.train import distributed
+
     run.lock()
     if run.read_config() != setup.config or (run.latest_step() or 0) != epoch * setup.config.steps_per_epoch:
         raise UsageError(f"{run.path} changed while it was being checked; try again")
-    run.remove_unfinished_checkpoints()
+    run.tidy_checkpoints()
     dropped = run.truncate_metrics(epoch * setup.config.steps_per_epoch)
     if dropped:
         print(f"dropped {dropped} metrics.jsonl line(s) written after the checkpoint of epoch {epoch}")
+    distributed.barrier("switchnorm-resume-ready")  # every process sees the cleaned directory
 
 
 def _train(run, setup: _Setup, state: Any, epoch: int, quiet: bool) -> int:

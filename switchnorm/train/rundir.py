@@ -366,16 +366,21 @@ class RunDir:
         ]
         return max(steps) if steps else None
 
-    def remove_unfinished_checkpoints(self) -> list[int]:
-        """Deletes step folders a kill left mid-save: those with a pending record and no manifest."""
+    def tidy_checkpoints(self) -> list[int]:
+        """Finishes what a kill interrupted; returns the steps whose folders it deleted.
+
+        Deletes step folders left mid-save (a pending record and no manifest)
+        and complete checkpoints older than the newest ``KEEP_CHECKPOINTS`` (a
+        kill during the clean-up). Only steps its own records name.
+        """
         self._check_writable()
-        complete = set(self._manifest_steps())
-        removed = []
-        for step in self._manifest_steps(".pending"):
-            if step not in complete and self.primary:
+        complete = self._manifest_steps()
+        doomed = [s for s in self._manifest_steps(".pending") if s not in complete]
+        doomed += complete[:-KEEP_CHECKPOINTS]
+        if self.primary:
+            for step in doomed:
                 self._delete_step(step)
-                removed.append(step)
-        return removed
+        return doomed
 
     def _delete_step(self, step: int) -> None:
         """Deletes checkpoint ``step``'s folder, then its records (never through a link)."""
@@ -440,8 +445,7 @@ class RunDir:
                 self.path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(self._step_dir(step)))
             )
             (self.path / MANIFESTS / f"{step}.pending").unlink()
-            for old in self._manifest_steps()[:-KEEP_CHECKPOINTS]:
-                self._delete_step(old)
+            self.tidy_checkpoints()
 
     def verify_checkpoint(self, step: int) -> None:
         """Raises RunError unless checkpoint ``step``'s files match its manifest."""
