@@ -346,14 +346,15 @@ def test_concurrent_commands_on_one_run_directory_never_interleave(tmp_path):
     while holder(out) is None or RunDir(out).latest_step() is None:
         assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
         time.sleep(0.05)
+    in_use = f"in use by process {first.pid}"
     others = [
-        _launch(out, *args, "--seed", "1"),
-        _launch(out, *args, "--seed", "1", "--overwrite"),
-        _launch(out, "--resume"),
+        (_launch(out, *args, "--seed", "1"), "already holds a run"),
+        (_launch(out, *args, "--seed", "1", "--overwrite"), in_use),
+        (_launch(out, "--resume"), in_use),
     ]
-    for other in others:
+    for other, message in others:
         _, err = other.communicate(timeout=120)
-        assert other.returncode == 2 and f"in use by process {first.pid}" in err, err
+        assert other.returncode == 2 and message in err, err
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     # two resumes at once: one trains, the other is refused; the records stay in order
