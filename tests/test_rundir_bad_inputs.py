@@ -374,6 +374,9 @@ def _run_case(case: str, ws: Path) -> tuple[list[str], str]:
     if case == "out is a symlink":
         (ws / "link").symlink_to(ws / "outside")
         return [*fresh, str(ws / "link")], "symbolic link"
+    if case == "resume of a symlink to a run":
+        (ws / "link").symlink_to(ws / "tiny")
+        return [*resume, str(ws / "link")], "symbolic link"
     for name in ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json"):
         if case == f"resume with {name} a symlink":
             target = ws / "outside" / ("precious.txt" if name != "checkpoints" else "")
@@ -392,6 +395,7 @@ RUN_CASES = [
     "out below a regular file",
     "out under /proc",
     "out is a symlink",
+    "resume of a symlink to a run",
     *[
         f"resume with {n} a symlink"
         for n in ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json")

@@ -194,6 +194,8 @@ def _check_no_writer(run) -> None:
 
 def _resumed_config(run, options: dict[str, Any]):
     """The run's own config, checked; UsageError if the flags given disagree with it."""
+    if run.path.is_symlink():
+        raise UsageError(f"--out {run.path} is a symbolic link; pass the directory it points to")
     config = run.read_config()
     for key, value in options.items():
         if getattr(config, key) != value:
@@ -303,7 +305,6 @@ def _train(run, setup: _Setup, state: Any, epoch: int, quiet: bool) -> int:
     try:
         setup.trainer.fit(state, epoch, callbacks=[reporter])
     except report.Diverged as error:
-        reporter.close()
         print(f"switchnorm: error: {report.record_divergence(run, error)}", file=sys.stderr)
         return EXIT_DIVERGED
     finally:
