@@ -319,13 +319,6 @@ class RunDir:
         if self.primary:
             (self.path / SUMMARY).unlink(missing_ok=True)
 
-    def write_figure(self, name: str, data: bytes) -> Path:
-        """Writes a figure atomically (no lock needed: readers see the old or the new file)."""
-        if name not in FIGURES:
-            raise ValueError(f"unknown figure {name!r}")
-        files.atomic_write(self.path / name, data)
-        return self.path / name
-
     def append_metrics(self, record: dict[str, Any]) -> None:
         self._check_writable()
         if self.primary:
