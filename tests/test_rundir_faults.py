@@ -217,6 +217,8 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+# After a failed write, tensorstore's threads still call into orbax's closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("leave", [0, 16 * 1024], ids=["metrics write fails", "checkpoint write fails"])
 def test_a_full_disk_stops_with_one_line_and_the_earlier_checkpoint_resumes_bitwise(
     leave, small_disk, tmp_path, run, monkeypatch, capsys
