@@ -1,15 +1,20 @@
-"""A real SIGKILL in the middle of a checkpoint write: --resume uses the previous one.
+"""A real SIGKILL at each point of an epoch's writes: --resume carries on and ends bitwise identical.
 
 ``switchnorm train`` runs in a subprocess through a small wrapper that kills
-its own process with SIGKILL at an exact point of a chosen checkpoint's write:
+its own process with SIGKILL at an exact point of the writes of a chosen step:
 
+* ``metrics:<step>``: the epoch's metrics line is written, its checkpoint not begun;
+* ``pending:<step>``: the pending record of the checkpoint is written, orbax not begun;
 * ``finalize:<step>``: orbax has written every file of the checkpoint into its
   temporary directory, but has not renamed it into place;
 * ``manifest:<step>``: the checkpoint directory is in place, its manifest
-  (sizes and checksums) is not yet written.
+  (sizes and checksums) is not yet written;
+* ``cleanup:<step>``: the newest checkpoint is complete; the clean-up is about
+  to delete the old checkpoint ``<step>``.
 
-After each kill the latest complete checkpoint is the previous one, and the
-resumed run ends bitwise equal to a run never stopped.
+After each kill the run directory's lock is free (the kernel dropped it), the
+latest complete checkpoint is the one expected, and the run, resumed after
+every kill, ends bitwise equal to a run never stopped.
 """
 
 import os
@@ -18,82 +23,92 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from checkpoint_files import final_arrays
 
-from switchnorm.train import rundir
+from switchnorm.train.lock import holder
+from switchnorm.train.rundir import RunDir
 
-ARGS = [
-    "train",
-    "--dataset",
-    "synthetic",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "64",
-    "--eval-every",
-    "1",
-    "--quiet",
-]
+pytestmark = pytest.mark.slow  # subprocesses: training runs
+
+EPOCHS = 4
+ARGS = ["train", "--dataset", "synthetic", "--epochs", str(EPOCHS), "--batch-size", "64", "--eval-every", "1"]
 STEPS_PER_EPOCH = 512 // 64
 
 KILLER = """
-import os, signal, sys
+import os, shutil, signal, sys
+from switchnorm.train import files, rundir
 where, step = os.environ["SWITCHNORM_KILL_AT"].split(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if where == "finalize":
     from orbax.checkpoint._src.path import atomicity
-    original = atomicity.AtomicRenameTemporaryPath.finalize
+    original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
     async def finalize(self, *args, **kwargs):
         if self._final_path.name == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return await original(self, *args, **kwargs)
+            die()
+        return await original_finalize(self, *args, **kwargs)
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
-else:
-    from switchnorm.train import rundir
-    original = rundir._atomic_write
-    def atomic_write(target, text):
-        if target.parent.name == rundir.MANIFESTS and target.name == step + ".json":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(target, text)
-    rundir._atomic_write = atomic_write
+original_write, original_append = files.atomic_write, files.append_line
+def atomic_write(target, data):
+    if where == "manifest" and target.parent.name == rundir.MANIFESTS and target.name == step + ".json":
+        die()
+    original_write(target, data)
+    if where == "pending" and target.name == step + ".pending":
+        die()
+def append_line(target, line):
+    original_append(target, line)
+    if where == "metrics" and f'"step": {step},' in line:
+        die()
+files.atomic_write, files.append_line = atomic_write, append_line
+original_delete = rundir.RunDir._delete_step
+def delete_step(self, old):
+    if where == "cleanup" and str(old) == step:
+        die()
+    return original_delete(self, old)
+rundir.RunDir._delete_step = delete_step
 from switchnorm.train.cli import main
-
-pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or processes
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def train(out: Path, *extra: str, kill_at: str | None = None) -> int:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "switchnorm"]
-    if kill_at:
-        env["SWITCHNORM_KILL_AT"] = kill_at
-        command = [sys.executable, "-c", KILLER]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SWITCHNORM_KILL_AT": kill_at or "none:0"}
+    command = [sys.executable, "-c", KILLER] if kill_at else [sys.executable, "-m", "switchnorm"]
     done = subprocess.run(
-        [*command, *ARGS, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=300
+        [*command, *ARGS, "--quiet", "--out", str(out), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if kill_at is None:
         assert done.returncode == 0, done.stderr[-3000:]
     return done.returncode
 
 
-def test_sigkill_during_checkpoint_write_resumes_from_previous_and_ends_identical(tmp_path):
+def test_sigkill_at_every_write_point_resumes_and_ends_identical(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     train(reference)
-
-    # Killed with the epoch-2 checkpoint fully written but not yet renamed.
-    assert train(killed, kill_at=f"finalize:{2 * STEPS_PER_EPOCH}") == -9
-    assert any(".orbax-checkpoint-tmp" in p.name for p in (killed / "checkpoints").iterdir())
-    assert rundir.latest_step(killed) == STEPS_PER_EPOCH
-
-    # Resumed, and killed again with the epoch-3 checkpoint in place but no manifest.
-    assert train(killed, "--resume", kill_at=f"manifest:{3 * STEPS_PER_EPOCH}") == -9
-    assert (killed / "checkpoints" / str(3 * STEPS_PER_EPOCH)).is_dir()
-    assert rundir.latest_step(killed) == 2 * STEPS_PER_EPOCH
-
+    run = RunDir(killed)
+    kills = [  # (where the run dies, the latest complete checkpoint it leaves, the --resume it needs)
+        ("metrics:8", None, ()),
+        ("pending:16", 8, ("--resume",)),
+        ("finalize:24", 16, ("--resume",)),
+        ("manifest:32", 24, ("--resume",)),
+        ("cleanup:16", 32, ("--resume",)),
+    ]
+    for kill_at, latest, extra in kills:
+        assert train(killed, *extra, kill_at=kill_at) == -9, kill_at
+        assert holder(killed) is None, kill_at
+        assert run.latest_step() == latest, kill_at
+        if kill_at.startswith("finalize"):  # orbax's temporary directory is left behind
+            assert any(".orbax-checkpoint-tmp" in p.name for p in (killed / "checkpoints").iterdir())
     train(killed, "--resume")
-    last_step = 3 * STEPS_PER_EPOCH
+
+    last_step = EPOCHS * STEPS_PER_EPOCH
     expected, got = final_arrays(reference, last_step), final_arrays(killed, last_step)
     assert sorted(expected) == sorted(got)
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
     assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (killed / "manifests").iterdir()) == ["24.json", "32.json"]

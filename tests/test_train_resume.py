@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from checkpoint_files import final_arrays
 
-from switchnorm.train import rundir
+from switchnorm.train.rundir import RunDir
 
 pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or processes
 
@@ -62,19 +62,19 @@ def test_sigkilled_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
     # Kill 1: before the first checkpoint (while compiling); resume starts over.
     kill_when(launch(killed), lambda: (killed / "config.json").exists())
-    assert rundir.latest_step(killed) is None
+    assert RunDir(killed).latest_step() is None
 
     # Kill 2: in the middle, after the checkpoint of epoch 3. Also leave behind
     # what a kill during a checkpoint write and during a metrics write leave:
     # an orbax temporary directory and a half-written line.
     second = launch(killed, "--resume")
-    kill_when(second, lambda: (rundir.latest_step(killed) or 0) >= 3 * STEPS_PER_EPOCH)
+    kill_when(second, lambda: (RunDir(killed).latest_step() or 0) >= 3 * STEPS_PER_EPOCH)
     partial = killed / "checkpoints" / "999.orbax-checkpoint-tmp-1"
     partial.mkdir()
     (partial / "junk").write_bytes(b"\0" * 10)
     with open(killed / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 9, "step": 1')
-    assert rundir.latest_step(killed) < 8 * STEPS_PER_EPOCH
+    assert RunDir(killed).latest_step() < 8 * STEPS_PER_EPOCH
 
     finish(launch(killed, "--resume"))
     finish(uninterrupted)
@@ -88,4 +88,4 @@ def test_sigkilled_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
         assert np.array_equal(expected[name], got[name]), name
     # ... and every logged loss, accuracy and mixing weight.
     assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
-    assert len(rundir.read_metrics(reference)) == 8
+    assert len(RunDir(reference).read_metrics()[0]) == 8

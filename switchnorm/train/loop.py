@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 from switchnorm.inspect import mixing_weights
+from switchnorm.train import config as run_config
 from switchnorm.train import data as data_lib
 from switchnorm.train import optim
 
@@ -45,6 +46,9 @@ from switchnorm.train import optim
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How to train: optimizer, schedule, batches, evaluation.
+
+    The defaults are those of ``switchnorm train`` on its default dataset
+    (:mod:`switchnorm.train.config`, the one place they are written).
 
     Attributes:
       epochs: passes over the training set.
@@ -59,15 +63,15 @@ class TrainConfig:
       seed: the data order; the model's initialization is the caller's.
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    learning_rate: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    eval_every: int = 1
-    seed: int = 0
+    epochs: int = run_config.EPOCHS
+    batch_size: int = run_config.BATCH_SIZE
+    optimizer: str = run_config.OPTIMIZER
+    learning_rate: float = run_config.LEARNING_RATE
+    momentum: float = run_config.MOMENTUM
+    weight_decay: float = run_config.WEIGHT_DECAY
+    warmup_epochs: float = run_config.WARMUP_EPOCHS
+    eval_every: int = run_config.EVAL_EVERY
+    seed: int = run_config.SEED
 
 
 class TrainState(NamedTuple):

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Writes the figure as PNG in one rename, never through a symlink (see switchnorm.train.files)."""
+    from switchnorm.train import files
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    files.atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def _names(weights: Mapping[str, Any]) -> list[str]:
@@ -82,9 +94,7 @@ def plot_weights_over_training(
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
     fig.suptitle(title or "SwitchNorm mixing weights over training", fontsize=12)
     fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") -> Path | None:
@@ -126,6 +136,4 @@ def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") 
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     ax.set_title(title or "Final SwitchNorm mixing weights per layer", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
