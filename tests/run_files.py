@@ -2,7 +2,7 @@
 
 Shared by the tests that drive the command. The checkpoint is read back with
 the library's public pieces (``build_model``, ``make_tx``, ``initial_state``,
-``rundir.restore_checkpoint``), independently of the command's own code, so a
+``rundir.RunDir.restore_checkpoint``), independently of the command's own code, so a
 test can hold the command's printed output against it.
 """
 
@@ -42,7 +42,7 @@ def build(config: dict[str, Any]) -> nnx.Module:
 def restore(run: Path, **changes: Any) -> tuple[nnx.Module, TrainState]:
     """(model holding the latest checkpoint, its TrainState), for the run's config with ``changes``.
 
-    ``rundir.restore_checkpoint`` refuses a checkpoint whose names, shapes or
+    ``RunDir.restore_checkpoint`` refuses a checkpoint whose names, shapes or
     dtypes differ from the template's, so ``changes`` that do not fit raise
     ``rundir.RunError``.
     """
@@ -50,7 +50,7 @@ def restore(run: Path, **changes: Any) -> tuple[nnx.Module, TrainState]:
     model = build(config)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tx = make_tx(TrainConfig(**{k: v for k, v in config.items() if k in fields}), config["steps_per_epoch"])
-    state, _, _ = rundir.restore_checkpoint(run, initial_state(model, tx))
+    state, _, _ = rundir.RunDir(run).restore_checkpoint(initial_state(model, tx))
     model.eval()
     nnx.update(model, state.params, state.rest)
     return model, state

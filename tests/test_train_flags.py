@@ -24,7 +24,7 @@ FLAGS = {  # run name: (flags, the config.json entry they set)
     "lr": (["--lr", "1e-4"], ("learning_rate", 1e-4)),
     "optimizer": (["--optimizer", "sgd"], ("optimizer", "sgd")),
     "momentum": (["--momentum", "0.5"], ("momentum", 0.5)),
-    "weight_decay": (["--weight-decay", "5"], ("weight_decay", 5.0)),
+    "weight_decay": (["--weight-decay", "1"], ("weight_decay", 1.0)),  # the largest accepted
     "warmup_epochs": (["--warmup-epochs", "0"], ("warmup_epochs", 0.0)),
     "seed": (["--seed", "1"], ("seed", 1)),
     "dtype": (["--dtype", "bfloat16"], ("dtype", "bfloat16")),
@@ -101,7 +101,8 @@ def test_sgd_leaves_sgd_optimizer_state_not_adamw(runs):
 
 def test_heavy_weight_decay_shrinks_the_kernels(runs):
     decayed = kernel_norm(params(restore(runs("weight_decay"))[0]))
-    assert decayed < 0.97 * kernel_norm(params(restore(runs("default"))[0]))
+    # 1.0 (the largest accepted) against the default 1e-2: about 2% smaller after 4 AdamW steps.
+    assert decayed < 0.99 * kernel_norm(params(restore(runs("default"))[0]))
 
 
 def test_the_seed_chooses_the_initial_parameters(runs):

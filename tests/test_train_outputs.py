@@ -39,7 +39,7 @@ def contents(root: Path) -> dict[str, str]:
 def test_inspect_prints_the_trained_weights_of_the_last_record_and_the_checkpoint(run, capsys):
     assert main(["inspect", str(run)]) == 0
     printed = parse_weights_table(capsys.readouterr().out)
-    logged = rundir.read_metrics(run)[-1]["weights"]
+    logged = rundir.RunDir(run).read_metrics()[0][-1]["weights"]
     saved = switchnorm.mixing_weights(restore(run)[0])
     assert set(printed) == set(logged) == set(saved) == {"norms/0", "norms/1"}
     moved = 0.0
@@ -58,7 +58,7 @@ def test_resuming_a_finished_run_says_so_and_changes_no_file(run, capsys):
     assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
     assert "the run is complete (3 epochs)" in capsys.readouterr().out
     assert contents(run) == before
-    assert [r["epoch"] for r in rundir.read_metrics(run)] == [1, 2, 3]
+    assert [r["epoch"] for r in rundir.RunDir(run).read_metrics()[0]] == [1, 2, 3]
 
 
 def png_size(path: Path) -> tuple[int, int]:
