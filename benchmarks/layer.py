@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switchnorm import default_normalizers, default_num_groups
 from switchnorm import linen as snn
-from switchnorm._core import default_normalizers, default_num_groups
 
 SHAPES: tuple[tuple[int, ...], ...] = (
     (32, 32, 32, 64),

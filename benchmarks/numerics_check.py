@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchnorm._core import default_num_groups, switch_norm, switch_norm_autodiff
+from switchnorm import default_num_groups, switch_norm
+from switchnorm._core import switch_norm_autodiff
 from tests import reference
 
 
