@@ -176,7 +176,7 @@ def test_custom_vjp_equals_autodiff_at_1e19_in_float32(rng):
     logits = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
 
     def grads(f):
-        loss = lambda x, l: jnp.sum(f(x, l[0], l[1], num_groups=2)[0] * dy)  # noqa: E731
+        loss = lambda x, lg: jnp.sum(f(x, lg[0], lg[1], num_groups=2)[0] * dy)  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, logits)
 
     custom, plain = grads(switchnorm.switch_norm), grads(switch_norm_autodiff)
@@ -192,7 +192,7 @@ def test_custom_vjp_passes_check_grads_in_float64_where_the_squares_are_rescaled
     # dx = a dy + u g1 + 2 u^2 g2 d. z is O(1), so finite differences work.
     z = jnp.asarray(rng.normal(size=(3, 4, 2, C)) + 3.0, jnp.float64)
     logits = jnp.asarray(rng.normal(size=(2, 4)), jnp.float64)
-    f = lambda z, l: switchnorm.switch_norm(z * magnitude, l[0], l[1], num_groups=2)[0]  # noqa: E731
+    f = lambda z, lg: switchnorm.switch_norm(z * magnitude, lg[0], lg[1], num_groups=2)[0]  # noqa: E731
     check_grads(f, (z, logits), order=1, modes=["rev"])
 
 
