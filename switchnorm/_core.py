@@ -19,6 +19,9 @@ Important details:
   as they are (docs/design.md, "Numerics: dtypes, range, empty input").
 * Both Flax front ends (:mod:`switchnorm.nnx`, :mod:`switchnorm.linen`)
   only hold parameters and state; all the math is behind this module.
+
+:func:`switch_norm` is long only in its docstring, the functional API's
+reference; its body is the checks and one call.
 """
 
 from __future__ import annotations
