@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -122,8 +123,23 @@ def mixing_weights(
     return out
 
 
+TIE_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
+"""Relative difference under which two weights tie: float32 rounding of a softmax."""
+
+
+def _dominant(row: Mapping[str, float]) -> str | None:
+    """The name of the largest weight, or None when another ties with it (e.g. four 0.25)."""
+    top = max(row, key=row.get)
+    tied = [n for n, w in row.items() if math.isclose(w, row[top], rel_tol=TIE_TOLERANCE)]
+    return top if len(tied) == 1 else None
+
+
 def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
-    """A plain-text table: one row per layer and kind, the dominant weight marked ``*``."""
+    """A plain-text table: one row per layer and kind, the dominant weight marked ``*``.
+
+    No weight is marked where the largest ones tie within float32 rounding,
+    as the four 0.250 of a freshly built layer do.
+    """
     names: list[str] = []
     for layer in weights.values():
         for name in layer["mean"]:
@@ -134,8 +150,8 @@ def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
     lines = [header, "-" * len(header)]
     for path, layer in weights.items():
         for kind in ("mean", "var"):
+            top = _dominant(layer[kind])
             row = layer[kind]
-            top = max(row, key=row.get)
             cells = "".join(
                 f"{row[n]:>7.3f}{'*' if n == top else ' '}" if n in row else f"{'-':>7} " for n in names
             )

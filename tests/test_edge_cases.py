@@ -212,3 +212,34 @@ def test_nan_in_a_training_batch_poisons_the_running_averages_of_its_channel_as_
         assert np.isnan(ours[...]).tolist() == [c == 3 for c in range(C)]
     nnx_train_call(layer, jnp.asarray(rng.normal(size=x.shape), jnp.float32))
     assert np.isnan(layer.mean[...][3]) and np.isnan(layer.var[...][3])  # for good
+
+
+# --------------------------------------------------------------------------
+# Inspection: nnx.tabulate, and the dominant-weight marker.
+# --------------------------------------------------------------------------
+
+
+class ConvNorm(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, C, (3, 3), rngs=rngs)
+        self.norm = switchnorm.SwitchNorm(C, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_nnx_tabulate_summarises_a_model_holding_switchnorm_and_leaves_it_usable():
+    model = ConvNorm(nnx.Rngs(0))
+    x = jnp.ones((2, 5, 5, 3))
+    table = nnx.tabulate(model, x)
+    assert "SwitchNorm" in table
+    assert model(x).shape == (2, 5, 5, C)
+
+
+def test_format_mixing_weights_marks_no_dominant_weight_when_the_largest_tie():
+    fresh = switchnorm.mixing_weights(switchnorm.SwitchNorm(C, rngs=nnx.Rngs(0)))
+    assert "*" not in switchnorm.format_mixing_weights(fresh)
+    nearly = {"": {"mean": {"bn": 0.5, "ln": 0.5 * (1 + 2**-23)}, "var": {"bn": 0.7, "ln": 0.3}}}
+    lines = switchnorm.format_mixing_weights(nearly).splitlines()
+    assert "*" not in lines[2]  # mean: equal up to float32 rounding
+    assert lines[3].split() == ["var", "0.700*", "0.300"]
