@@ -106,8 +106,11 @@ def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array]:
     cells = _to_cells(x).astype(compute_dtype)
     shift = lax.stop_gradient(cells[:, 0, :])
     unit, _ = power_of_two_scale(shift)
-    scaled = (cells - _per_cell(shift)) * _per_cell(unit)
-    return shift, jnp.sum(scaled, axis=1), jnp.sum(scaled * scaled, axis=1)
+    centred = cells - _per_cell(shift)
+    scaled = centred * _per_cell(unit)
+    # sum(d) u is sum(d u) exactly (u is a power of two); taking it from d, as
+    # the backward pass does, keeps XLA from writing d u out as a third copy of x.
+    return shift, jnp.sum(centred, axis=1) * unit, jnp.sum(scaled * scaled, axis=1)
 
 
 def normalize_pass(

@@ -36,16 +36,24 @@ from switchnorm._arguments import NORMALIZERS
 Array = jax.Array
 
 
-def power_of_two_scale(v: Array) -> Array:
-    """``(u, 1 / u)``: u = 2^-e with u = 2^-e and 2^e <= max(|v|, 1) < 2^(e + 1), elementwise.
+def power_of_two_scale(v: Array) -> tuple[Array, Array]:
+    """``(u, 1 / u)``: u = 2^-e with 2^e <= max(|v|, 1) < 2^(e + 1), elementwise.
 
     ``(x - v) * u`` is then at most about |x - v| / |v| for |v| >= 1 and
-    unchanged for smaller ``v``; both factors are exact powers of two. No
-    gradient flows through them (the exponent is an integer).
+    unchanged for smaller ``v``; both factors are exact powers of two. 2^e is
+    |v|'s exponent bits alone (integer operations only, so XLA fuses them
+    anywhere for free), capped at 2^(maxexp / 2 - 1) (2^63 in
+    float32) so that u^2 stays a normal number. No gradient flows through them.
     """
-    _, exponent = jnp.frexp(jnp.maximum(jnp.abs(v), 1.0))
-    ones = jnp.ones_like(v)
-    return jnp.ldexp(ones, 1 - exponent), jnp.ldexp(ones, exponent - 1)
+    info = jnp.finfo(v.dtype)
+    bits = jnp.dtype(f"uint{info.bits}")
+    magnitude = jnp.clip(jnp.abs(lax.stop_gradient(v)), 1.0, 2.0 ** (info.maxexp // 2 - 1))
+    exponent_bits = lax.bitcast_convert_type(magnitude, bits) & (((1 << info.nexp) - 1) << info.nmant)
+    # 2^-e has the biased exponent 2 * bias - (e + bias): an integer subtraction,
+    # which XLA copies into every consumer, where a division is a kernel of its own.
+    one_bits = (info.maxexp - 1) << info.nmant  # the bits of 1.0
+    unit_bits = jnp.asarray(2 * one_bits, bits) - exponent_bits
+    return lax.bitcast_convert_type(unit_bits, v.dtype), lax.bitcast_convert_type(exponent_bits, v.dtype)
 
 
 def _unscale_square(v: Array, inverse_unit: Array) -> Array:
