@@ -78,6 +78,7 @@ def cell_graph(
     config: GraphConfig,
     compute_dtype: Any,
     shift: Array,
+    inverse_unit: Array,
     s1: Array,
     s2: Array,
     count: int,
@@ -95,7 +96,7 @@ def cell_graph(
     ``batch_stats`` is the bn scope's batch mean and variance for the running
     averages (``None`` without "bn" or with ``use_running_average``).
     """
-    cells = cell_stats(shift, s1, s2, count)
+    cells = cell_stats(shift, inverse_unit, s1, s2, count)
     dtype = compute_dtype
     stats, batch_stats = [], None
     for name in config.normalizers:

@@ -9,10 +9,11 @@ Important details:
 
 * Cell sums are of ``(x - K) * u``: K is the cell's first element, so the sums
   keep their digits when |mean| >> std ("One pass: shifted sums per cell"),
-  and ``u`` is a power of two near 1 / max(|K|, 1), so the squares do not
-  overflow for data of any magnitude the variance can be stored in
-  ("Numerics: dtypes, range, empty input"). Powers of two scale exactly:
-  the statistics are the unscaled ones, bit for bit, wherever those are finite.
+  and ``u`` is 1, or, where a sum of squares would overflow, a power of two
+  near 1 / max(|K|, 1), so that the squares stay finite for data of any
+  magnitude the variance can be stored in ("Numerics: dtypes, range, empty
+  input"). Powers of two scale exactly: the statistics are the unscaled
+  ones, bit for bit, wherever those are finite.
 * Cells are merged with the parallel-variance rule (Chan et al.), never with
   ``E[x^2] - E[x]^2``: the cells' means are moved to a common frame, the
   scope's first cell's shift, and the squared deviations are scaled by that
@@ -76,13 +77,12 @@ class CellStats(NamedTuple):
     var: Array
 
 
-def cell_stats(shift: Array, s1: Array, s2: Array, count: int) -> CellStats:
+def cell_stats(shift: Array, inverse_unit: Array, s1: Array, s2: Array, count: int) -> CellStats:
     """Cell mean and variance from ``s1 = sum_s (x - K) u`` and ``s2 = sum_s ((x - K) u)^2``.
 
-    ``u`` is :func:`power_of_two_scale` of K; the variance is
+    ``u`` is 1 or the :func:`power_of_two_scale` of K; the variance is
     ``max(s2 - s1^2 / m, 0) / m`` in those units, then ``/ u^2``.
     """
-    _, inverse_unit = power_of_two_scale(shift)
     mean = s1 / count
     m2 = jnp.maximum(s2 - s1 * mean, 0.0)
     return CellStats(shift=shift, mean=mean * inverse_unit, var=_unscale_square(m2 / count, inverse_unit))
