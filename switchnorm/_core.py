@@ -120,10 +120,16 @@ def switch_norm(
       normalizes within 1e-3 of float64.
     * Reductions and the normalize step run in float32 for half-precision
       input (float64 stays float64); the output has ``dtype``, by default
-      the input's dtype. Squares are taken in units of a power of two near
-      each cell's first element, so large data does not overflow them:
-      float32 data of std up to about 1e19 normalizes ("Numerics: dtypes,
-      range, empty input").
+      the input's dtype.
+    * Range: where a cell's sum of squares overflows, the statistics pass is
+      taken again in units of a power of two near each cell's first element,
+      so the output and the batch statistics stay finite and accurate
+      wherever the variance itself is representable (float32 data with std
+      up to about 1e19). Gradients are accurate to a std of about 1e12 in
+      float32 (1e100 in float64): beyond, d rsqrt(v) / dv = -v^-1.5 / 2
+      underflows and the variance's part of the gradient is lost, under the
+      custom VJP and plain autodiff alike ("Numerics: dtypes, range, empty
+      input").
     * With ``use_running_average`` only the bn term changes: it uses
       ``running_mean`` / ``running_var``; in, ln and gn are always per sample.
     * With ``axis_name`` the bn statistics span that named axis (``shard_map``,
