@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -183,8 +184,7 @@ class SwitchNorm(nnx.Module):
         rank = len(getattr(x, "shape", ()))
         active = self._active_normalizers(rank)
         _arguments.check_input(x, active, self.num_features)  # rank, dtype, channel count
-        if self.last_input_rank != rank:  # a static attribute: set only when it changes
-            self.last_input_rank = rank
+        self._record_rank(rank)
         uses_bn = "bn" in active
         config = _core.GraphConfig(
             normalizers=active,
@@ -202,6 +202,20 @@ class SwitchNorm(nnx.Module):
             )
             self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
         return y
+
+    def _record_rank(self, rank: int) -> None:
+        """Sets ``last_input_rank``, a static attribute, where it changes and NNX allows it.
+
+        Under a plain JAX transform that closes over the layer (``nnx.eval_shape(lambda:
+        model(x))``, ``jax.jit`` of a closure) NNX refuses any mutation; the
+        call then goes on and the record stays as it was.
+        """
+        if self.last_input_rank == rank:
+            return
+        try:
+            self.last_input_rank = rank
+        except flax.errors.TraceContextError:
+            pass
 
     def _arrays(self, active: tuple[str, ...], uses_bn: bool) -> _core.LayerArrays:
         """The parameters and running averages, with the logits of the ``active`` normalizers."""

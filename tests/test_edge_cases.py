@@ -250,3 +250,11 @@ def test_format_mixing_weights_marks_no_dominant_weight_when_the_largest_tie():
     lines = switchnorm.format_mixing_weights(nearly).splitlines()
     assert "*" not in lines[2]  # mean: equal up to float32 rounding
     assert lines[3].split() == ["var", "0.700*", "0.300"]
+
+
+def test_nnx_layer_can_be_called_in_eval_mode_under_a_transform_that_closes_over_it():
+    # NNX refuses mutation from another trace level: recording the input's
+    # rank must not make the call itself fail there.
+    layer = switchnorm.SwitchNorm(C, use_running_average=True, rngs=nnx.Rngs(0))
+    assert nnx.eval_shape(lambda: layer(jnp.ones((2, C)))).shape == (2, C)
+    assert jax.jit(lambda x: layer(x))(jnp.ones((2, 3, C))).shape == (2, 3, C)
