@@ -1,6 +1,6 @@
 """SwitchNorm against the layers a user would pick instead, on one machine.
 
-    python -m benchmarks.layer                       # the full run of issue 4
+    python -m benchmarks.layer                       # the full run (five shapes, three dtypes)
     python -m benchmarks.layer --quick               # one small shape, float32
     python -m benchmarks.layer --shapes 32x32x32x64 --dtypes float32 --repeats 9
 
@@ -25,7 +25,7 @@ also times one full training step (forward, backward, optax update) of a small
 residual CNN with SwitchNorm against the same network with BatchNorm.
 
 Writes ``layer-<device>.json`` (every median and memory figure) and
-``layer-<device>.md`` (ratios to SwitchNorm and the targets of issue 4) to
+``layer-<device>.md`` (ratios to SwitchNorm and the performance targets in TARGETS) to
 ``--out`` (default ``benchmarks/results``).
 """
 
@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switchnorm import default_normalizers, default_num_groups
 from switchnorm import linen as snn
-from switchnorm._core import default_normalizers, default_num_groups
 
 SHAPES: tuple[tuple[int, ...], ...] = (
     (32, 32, 32, 64),
@@ -275,7 +275,7 @@ def train_step_fns(batch: int, size: int, features: int, dtype: str):
 
 
 def resnet_step_fns(batch: int, size: int):
-    """The training issue's residual CNN (``switchnorm.train``), ``--norm sn`` vs ``bn``.
+    """The residual CNN of the training wing (``switchnorm.train``), ``--norm sn`` vs ``bn``.
 
     Its ``bn`` is SwitchNorm restricted to bn (Flax BatchNorm's exact math);
     the step mirrors ``switchnorm.train.loop.Trainer``'s: nnx.value_and_grad,
@@ -334,7 +334,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def target_checks(results: list[dict]) -> list[dict]:
-    """Every target of issue 4 on every float32 shape, with its ratio."""
+    """Every performance target (TARGETS) on every float32 shape, with its ratio."""
     index = {(r["shape"], r["dtype"], r["variant"], r["mode"]): r for r in results}
     checks = []
     for desc, other, mode, what, (kind, bound) in TARGETS:
@@ -441,7 +441,7 @@ def markdown(report: dict) -> str:
             "",
             f"## Full training step (SGD-momentum, batch {t['batch']}, {t['size']}x{t['size']}x3, {t['dtype']})",
             "",
-            "`resnet2d/*`: the training issue's `switchnorm.train` ResNet (widths 32, 64) with "
+            "`resnet2d/*`: the `switchnorm.train` ResNet (widths 32, 64) with "
             "`--norm sn` and `--norm bn` (SwitchNorm restricted to bn). `linen-cnn/*`: stem + 3 "
             f"residual blocks of {t['features']} channels, SwitchNorm vs `flax.linen.BatchNorm`.",
             "",
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         type=parse_shape,
         default=list(SHAPES),
-        help="shapes like 32x32x32x64 (default: the five of issue 4)",
+        help="shapes like 32x32x32x64 (default: the five in SHAPES)",
     )
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)

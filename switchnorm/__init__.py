@@ -6,15 +6,16 @@ learnable logits, so each layer learns which normalizer it wants.
 
     >>> import switchnorm                      # switchnorm.SwitchNorm: Flax NNX
     >>> from switchnorm import linen as snn    # snn.SwitchNorm: Flax Linen
+
+The submodules ``switchnorm.nnx`` and ``switchnorm.linen`` are importable but
+not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
+``flax.nnx`` and ``flax.linen`` in the importing namespace.
 """
 
-from switchnorm import linen, nnx
-from switchnorm._core import (
-    NORMALIZERS,
-    default_normalizers,
-    default_num_groups,
-    switch_norm,
-)
+from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
+from switchnorm._arguments import NORMALIZERS, default_normalizers, default_num_groups
+from switchnorm._core import switch_norm
+from switchnorm._stats import BatchStats
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import SwitchNorm
 
@@ -22,12 +23,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NORMALIZERS",
+    "BatchStats",
     "SwitchNorm",
     "default_normalizers",
     "default_num_groups",
     "format_mixing_weights",
-    "linen",
     "mixing_weights",
-    "nnx",
     "switch_norm",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from switchnorm import _core
+from switchnorm._arguments import NORMALIZERS, default_normalizers, validate_normalizers
+from switchnorm._cell_graph import mixing_weights_from_logits
 from switchnorm.nnx import SwitchNorm
+
+__all__ = ["LayerWeights", "format_mixing_weights", "mixing_weights"]
 
 LayerWeights = dict[str, dict[str, float]]
 """One layer's weights: ``{"mean": {name: w}, "var": {name: w}}``."""
@@ -21,12 +25,19 @@ def _weights(mean_logits: Any, var_logits: Any, names: Sequence[str]) -> LayerWe
         # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
         # then become float32 quietly when x64 is off, instead of warning.
         kind: dict(
-            zip(
-                names, np.asarray(_core.mixing_weights_from_logits(jnp.asarray(logits))).tolist(), strict=True
-            )
+            zip(names, np.asarray(mixing_weights_from_logits(jnp.asarray(logits))).tolist(), strict=True)
         )
         for kind, logits in (("mean", mean_logits), ("var", var_logits))
     }
+
+
+def _nnx_layer_weights(layer: SwitchNorm) -> LayerWeights:
+    """The weights an NNX layer blends: of the normalizers its last call used."""
+    names = layer.blended_normalizers
+    index = np.array([layer.normalizers.index(n) for n in names])
+    return _weights(
+        np.asarray(layer.mean_logits[...])[index], np.asarray(layer.var_logits[...])[index], names
+    )
 
 
 def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
@@ -34,11 +45,11 @@ def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
     if isinstance(normalizers, Mapping):
         normalizers = normalizers.get(path)
     if normalizers is not None:
-        names = _core.validate_normalizers(normalizers)
-    elif size == len(_core.NORMALIZERS):
-        names = _core.NORMALIZERS
+        names = validate_normalizers(normalizers)
+    elif size == len(NORMALIZERS):
+        names = NORMALIZERS
     elif size == 2:
-        names = _core.default_normalizers(2)
+        names = default_normalizers(2)
     else:
         raise ValueError(
             f"layer {path!r} has {size} logits, which is not a default set of "
@@ -76,9 +87,9 @@ def mixing_weights(
         one with 2 as ("bn", "ln"), the layer's own defaults.
 
     An NNX layer built with the default normalizers keeps logits for all four
-    and reports all four, also when it only ever sees (N, C) features, where
-    it blends just "bn" and "ln": build such layers with
-    ``normalizers=("bn", "ln")``.
+    but blends only "bn" and "ln" on (N, C) features; once it has been called
+    on such input it reports those two, weighted as it blends them, as the
+    Linen layer does (which creates only those two logits).
 
     Returns:
       ``{path: {"mean": {name: weight}, "var": {name: weight}}}`` in the order
@@ -97,9 +108,7 @@ def mixing_weights(
         out: dict[str, LayerWeights] = {}
         for path, node in nnx.iter_graph(model_or_variables):
             if isinstance(node, SwitchNorm):
-                out["/".join(str(p) for p in path)] = _weights(
-                    node.mean_logits[...], node.var_logits[...], node.normalizers
-                )
+                out["/".join(str(p) for p in path)] = _nnx_layer_weights(node)
         return out
     if isinstance(model_or_variables, nnx.State):
         model_or_variables = nnx.to_pure_dict(model_or_variables)
@@ -114,8 +123,23 @@ def mixing_weights(
     return out
 
 
+TIE_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
+"""Relative difference under which two weights tie: float32 rounding of a softmax."""
+
+
+def _dominant(row: Mapping[str, float]) -> str | None:
+    """The name of the largest weight, or None when another ties with it (e.g. four 0.25)."""
+    top = max(row, key=row.get)
+    tied = [n for n, w in row.items() if math.isclose(w, row[top], rel_tol=TIE_TOLERANCE)]
+    return top if len(tied) == 1 else None
+
+
 def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
-    """A plain-text table: one row per layer and kind, the dominant weight marked ``*``."""
+    """A plain-text table: one row per layer and kind, the dominant weight marked ``*``.
+
+    No weight is marked where the largest ones tie within float32 rounding,
+    as the four 0.250 of a freshly built layer do.
+    """
     names: list[str] = []
     for layer in weights.values():
         for name in layer["mean"]:
@@ -126,8 +150,8 @@ def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
     lines = [header, "-" * len(header)]
     for path, layer in weights.items():
         for kind in ("mean", "var"):
+            top = _dominant(layer[kind])
             row = layer[kind]
-            top = max(row, key=row.get)
             cells = "".join(
                 f"{row[n]:>7.3f}{'*' if n == top else ' '}" if n in row else f"{'-':>7} " for n in names
             )

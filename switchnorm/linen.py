@@ -11,7 +11,9 @@ from flax import linen as nn
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from switchnorm import _core
+from switchnorm import _arguments, _core, _stats
+
+__all__ = ["SwitchNorm"]
 
 Array = jax.Array
 
@@ -30,7 +32,10 @@ class SwitchNorm(nn.Module):
     ``mean_logits``, ``var_logits`` (collection ``params``); running averages
     ``mean`` and ``var`` of the bn term (collection ``batch_stats``, only when
     "bn" is used). As in ``BatchNorm``, running averages are not updated while
-    initializing.
+    initializing, and a NaN in a training batch makes that channel's running
+    averages NaN for good; empty input (N = 0 or a spatial size of 0) gives an
+    empty output and leaves them as they are. Arguments are checked at trace
+    time.
 
     Example::
 
@@ -49,8 +54,8 @@ class SwitchNorm(nn.Module):
       num_groups: gn group count; ``None`` picks the largest divisor of C that
         is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
       group_size: gn channels per group; give this or ``num_groups``.
-      momentum: decay rate of the running averages (Flax's EMA rule).
-      epsilon: a small float added to the mixed variance.
+      momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
+      epsilon: a small float > 0 added to the mixed variance.
       dtype: the dtype of the result (default: the input's dtype).
       param_dtype: the dtype of the parameters and logits (default: float32).
       use_bias: if True, bias (beta) is added.
@@ -91,17 +96,10 @@ class SwitchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        _core.check_input(x, ())
-        normalizers = _core.validate_normalizers(
-            _core.default_normalizers(x.ndim) if self.normalizers is None else self.normalizers
-        )
+        config, momentum = self._checked_config(x, use_running_average)
         num_channels = x.shape[-1]
-        for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean")):
-            if self.has_variable(collection, name):
-                built_for = self.get_variable(collection, name).shape[-1]
-                _core.check_input(x, (), built_for)
         feature_shape = (num_channels,)
-        logits_shape = (len(normalizers),)
+        logits_shape = (len(config.normalizers),)
         mean_logits = self.param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
         var_logits = self.param("var_logits", initializers.zeros, logits_shape, self.param_dtype)
         scale = (
@@ -109,29 +107,49 @@ class SwitchNorm(nn.Module):
         )
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
         ra_mean = ra_var = None
-        if "bn" in normalizers:
+        if "bn" in config.normalizers:
             ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
             ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
 
-        initializing = self.is_initializing()
-        y, batch_stats = _core.switch_norm(
-            x,
-            mean_logits,
-            var_logits,
+        arrays = _core.LayerArrays(
+            mean_logits=mean_logits,
+            var_logits=var_logits,
             scale=scale,
             bias=bias,
-            normalizers=normalizers,
-            num_groups=self.num_groups,
-            group_size=self.group_size,
-            epsilon=self.epsilon,
-            use_running_average=use_running_average,
             running_mean=ra_mean.value if ra_mean is not None else None,
             running_var=ra_var.value if ra_var is not None else None,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
         )
-        if batch_stats is not None and not initializing:
-            ra_mean.value = _core.update_running_average(ra_mean.value, batch_stats.mean, self.momentum)
-            ra_var.value = _core.update_running_average(ra_var.value, batch_stats.var, self.momentum)
+        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
+        if batch_stats is not None and not self.is_initializing():
+            ra_mean.value = _stats.update_running_average(ra_mean.value, batch_stats.mean, momentum)
+            ra_var.value = _stats.update_running_average(ra_var.value, batch_stats.var, momentum)
         return y
+
+    def _checked_config(self, x: Array, use_running_average: bool) -> tuple[_core.GraphConfig, float]:
+        """The checked configuration for this input, and the checked momentum."""
+        rank = len(getattr(x, "shape", ()))
+        normalizers = _arguments.validate_normalizers(
+            _arguments.default_normalizers(rank) if self.normalizers is None else self.normalizers
+        )
+        _arguments.check_input(x, normalizers, self._built_for())
+        num_channels = x.shape[-1]
+        config = _core.GraphConfig(
+            normalizers=normalizers,
+            num_groups=(
+                _arguments.resolve_num_groups(num_channels, self.num_groups, self.group_size)
+                if "gn" in normalizers
+                else 1
+            ),
+            epsilon=_arguments.check_epsilon(self.epsilon),
+            use_running_average=bool(use_running_average),
+            axis_name=None if self.is_initializing() else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        return config, _arguments.check_momentum(self.momentum)
+
+    def _built_for(self) -> int | None:
+        """The channel count of the variables already created, if any."""
+        for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean")):
+            if self.has_variable(collection, name):
+                return self.get_variable(collection, name).shape[-1]
+        return None

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
 from flax.typing import Dtype, Initializer
 
-from switchnorm import _core
+from switchnorm import _arguments, _core, _stats
+
+__all__ = ["SwitchNorm"]
 
 Array = jax.Array
 
@@ -29,7 +31,18 @@ class SwitchNorm(nnx.Module):
     Normalization", ICLR 2019. A drop-in replacement for ``nnx.BatchNorm`` on
     any channels-last input of rank >= 2; ``model.train()`` / ``model.eval()``
     switch it the same way. Only the bn term keeps running averages; in, ln and
-    gn always use the statistics of each sample.
+    gn always use the statistics of each sample. As in Flax's BatchNorm, a NaN
+    in a training batch makes that channel's running averages NaN for good
+    (reinitialise them, or restore a checkpoint); empty input (N = 0 or a
+    spatial size of 0) gives an empty output and leaves them as they are.
+
+    The parameters' shapes are fixed at construction, before the input's rank
+    is known: a layer with the default normalizers keeps logits for all four,
+    and on (N, C) input, which has no spatial extent, blends only "bn" and
+    "ln" (the softmax of their two logits, as the Linen layer, which creates
+    only those two). It records the last input's rank, so that
+    :attr:`blended_normalizers` and :func:`switchnorm.mixing_weights` report
+    the normalizers it blends; the "in" and "gn" logits then get no gradient.
 
     Example::
 
@@ -43,16 +56,15 @@ class SwitchNorm(nnx.Module):
     Attributes:
       num_features: the number of channels C (last axis of the input).
       normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
-        of the logits. ``None`` (default) means all four; on (N, C) input, which
-        has no spatial extent, such a layer blends only "bn" and "ln" (the "in"
-        and "gn" logits are then unused). Pass ``("bn", "ln")`` for a layer that
-        only ever sees (N, C) features.
+        of the logits. ``None`` (default) means all four, of which only "bn"
+        and "ln" on (N, C) input (see above). Pass ``("bn", "ln")`` for a layer
+        that only ever sees (N, C) features: it then holds only those logits.
       num_groups: gn group count; ``None`` picks the largest divisor of C that
         is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
       group_size: gn channels per group; give this or ``num_groups``.
       use_running_average: if True, the bn term uses the running averages.
-      momentum: decay rate of the running averages (Flax's EMA rule).
-      epsilon: a small float added to the mixed variance.
+      momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
+      epsilon: a small float > 0 added to the mixed variance.
       dtype: the dtype of the result (default: the input's dtype).
       param_dtype: the dtype of the parameters and logits (default: float32).
       use_bias: if True, bias (beta) is added.
@@ -64,6 +76,8 @@ class SwitchNorm(nnx.Module):
         none is needed. Without it, each device uses its own batch.
       axis_index_groups: groups of axis indices within that named axis.
       rngs: rng key.
+      last_input_rank: the rank of the input at the last call (``None`` before
+        the first), a static attribute.
     """
 
     def __init__(
@@ -86,17 +100,19 @@ class SwitchNorm(nnx.Module):
         axis_index_groups: Any = None,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
         self.uses_default_normalizers = normalizers is None
-        self.normalizers = _core.validate_normalizers(
-            _core.NORMALIZERS if normalizers is None else normalizers
+        self.normalizers = _arguments.validate_normalizers(
+            _arguments.NORMALIZERS if normalizers is None else normalizers
         )
         self.num_groups = (
-            _core.resolve_num_groups(num_features, num_groups, group_size)
+            _arguments.resolve_num_groups(num_features, num_groups, group_size)
             if "gn" in self.normalizers
             else None
         )
+        momentum = _arguments.check_momentum(momentum)
+        epsilon = _arguments.check_epsilon(epsilon)
         feature_shape = (num_features,)
         logits_shape = (len(self.normalizers),)
         self.mean_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
@@ -124,6 +140,7 @@ class SwitchNorm(nnx.Module):
         self.use_scale = use_scale
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
+        self.last_input_rank: int | None = None
 
     def set_view(self, use_running_average: bool | None = None):
         """Class method used by ``nnx.view``, as on ``nnx.BatchNorm``.
@@ -134,11 +151,21 @@ class SwitchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def active_normalizers(self, rank: int) -> tuple[str, ...]:
+    def _active_normalizers(self, rank: int) -> tuple[str, ...]:
         """The normalizers this layer blends for an input of the given rank."""
         if self.uses_default_normalizers and rank == 2:
-            return _core.default_normalizers(rank)
+            return _arguments.default_normalizers(rank)
         return self.normalizers
+
+    @property
+    def blended_normalizers(self) -> tuple[str, ...]:
+        """The normalizers the last call blended: ``normalizers`` before any call.
+
+        A layer built with the default normalizers blends only ("bn", "ln") on
+        (N, C) input; :func:`switchnorm.mixing_weights` reports those.
+        """
+        rank = self.last_input_rank
+        return self.normalizers if rank is None else self._active_normalizers(rank)
 
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         """Normalizes ``x`` (shape (N, *spatial, C)) with the learned blend.
@@ -150,38 +177,57 @@ class SwitchNorm(nnx.Module):
         Returns:
           The normalized input, same shape, dtype ``self.dtype`` or the input's.
         """
-        use_running_average = first_from(
-            use_running_average,
-            self.use_running_average,
-            error_msg="No use_running_average argument was given to SwitchNorm.",
-        )
-        _core.check_input(x, (), self.num_features)  # rank, dtype, channel count
-        active = self.active_normalizers(x.ndim)
-        index = jnp.array([self.normalizers.index(n) for n in active])
-        mean_logits, var_logits = self.mean_logits[...], self.var_logits[...]
-        if active != self.normalizers:
-            mean_logits, var_logits = mean_logits[index], var_logits[index]
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError("No use_running_average argument was given to SwitchNorm.")
+        rank = len(getattr(x, "shape", ()))
+        active = self._active_normalizers(rank)
+        _arguments.check_input(x, active, self.num_features)  # rank, dtype, channel count
+        self._record_rank(rank)
         uses_bn = "bn" in active
-        y, batch_stats = _core.switch_norm(
-            x,
-            mean_logits,
-            var_logits,
-            scale=self.scale[...] if self.scale is not None else None,
-            bias=self.bias[...] if self.bias is not None else None,
+        config = _core.GraphConfig(
             normalizers=active,
-            num_groups=self.num_groups,
+            num_groups=self.num_groups or 1,
             epsilon=self.epsilon,
-            use_running_average=use_running_average,
-            running_mean=self.mean[...] if uses_bn else None,
-            running_var=self.var[...] if uses_bn else None,
+            use_running_average=bool(use_running_average),
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
         )
+        y, batch_stats = _core.normalize_checked(config, x, self._arrays(active, uses_bn), self.dtype)
         if batch_stats is not None:
             stop = jax.lax.stop_gradient
-            self.mean[...] = _core.update_running_average(
+            self.mean[...] = _stats.update_running_average(
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
-            self.var[...] = _core.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
+            self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
         return y
+
+    def _record_rank(self, rank: int) -> None:
+        """Sets ``last_input_rank``, a static attribute, where it changes and NNX allows it.
+
+        Under a plain JAX transform that closes over the layer (``nnx.eval_shape(lambda:
+        model(x))``, ``jax.jit`` of a closure) NNX refuses any mutation; the
+        call then goes on and the record stays as it was.
+        """
+        if self.last_input_rank == rank:
+            return
+        try:
+            self.last_input_rank = rank
+        except flax.errors.TraceContextError:
+            pass
+
+    def _arrays(self, active: tuple[str, ...], uses_bn: bool) -> _core.LayerArrays:
+        """The parameters and running averages, with the logits of the ``active`` normalizers."""
+        mean_logits, var_logits = self.mean_logits[...], self.var_logits[...]
+        if active != self.normalizers:
+            index = jnp.array([self.normalizers.index(n) for n in active])
+            mean_logits, var_logits = mean_logits[index], var_logits[index]
+        return _core.LayerArrays(
+            mean_logits=mean_logits,
+            var_logits=var_logits,
+            scale=self.scale[...] if self.scale is not None else None,
+            bias=self.bias[...] if self.bias is not None else None,
+            running_mean=self.mean[...] if uses_bn else None,
+            running_var=self.var[...] if uses_bn else None,
+        )

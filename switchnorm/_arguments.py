@@ -1,0 +1,174 @@
+"""The layer's arguments: their defaults, and the checks that refuse bad ones.
+
+Important details:
+
+* Every check runs at construction (NNX) or at trace time (the functional
+  core, Linen), never on traced values, and each runs once per call: the
+  front ends check what they know at construction and hand the core checked
+  values (see :mod:`switchnorm._core`).
+* Every message names the argument, the bad value and the fix.
+* One place for each default: :data:`NORMALIZERS`, :func:`default_normalizers`
+  and :func:`default_num_groups` are what the front ends and
+  :mod:`switchnorm.inspect` use.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+NORMALIZERS: tuple[str, ...] = ("bn", "in", "ln", "gn")
+"""Every normalizer name, in the default order of the logits."""
+
+SPATIAL_NORMALIZERS: tuple[str, ...] = ("in", "gn")
+"""Normalizers that need a spatial extent, hence an input of rank >= 3."""
+
+MAX_DEFAULT_GROUPS = 32
+"""Flax GroupNorm's default group count, the most :func:`default_num_groups` picks."""
+
+
+def default_normalizers(rank: int) -> tuple[str, ...]:
+    """The normalizers that apply to a channels-last input of this rank.
+
+    (N, C) features have no spatial extent, so "in" and "gn" are meaningless
+    there and the default is ("bn", "ln"); any higher rank gets all four.
+    """
+    return NORMALIZERS if rank > 2 else ("bn", "ln")
+
+
+def default_num_groups(num_channels: int) -> int:
+    """Default group count for the gn term: always a valid grouping.
+
+    The largest divisor of ``num_channels`` that is at most
+    ``min(32, num_channels // 2)``: Flax GroupNorm's 32 groups where the channel
+    count allows it (64 -> 32, 256 -> 32), otherwise as many groups as keep at
+    least two channels per group, so gn stays distinct from in (16 -> 8,
+    48 -> 24, 3 -> 1). A prime channel count gets one group (gn equals ln).
+    """
+    limit = max(1, min(MAX_DEFAULT_GROUPS, num_channels // 2))
+    return max(g for g in range(1, limit + 1) if num_channels % g == 0)
+
+
+def validate_normalizers(normalizers: Sequence[str]) -> tuple[str, ...]:
+    """Returns ``normalizers`` as a tuple, or raises if a name is bad."""
+    if normalizers is None:
+        raise TypeError(
+            "normalizers=None: the functional core needs the names of its logits, in their order; "
+            "pass switchnorm.default_normalizers(x.ndim) for the layers' default."
+        )
+    if isinstance(normalizers, str):
+        raise TypeError(
+            f"normalizers must be a sequence of names such as ('bn', 'ln'), got the "
+            f"string {normalizers!r}; write ({normalizers!r},) for a single normalizer."
+        )
+    normalizers = tuple(normalizers)
+    if not normalizers:
+        raise ValueError(f"normalizers must name at least one of {NORMALIZERS}, got an empty sequence.")
+    for name in normalizers:
+        if name not in NORMALIZERS:
+            raise ValueError(
+                f"normalizers: unknown normalizer {name!r} in {normalizers}; choose from {NORMALIZERS}."
+            )
+    repeated = sorted({n for n in normalizers if normalizers.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"normalizers: {repeated} appear more than once in {normalizers}; "
+            "each normalizer may be named once."
+        )
+    return normalizers
+
+
+def _check_count(name: str, value: Any, num_channels: int) -> int:
+    """``value`` as a positive int dividing ``num_channels``, or a ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); write {name}=2.")
+    if value < 1 or num_channels % value:
+        raise ValueError(
+            f"{name}={value} does not divide the {num_channels} channels; "
+            "use a positive divisor of the channel count."
+        )
+    return int(value)
+
+
+def resolve_num_groups(num_channels: int, num_groups: int | None, group_size: int | None) -> int:
+    """The gn group count from GroupNorm-style ``num_groups`` / ``group_size``."""
+    if num_groups is not None and group_size is not None:
+        raise ValueError(
+            f"give num_groups or group_size, not both (got num_groups={num_groups}, group_size={group_size})."
+        )
+    if group_size is not None:
+        return num_channels // _check_count("group_size", group_size, num_channels)
+    if num_groups is None:
+        return default_num_groups(num_channels)
+    return _check_count("num_groups", num_groups, num_channels)
+
+
+def _real(name: str, value: Any, requirement: str) -> float:
+    """``value`` as a float, or a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float {requirement}, got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """``epsilon`` as a float if it is positive (NaN is not), else an error naming it."""
+    value = _real("epsilon", epsilon, "> 0")
+    if not value > 0:  # also NaN
+        raise ValueError(f"epsilon must be > 0 (it keeps 1 / sqrt(var + epsilon) finite), got {epsilon!r}.")
+    return value
+
+
+def check_momentum(momentum: Any) -> float:
+    """``momentum`` as a float if it is in [0, 1] (NaN is not), else an error naming it."""
+    value = _real("momentum", momentum, "in [0, 1]")
+    if not 0.0 <= value <= 1.0:  # also NaN
+        raise ValueError(
+            f"momentum must be in [0, 1] (the running average keeps this fraction of itself "
+            f"each step, as in Flax), got {momentum!r}; 0.99 is the default."
+        )
+    return value
+
+
+def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None = None) -> None:
+    """Raises ``TypeError``/``ValueError`` if ``x`` cannot go through the layer."""
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"SwitchNorm expects an array, got {type(x).__name__}.")
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"SwitchNorm expects a channels-last input of rank >= 2 such as (N, C) or "
+            f"(N, H, W, C), got shape {shape} (rank {len(shape)})."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"SwitchNorm expects a floating-point input, got dtype {dtype}; "
+            "cast it with x.astype(jnp.float32) first."
+        )
+    if shape[-1] == 0:
+        raise ValueError(
+            f"the input has shape {shape}: no channels (its last axis has size 0) to normalize; "
+            "SwitchNorm needs at least one channel."
+        )
+    if num_features is not None and shape[-1] != num_features:
+        raise ValueError(
+            f"the input has {shape[-1]} channels (last axis of shape {shape}) "
+            f"but the layer was built for num_features={num_features}."
+        )
+    if len(shape) == 2:
+        spatial = [n for n in normalizers if n in SPATIAL_NORMALIZERS]
+        if spatial:
+            raise ValueError(
+                f"normalizers {spatial} need a spatial extent, but the input has shape "
+                f"{shape} (N, C); use ('bn', 'ln') for dense features."
+            )
+
+
+def check_shape(name: str, value: Any, shape: tuple[int, ...], why: str) -> None:
+    """Raises a ValueError naming ``name`` unless ``value`` is None or has ``shape``."""
+    if value is not None and tuple(jnp.shape(value)) != shape:
+        raise ValueError(f"{name} has shape {tuple(jnp.shape(value))}, expected {shape} {why}.")

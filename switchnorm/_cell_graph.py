@@ -1,0 +1,129 @@
+"""Everything between the two passes over x: from cell sums to the blend, on (N, C) arrays.
+
+Important details:
+
+* The graph sees only (N, C)-sized arrays: the statistics pass's sums in,
+  the blended mean and the factor ``a = scale / sqrt(mix_var + epsilon)`` of
+  every cell out (docs/design.md, "The blend and the normalization"). The
+  custom backward pass differentiates this function alone with plain JAX
+  autodiff ("The backward pass").
+* Both softmaxes are the rows of one (2, K) array: one set of small kernels.
+* With ``use_running_average`` only the bn term changes, to the running
+  averages; in, ln and gn always use each sample's own statistics ("Running
+  averages and inference").
+* Reductions run in ``compute_dtype``: float32 for half-precision input,
+  float64 for float64 ("Numerics: dtypes, range, empty input").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from switchnorm._stats import BatchStats, ScopeStats, cell_stats, scope_stats
+
+Array = jax.Array
+
+
+def mixing_weights_from_logits(logits: Array) -> Array:
+    """softmax over a layer's logits: the weight of each normalizer."""
+    return jax.nn.softmax(jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32)))
+
+
+def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
+    """mix_mean = sum_k w_mean_k * mean_k,  mix_var = sum_k w_var_k * var_k."""
+    mix_mean = sum(w * s.mean for w, s in zip(mean_weights, stats, strict=True))
+    mix_var = sum(w * s.var for w, s in zip(var_weights, stats, strict=True))
+    return ScopeStats(mean=mix_mean, var=mix_var)
+
+
+class GraphInputs(NamedTuple):
+    """The small differentiable inputs of the layer: everything but x and bias."""
+
+    mean_logits: Array
+    var_logits: Array
+    scale: Array | None
+    running_mean: Array | None
+    running_var: Array | None
+
+
+class GraphConfig(NamedTuple):
+    """The layer's static configuration (already checked), as the cell graph needs it."""
+
+    normalizers: tuple[str, ...]
+    num_groups: int
+    epsilon: float
+    use_running_average: bool
+    axis_name: Any
+    axis_index_groups: Any
+
+
+def _batch_stats(scope: ScopeStats, shift: Array, config: GraphConfig) -> BatchStats:
+    """The bn scope's absolute batch mean and variance per channel, for the running averages."""
+    batch_mean = (shift + scope.mean)[0]
+    if config.axis_name is not None:
+        # shift is per device, so this sum can differ in the last bit between
+        # devices and is not typed as replicated; one pmean of C values makes
+        # the running mean identical everywhere (shard_map out_specs=P()
+        # accepts it, as with nn.BatchNorm).
+        batch_mean = lax.pmean(batch_mean, config.axis_name, axis_index_groups=config.axis_index_groups)
+    return BatchStats(mean=batch_mean, var=scope.var[0])
+
+
+def cell_graph(
+    config: GraphConfig,
+    compute_dtype: Any,
+    shift: Array,
+    inverse_unit: Array,
+    s1: Array,
+    s2: Array,
+    count: int,
+    inputs: GraphInputs,
+) -> tuple[Array, Array, BatchStats | None]:
+    """From the cell sums to ``(mix_mean, a, batch_stats)``.
+
+    ``s1``, ``s2`` are the statistics pass's scaled shifted sums of every
+    (n, c) cell (K = ``shift``, see :func:`switchnorm._stats.cell_stats`);
+    the normalize pass needs ``y = ((x - K) - mix_mean) * a + bias`` with
+
+    * ``mix_mean``: the blended mean, relative to K;
+    * ``a = scale / sqrt(mix_var + epsilon)``;
+
+    ``batch_stats`` is the bn scope's batch mean and variance for the running
+    averages (``None`` without "bn" or with ``use_running_average``).
+    """
+    cells = cell_stats(shift, inverse_unit, s1, s2, count)
+    dtype = compute_dtype
+    stats, batch_stats = [], None
+    for name in config.normalizers:
+        if name == "bn" and config.use_running_average:
+            running_var = inputs.running_var.astype(dtype)
+            stats.append(
+                ScopeStats(
+                    mean=inputs.running_mean.astype(dtype)[None, :] - shift,
+                    var=jnp.broadcast_to(running_var, cells.mean.shape),
+                )
+            )
+            continue
+        scope = scope_stats(
+            cells,
+            name,
+            num_groups=config.num_groups,
+            axis_name=config.axis_name,
+            axis_index_groups=config.axis_index_groups,
+        )
+        if name == "bn":
+            batch_stats = _batch_stats(scope, shift, config)
+        stats.append(scope)
+    mean_weights, var_weights = mixing_weights_from_logits(
+        jnp.stack([inputs.mean_logits, inputs.var_logits])
+    ).astype(dtype)
+    mixed = blend(stats, mean_weights, var_weights)
+    a = lax.rsqrt(mixed.var + config.epsilon)
+    if inputs.scale is not None:
+        a = a * inputs.scale.astype(dtype)
+    return mixed.mean, a, batch_stats

@@ -1,0 +1,246 @@
+"""The two passes over x, and a custom VJP whose backward pass has the same two passes.
+
+The layer is
+
+1. the *statistics pass*: per (n, c) cell, with K = x[n, first position, c]
+   and u = 1 (or, where a sum of squares overflows, a power of two near
+   1 / max(|K|, 1)), the sums ``s1 = sum_s (x - K) u``
+   and ``s2 = sum_s ((x - K) u)^2``;
+2. the *cell graph* (``graph`` below, :func:`switchnorm._cell_graph.cell_graph`):
+   everything on (N, C)-sized arrays, from (s1, s2) to the blended mean
+   ``mix_mean`` (relative to K) and the factor ``a = scale / sqrt(mix_var + eps)``;
+3. the *normalize pass*: ``y = ((x - K) - mix_mean) * a + bias``.
+
+Important details:
+
+* K keeps the sums' digits when |mean| >> std, and u keeps the squares
+  finite for data of any magnitude (docs/design.md, "One pass: shifted sums
+  per cell" and "Numerics: dtypes, range, empty input"). Both are constants
+  for differentiation.
+* The backward pass (docs/design.md, "The backward pass"), with
+  ``d = x - K`` and a cotangent ``dy``, is one reduction pass,
+  ``r1 = sum_s dy`` and ``r2 = sum_s dy * (d - mix_mean)`` (the cotangents of
+  ``mix_mean``, ``-a * r1``, and of ``a``, ``r2``); the VJP of the cell graph
+  (plain autodiff on (N, C) arrays), which turns them into the cotangents
+  ``g1``, ``g2`` of ``s1``, ``s2`` and the parameters'; and one elementwise
+  pass, ``dx = a * dy + u * g1 + 2 u^2 * g2 * d``.
+* Why a custom VJP: under plain autodiff XLA fuses the whole transposed cell
+  graph (broadcasts from per-channel, per-sample and per-group shapes) into
+  the final elementwise pass over x and recomputes it for every element; on
+  CPU that one fusion cost more than the rest of the backward pass. Here the
+  cell graph's cotangents are (N, C) arrays before the last pass starts.
+* Reverse mode of any order works (the backward pass is plain JAX); forward
+  mode (``jax.jvp``, ``jax.jacfwd``) does not, as for any ``jax.custom_vjp``:
+  :func:`normalize_autodiff` is the same layer under plain autodiff for that.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from switchnorm._stats import power_of_two_scale
+
+Array = jax.Array
+
+CellGraph = Callable[[Array, Array, Array, int, Any], tuple[Array, Array, Any]]
+"""``graph(shift, inverse_unit, s1, s2, count, inputs) -> (mix_mean, a, batch_stats)``."""
+
+MIN_COUNT_FOR_BOUNDARY = 16
+"""Cells smaller than this skip :func:`_fusion_boundary`: the cell graph is then
+nearly as large as x, recomputing it is cheap and the boundary is not."""
+
+
+def _to_cells(x: Array) -> Array:
+    """(N, *S, C) -> (N, m, C), m = prod(S) (1 for rank 2)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _per_cell(v: Array) -> Array:
+    """(N, C) -> (N, 1, C), to broadcast over the cells' positions."""
+    return v[:, None, :]
+
+
+def _count(x: Array) -> int:
+    """Elements per (n, c) cell."""
+    return x.size // (x.shape[0] * x.shape[-1])
+
+
+def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
+    """The (N, C) arrays unchanged, computed before the pass over x that reads them.
+
+    An XLA:CPU workaround, applied only when tracing for the CPU backend
+    (``jax.default_backend()``), where it was measured: XLA fuses cheap
+    elementwise producers into their consumers. For the cell graph that
+    means recomputing its whole (N, C)-sized tail, broadcasts from
+    per-channel, per-sample and per-group shapes included, once for every
+    element of x: on CPU that made the last pass over x 4x slower than
+    BatchNorm's. ``lax.optimization_barrier`` is dropped before fusion on CPU;
+    a cumulative sum along a new axis of length 2 (``v`` then ``v + 0``, so
+    exactly ``v``) is a reduce-window, which XLA does not fuse into a loop.
+    ``count`` is the number of elements per cell (see MIN_COUNT_FOR_BOUNDARY).
+    """
+    if count < MIN_COUNT_FOR_BOUNDARY or jax.default_backend() != "cpu":
+        return cells
+    return tuple(lax.cumsum(jnp.stack([c, jnp.zeros_like(c)], axis=-1), axis=c.ndim)[..., 1] for c in cells)
+
+
+def _centred(x: Array, shift: Array, compute_dtype: Any) -> Array:
+    """x - K per cell, (N, m, C); exactly zero when every cell holds one element."""
+    cells = _to_cells(x).astype(compute_dtype)
+    if cells.shape[1] == 1:  # (N, C) input: K is x itself; let XLA know.
+        return jnp.zeros_like(cells)
+    return cells - _per_cell(shift)
+
+
+def _overflowed(s2: Array) -> Array:
+    """Whether any cell's sum of squares overflowed (NaN data does not count)."""
+    return jnp.any(jnp.isinf(s2))
+
+
+def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
+    """The statistics pass: ``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` per cell.
+
+    K is the cell's first element, a constant for differentiation. u is 1,
+    unless some cell's sum of squares overflows: then the pass is taken again
+    with u the :func:`power_of_two_scale` of every cell's K (a ``lax.cond``:
+    data within range pays one check of the (N, C) sums, not a rescaling of
+    every element, which cost 10-25 % on CPU).
+    """
+    cells = _to_cells(x).astype(compute_dtype)
+    shift = lax.stop_gradient(cells[:, 0, :])
+    centred = cells - _per_cell(shift)
+    s1, s2 = jnp.sum(centred, axis=1), jnp.sum(centred * centred, axis=1)
+
+    def rescaled(operands):
+        x, shift, s1 = operands
+        unit, inverse_unit = power_of_two_scale(shift)
+        scaled = (_to_cells(x).astype(compute_dtype) - _per_cell(shift)) * _per_cell(unit)
+        # sum(d) u is sum(d u) exactly: u is a power of two.
+        return unit, inverse_unit, s1 * unit, jnp.sum(scaled * scaled, axis=1)
+
+    def as_is(operands):
+        ones = jnp.ones_like(shift)
+        return ones, ones, s1, s2
+
+    unit, inverse_unit, s1, s2 = lax.cond(_overflowed(s2), rescaled, as_is, (x, shift, s1))
+    return shift, unit, inverse_unit, s1, s2
+
+
+def normalize_pass(
+    x: Array, shift: Array, mix_mean: Array, a: Array, bias: Array | None, compute_dtype: Any, out_dtype: Any
+) -> Array:
+    """The normalize pass: ``y = ((x - K) - mix_mean) * a + bias``.
+
+    The mean is removed in K's frame, so float32 keeps its digits when
+    |mean| >> std (folding it into ``x * a + b`` would lose them).
+    """
+    cells = _to_cells(x).astype(compute_dtype)
+    y = (cells - _per_cell(shift) - _per_cell(mix_mean)) * _per_cell(a)
+    if bias is not None:
+        y = y + bias.astype(compute_dtype)
+    return y.reshape(x.shape).astype(out_dtype)
+
+
+def normalize_autodiff(
+    graph: CellGraph, compute_dtype: Any, out_dtype: Any, x: Array, inputs: Any, bias: Array | None
+) -> tuple[Array, Any]:
+    """Statistics pass, cell graph, normalize pass; differentiated by JAX."""
+    count = _count(x)
+    shift, _, inverse_unit, s1, s2 = shifted_sums(x, compute_dtype)
+    s1, s2 = _fusion_boundary(s1, s2, count=count)
+    mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
+    mix_mean, a = _fusion_boundary(mix_mean, a, count=count)
+    return normalize_pass(x, shift, mix_mean, a, bias, compute_dtype, out_dtype), batch_stats
+
+
+def _like(cotangent: Array, primal: Array) -> Array:
+    """The cotangent, summed over the shard_map axes where only it varies.
+
+    Under ``jax.shard_map`` a value can be replicated over an axis (e.g. a
+    bn-only ``a``, built from ``pmean``-ed statistics) while the reduction of
+    the local ``dy`` varies; autodiff transposes the implicit broadcast into a
+    ``psum``, and so must this hand-written VJP.
+    """
+    extra = _varying_axes(cotangent) - _varying_axes(primal)
+    return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
+def _varying_axes(v: Array) -> frozenset:
+    """The shard_map axes over which ``v`` varies (empty outside shard_map)."""
+    aval = jax.typeof(v)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def normalize(
+    graph: CellGraph, compute_dtype: Any, out_dtype: Any, x: Array, inputs: Any, bias: Array | None
+) -> tuple[Array, Any]:
+    """:func:`normalize_autodiff` with the two-pass backward of this module.
+
+    Args:
+      graph: the cell graph (static: it carries the layer's configuration).
+      compute_dtype: dtype of the reductions and the normalize step.
+      out_dtype: dtype of y.
+      x: the input, (N, *spatial, C).
+      inputs: pytree of the small differentiable inputs the graph reads.
+      bias: (C,) offset or None.
+
+    Returns:
+      ``(y, batch_stats)``.
+    """
+    return _forward(graph, compute_dtype, out_dtype, x, inputs, bias)[0]
+
+
+def _forward(graph, compute_dtype, out_dtype, x, inputs, bias):
+    """The primal output and the residuals: x, K, the sums and the small inputs."""
+    count = _count(x)
+    if count == 1:  # (N, C) input: the cells' shifted sums are exactly zero.
+        shift = _to_cells(x)[:, 0, :].astype(compute_dtype)
+        s1 = s2 = jnp.zeros_like(shift)
+        unit = inverse_unit = jnp.ones_like(shift)
+    else:
+        shift, unit, inverse_unit, s1, s2 = shifted_sums(x, compute_dtype)
+    mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
+    mix_mean, a = _fusion_boundary(mix_mean, a, count=count)
+    y = normalize_pass(x, shift, mix_mean, a, bias, compute_dtype, out_dtype)
+    return (y, batch_stats), (x, shift, unit, inverse_unit, s1, s2, inputs, bias)
+
+
+def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
+    """One reduction pass over (dy, x), the cell graph's VJP, one elementwise pass."""
+    del out_dtype
+    x, shift, unit, inverse_unit, s1, s2, inputs, bias = residuals
+    count = _count(x)
+    # The cell graph again, on (N, C) arrays: cheaper to redo than to keep, and
+    # its VJP is traced here, where the cotangents' types (e.g. varying over a
+    # shard_map axis) are known.
+    (mix_mean, a, _), graph_vjp = jax.vjp(
+        lambda s1, s2, inputs: graph(shift, inverse_unit, s1, s2, count, inputs), s1, s2, inputs
+    )
+    dy, batch_stats_bar = cotangents
+    dy = _to_cells(dy).astype(compute_dtype)
+    centred = _centred(x, shift, compute_dtype)
+    r1 = jnp.sum(dy, axis=1)
+    r2 = jnp.sum(dy * (centred - _per_cell(mix_mean)), axis=1)
+    g1, g2, inputs_bar = graph_vjp((_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar))
+    # ds1/dx = u and ds2/dx = 2 u^2 (x - K): u folded into the (N, C) cotangents
+    # ((g2 * u) * u, since u^2 alone can underflow).
+    a, g1, g2 = _fusion_boundary(a, g1 * unit, 2.0 * g2 * unit * unit, count=count)
+    dx = _per_cell(a) * dy + _per_cell(g1) + _per_cell(g2) * centred
+    dx = dx.reshape(x.shape).astype(x.dtype)
+    # From the same (N, m, C) view as r1 (XLA merges sum(r1, 0) into a reduce
+    # of the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
+    bias_bar = None if bias is None else _like(jnp.sum(dy, axis=(0, 1)), bias).astype(bias.dtype)
+    return dx, inputs_bar, bias_bar
+
+
+normalize.defvjp(_forward, _backward)
