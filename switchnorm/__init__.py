@@ -15,6 +15,7 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
 from switchnorm._arguments import NORMALIZERS, default_normalizers, default_num_groups
 from switchnorm._core import switch_norm
+from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import SwitchNorm
@@ -29,5 +30,6 @@ __all__ = [
     "default_num_groups",
     "format_mixing_weights",
     "mixing_weights",
+    "sparsestmax",
     "switch_norm",
 ]
