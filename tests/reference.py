@@ -151,7 +151,7 @@ unit variance."""
 def float32_tolerance(want, ulps: int = FLOAT32_ULPS, dtype=np.float32) -> float:
     """``ulps`` units in the last place of ``dtype``, at the scale of ``want``."""
     scale = float(np.max(np.abs(np.asarray(want, np.float64)))) if np.size(want) else 1.0
-    return ulps * float(np.finfo(dtype).eps) * max(scale, 1.0)
+    return ulps * float(jnp.finfo(dtype).eps) * max(scale, 1.0)
 
 
 def assert_matches(got, want, ulps: int = FLOAT32_ULPS, dtype=np.float32, err_msg: str = "") -> None:
