@@ -10,17 +10,10 @@ import pytest
 import reference
 from flax import linen as nn
 from flax import nnx
+from reference import ALL, SHAPES, C, assert_matches, data
 
 import switchnorm
 from switchnorm import linen as snn
-
-ALL = reference.ALL
-C = 6
-SHAPES = {2: (8, C), 3: (4, 5, C), 4: (3, 4, 3, C), 5: (2, 3, 2, 3, C)}
-
-
-def data(rng, shape, offset=0.0):
-    return jnp.asarray(reference.channel_input(rng, shape, offset), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -149,7 +142,7 @@ def test_use_scale_and_use_bias_false_leave_those_parameters_out(rng):
     variables = init(module, x)
     assert set(variables["params"]) == {"mean_logits", "var_logits"}
     y_ref, _, _ = reference.switch_norm(x, np.zeros(4), np.zeros(4), num_groups=3)
-    np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(train(module, variables, x)[0], y_ref)
 
 
 @pytest.mark.parametrize("rank", [2, 3, 5])
@@ -168,7 +161,7 @@ def test_random_parameters_match_float64_reference(rng, rank):
         normalizers=normalizers,
         num_groups=2,
     )
-    np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(train(module, variables, x)[0], y_ref)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 7, 37, 64, 100])
@@ -179,7 +172,7 @@ def test_defaults_work_for_any_channel_count(rng, channels):
     y_ref, _, _ = reference.switch_norm(
         x, np.zeros(4), np.zeros(4), num_groups=switchnorm.default_num_groups(channels)
     )
-    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(y, y_ref)
 
 
 def test_dtype_and_param_dtype(rng):
@@ -228,10 +221,10 @@ def test_inference_uses_running_averages_for_bn_only(rng):
         running_mean=running["mean"],
         running_var=running["var"],
     )
-    np.testing.assert_allclose(infer(module, variables, x), y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(infer(module, variables, x), y_ref)
     # The attribute works as well as the call argument.
     y_attr = snn.SwitchNorm(num_groups=2, use_running_average=True).apply(variables, x)
-    np.testing.assert_allclose(y_attr, y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(y_attr, y_ref)
 
 
 # --------------------------------------------------------------------------
@@ -282,7 +275,7 @@ def test_nnx_and_linen_agree_given_the_same_parameters(rng, dtype, param_dtype, 
     assert_same(y_linen, nnx_forward(layer, x))
     if uses_bn:
         for stat in ("mean", "var"):
-            reference.assert_matches(updates["batch_stats"][stat], getattr(layer, stat)[...], err_msg=stat)
+            assert_matches(updates["batch_stats"][stat], getattr(layer, stat)[...], err_msg=stat)
 
 
 # --------------------------------------------------------------------------
