@@ -104,6 +104,13 @@ C = 6
 SHAPES = {2: (8, C), 3: (4, 5, C), 4: (3, 4, 3, C), 5: (2, 3, 2, 3, C)}
 """One small channels-last shape per rank."""
 
+SINGLE_CASES = (
+    [("bn", r) for r in (2, 3, 4, 5)]
+    + [("ln", r) for r in (2, 3, 4, 5)]
+    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
+)
+"""(normalizer, rank) pairs a single-normalizer layer is compared with Flax's layer on."""
+
 NON_DEFAULT_EPSILONS = (0.1, 1.0)
 """Epsilons large enough that dropping epsilon, or moving it outside the square
 root, changes y by far more than float32 round-off."""

@@ -10,7 +10,7 @@ import pytest
 import reference
 from flax import linen as nn
 from flax import nnx
-from reference import ALL, SHAPES, C, assert_matches, data
+from reference import ALL, SHAPES, SINGLE_CASES, C, assert_matches, data
 
 import switchnorm
 from switchnorm import linen as snn
@@ -56,13 +56,6 @@ def flax_counterpart(name, rank):
             use_fast_variance=False,
         )
     return nn.GroupNorm(num_groups=3, epsilon=1e-5, use_fast_variance=False)
-
-
-SINGLE_CASES = (
-    [("bn", r) for r in (2, 3, 4, 5)]
-    + [("ln", r) for r in (2, 3, 4, 5)]
-    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
-)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import reference
 from flax import nnx
-from reference import ALL, SHAPES, C, assert_matches, data
+from reference import ALL, SHAPES, SINGLE_CASES, C, assert_matches, data
 
 import switchnorm
 
@@ -34,13 +34,6 @@ def flax_counterpart(name, rank):
             rngs=rngs,
         )
     return nnx.GroupNorm(C, num_groups=3, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
-
-
-SINGLE_CASES = (
-    [("bn", r) for r in (2, 3, 4, 5)]
-    + [("ln", r) for r in (2, 3, 4, 5)]
-    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
-)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)
