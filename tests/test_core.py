@@ -136,10 +136,14 @@ def test_epsilon_is_added_to_the_mixed_variance_under_the_square_root(
     assert_matches(y, y_ref)
 
 
-def test_dtype_sets_the_output_dtype(rng):
+def test_dtype_sets_the_output_dtype_and_rounds_the_float32_result_once(rng):
     case = random_case(rng, SHAPES[3], 4)
     y, _ = run_core(case, num_groups=2, dtype=jnp.bfloat16)
+    y_ref, _, _ = run_reference(case, num_groups=2)
     assert y.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it.
+    error = np.abs(np.asarray(y, np.float64) - y_ref)
+    assert np.all(error <= 2.0**-8 * np.abs(y_ref) + reference.float32_tolerance(y_ref))
 
 
 # --------------------------------------------------------------------------
