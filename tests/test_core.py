@@ -323,6 +323,30 @@ def test_vmap_over_an_ensemble_of_stacked_parameters(rng):
         np.testing.assert_allclose(ensemble[i], run_core(member, num_groups=2)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_axis_name_gives_bn_statistics_over_the_named_axis(rng):
+    # jax.vmap with an axis_name runs collectives in-process: two sub-batches of 3
+    # samples each must be normalized with the bn statistics of all 6.
+    case = random_case(rng, (6, 4, 3, 6), 4)
+    y_ref, bn_mean, bn_var = run_reference(case, num_groups=2)
+
+    def per_shard(x):
+        return switch_norm(
+            x,
+            case["mean_logits"],
+            case["var_logits"],
+            scale=case["scale"],
+            bias=case["bias"],
+            num_groups=2,
+            axis_name="batch",
+        )
+
+    y, stats = jax.jit(jax.vmap(per_shard, axis_name="batch"))(case["x"].reshape(2, 3, 4, 3, 6))
+    assert_matches(y.reshape(case["x"].shape), y_ref)
+    for shard in range(2):  # every shard returns the global batch statistics
+        assert_matches(stats.mean[shard], bn_mean)
+        assert_matches(stats.var[shard], bn_var)
+
+
 def test_checkpoint_gives_the_same_gradients(rng):
     case = random_case(rng, SHAPES[3], 4)
     target = jnp.asarray(rng.normal(size=SHAPES[3]), jnp.float32)
