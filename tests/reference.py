@@ -1,4 +1,4 @@
-"""Switchable Normalization in float64 NumPy, written straight from DESIGN.md section 1.
+"""Switchable Normalization in float64 NumPy, written straight from its definition (Luo et al., 2019).
 
 Deliberately naive and independent of :mod:`switchnorm`: every normalizer's
 statistics are taken with ``np.mean`` / ``np.var`` (biased) over that
