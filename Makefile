@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint wheel-check docs bench clean
+.PHONY: demo test test-quick lint wheel-check docs bench mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ docs: $(STAMP)
 ## Layer benchmark (see README, Performance).
 bench: $(STAMP)
 	$(PY) -m benchmarks.layer
+
+## Mutation testing of the core math with mutmut (slow, not in CI): plants small changes in
+## MUTATE_FILES and counts those the core's reference tests (see [tool.mutmut] in
+## pyproject.toml) catch. Runs every MUTATE_STRIDE-th mutant of each function, at nice 19.
+## Results: `$(VENV)/bin/mutmut results`, one mutant's diff: `$(VENV)/bin/mutmut show NAME`.
+MUTATE_FILES := switchnorm/_core.py switchnorm/_stats.py switchnorm/_cell_graph.py switchnorm/_passes.py
+MUTATE_STRIDE ?= 12
+MUTMUT := mutmut==3.8.1
+mutate: $(STAMP)
+	$(PY) -m pip install -q "$(MUTMUT)"
+	rm -rf mutants
+	mkdir -p build
+	nice -n 19 $(PY) tests/mutation_sample.py $(MUTATE_STRIDE) $(MUTATE_FILES) > build/mutants.txt
+	nice -n 19 $(VENV)/bin/mutmut run --max-children 2 $$(cat build/mutants.txt)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""Switchable Normalization in float64 NumPy, written straight from DESIGN.md section 1.
+"""Switchable Normalization in float64 NumPy, written straight from its definition (Luo et al., 2019).
 
 Deliberately naive and independent of :mod:`switchnorm`: every normalizer's
 statistics are taken with ``np.mean`` / ``np.var`` (biased) over that
@@ -9,6 +9,7 @@ tricks are wrong, this disagrees.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 ALL = ("bn", "in", "ln", "gn")
@@ -91,3 +92,78 @@ def switch_norm(
         y = y + np.asarray(bias, np.float64)
     axes = tuple(range(x.ndim - 1))
     return y, x.mean(axis=axes), x.var(axis=axes)
+
+
+# --------------------------------------------------------------------------
+# Shared test material: shapes, data, parameters, and how close is close.
+# --------------------------------------------------------------------------
+
+C = 6
+"""Channels of the small test inputs: 1, 2, 3 or 6 groups divide it."""
+
+SHAPES = {2: (8, C), 3: (4, 5, C), 4: (3, 4, 3, C), 5: (2, 3, 2, 3, C)}
+"""One small channels-last shape per rank."""
+
+SINGLE_CASES = (
+    [("bn", r) for r in (2, 3, 4, 5)]
+    + [("ln", r) for r in (2, 3, 4, 5)]
+    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
+)
+"""(normalizer, rank) pairs a single-normalizer layer is compared with Flax's layer on."""
+
+NON_DEFAULT_EPSILONS = (0.1, 1.0)
+"""Epsilons large enough that dropping epsilon, or moving it outside the square
+root, changes y by far more than float32 round-off."""
+
+
+def data(rng: np.random.Generator, shape, offset: float = 0.0, dtype=np.float32):
+    """:func:`channel_input` as a float32 (or ``dtype``) JAX array."""
+    return jnp.asarray(channel_input(rng, shape, offset), dtype)
+
+
+def near_epsilon_input(rng: np.random.Generator, shape, epsilon: float, dtype=np.float32):
+    """Test input whose first channels have a spread comparable to ``epsilon``.
+
+    Channel 0 has variance about epsilon / 4 and channel 1 about epsilon, so for
+    every normalizer that sees those channels alone (bn, in, and gn with one
+    channel per group) the variance and epsilon are of one size: any error in
+    where epsilon enters the formula moves y by tens of percent there.
+    """
+    x = channel_input(rng, shape)
+    x[..., 0] = 5.0 + np.sqrt(epsilon) / 2 * rng.normal(size=shape[:-1])
+    x[..., 1] = -2.0 + np.sqrt(epsilon) * rng.normal(size=shape[:-1])
+    return jnp.asarray(x, dtype)
+
+
+def random_case(rng: np.random.Generator, shape, num_logits: int, dtype=np.float32) -> dict:
+    """x with a different mean and spread per channel, random logits, scale, bias."""
+    c = shape[-1]
+    return dict(
+        x=jnp.asarray(channel_input(rng, shape), dtype),
+        mean_logits=jnp.asarray(rng.normal(size=num_logits), dtype),
+        var_logits=jnp.asarray(rng.normal(size=num_logits), dtype),
+        scale=jnp.asarray(rng.uniform(0.5, 1.5, c), dtype),
+        bias=jnp.asarray(rng.normal(size=c), dtype),
+    )
+
+
+FLOAT32_ULPS = 64
+"""Units of float32's last place a reference comparison allows, scaled by the
+size of the values compared. The layer's float32 error is a few ulps per
+reduction over a few dozen elements; 64 ulps (7.6e-6 relative) leaves room for
+that and still fails an error the size of the default epsilon (1e-5) against a
+unit variance."""
+
+
+def float32_tolerance(want, ulps: int = FLOAT32_ULPS, dtype=np.float32) -> float:
+    """``ulps`` units in the last place of ``dtype``, at the scale of ``want``."""
+    scale = float(np.max(np.abs(np.asarray(want, np.float64)))) if np.size(want) else 1.0
+    return ulps * float(jnp.finfo(dtype).eps) * max(scale, 1.0)
+
+
+def assert_matches(got, want, ulps: int = FLOAT32_ULPS, dtype=np.float32, err_msg: str = "") -> None:
+    """``got`` equals the float64 ``want`` up to float32 round-off at ``want``'s scale."""
+    tol = float32_tolerance(want, ulps, dtype)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=0, atol=tol, err_msg=err_msg
+    )

@@ -1,6 +1,7 @@
 """The Flax Linen front end, ``switchnorm.linen.SwitchNorm``, and its agreement with NNX."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +10,10 @@ import pytest
 import reference
 from flax import linen as nn
 from flax import nnx
+from reference import ALL, SHAPES, SINGLE_CASES, C, assert_matches, data
 
 import switchnorm
 from switchnorm import linen as snn
-
-ALL = reference.ALL
-C = 6
-SHAPES = {2: (8, C), 3: (4, 5, C), 4: (3, 4, 3, C), 5: (2, 3, 2, 3, C)}
-
-
-def data(rng, shape, offset=0.0):
-    return jnp.asarray(reference.channel_input(rng, shape, offset), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -62,13 +56,6 @@ def flax_counterpart(name, rank):
             use_fast_variance=False,
         )
     return nn.GroupNorm(num_groups=3, epsilon=1e-5, use_fast_variance=False)
-
-
-SINGLE_CASES = (
-    [("bn", r) for r in (2, 3, 4, 5)]
-    + [("ln", r) for r in (2, 3, 4, 5)]
-    + [(n, r) for n in ("in", "gn") for r in (3, 4, 5)]
-)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)
@@ -148,7 +135,7 @@ def test_use_scale_and_use_bias_false_leave_those_parameters_out(rng):
     variables = init(module, x)
     assert set(variables["params"]) == {"mean_logits", "var_logits"}
     y_ref, _, _ = reference.switch_norm(x, np.zeros(4), np.zeros(4), num_groups=3)
-    np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(train(module, variables, x)[0], y_ref)
 
 
 @pytest.mark.parametrize("rank", [2, 3, 5])
@@ -167,7 +154,7 @@ def test_random_parameters_match_float64_reference(rng, rank):
         normalizers=normalizers,
         num_groups=2,
     )
-    np.testing.assert_allclose(train(module, variables, x)[0], y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(train(module, variables, x)[0], y_ref)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 7, 37, 64, 100])
@@ -178,7 +165,7 @@ def test_defaults_work_for_any_channel_count(rng, channels):
     y_ref, _, _ = reference.switch_norm(
         x, np.zeros(4), np.zeros(4), num_groups=switchnorm.default_num_groups(channels)
     )
-    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(y, y_ref)
 
 
 def test_dtype_and_param_dtype(rng):
@@ -227,10 +214,10 @@ def test_inference_uses_running_averages_for_bn_only(rng):
         running_mean=running["mean"],
         running_var=running["var"],
     )
-    np.testing.assert_allclose(infer(module, variables, x), y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(infer(module, variables, x), y_ref)
     # The attribute works as well as the call argument.
     y_attr = snn.SwitchNorm(num_groups=2, use_running_average=True).apply(variables, x)
-    np.testing.assert_allclose(y_attr, y_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(y_attr, y_ref)
 
 
 # --------------------------------------------------------------------------
@@ -238,35 +225,50 @@ def test_inference_uses_running_averages_for_bn_only(rng):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rank", [2, 4])
-def test_nnx_and_linen_agree_given_the_same_parameters(rng, rank):
-    normalizers = ALL if rank > 2 else ("bn", "ln")
-    x = data(rng, SHAPES[rank])
-    layer = switchnorm.SwitchNorm(C, normalizers=normalizers, num_groups=2, rngs=nnx.Rngs(0))
-    for name, size in (("mean_logits", len(normalizers)), ("var_logits", len(normalizers)), ("bias", C)):
-        getattr(layer, name)[...] = jnp.asarray(rng.normal(size=size), jnp.float32)
-    layer.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, C), jnp.float32)
-    layer.mean[...] = jnp.asarray(rng.normal(size=C), jnp.float32)
-    layer.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, C), jnp.float32)
-
-    module = snn.SwitchNorm(normalizers=normalizers, num_groups=2)
-    variables = {  # copied across from the NNX layer
-        "params": nnx.to_pure_dict(nnx.state(layer, nnx.Param)),
-        "batch_stats": nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat)),
-    }
-    nnx_forward = nnx.jit(lambda m, x: m(x))
-    np.testing.assert_allclose(
-        infer(module, variables, x),
-        nnx_forward(nnx.view(layer, use_running_average=True), x),
-        rtol=1e-6,
-        atol=1e-6,
+AGREEMENT = list(
+    itertools.product(
+        [jnp.float32, jnp.bfloat16],  # dtype of the input and the output
+        [jnp.float32, jnp.bfloat16],  # param_dtype
+        [ALL, ("bn", "ln"), ("in", "gn")],  # ("bn", "ln") runs on (N, C) features
     )
+)
 
+
+@pytest.mark.parametrize(
+    "dtype, param_dtype, normalizers",
+    AGREEMENT,
+    ids=[f"{jnp.dtype(d).name}-{jnp.dtype(p).name}-{'-'.join(n)}" for d, p, n in AGREEMENT],
+)
+def test_nnx_and_linen_agree_given_the_same_parameters(rng, dtype, param_dtype, normalizers):
+    rank = 2 if normalizers == ("bn", "ln") else 4
+    x = data(rng, SHAPES[rank]).astype(dtype)
+    kwargs = dict(normalizers=normalizers, num_groups=2, dtype=dtype, param_dtype=param_dtype)
+    layer = switchnorm.SwitchNorm(C, rngs=nnx.Rngs(0), **kwargs)
+    for name, size in (("mean_logits", len(normalizers)), ("var_logits", len(normalizers)), ("bias", C)):
+        getattr(layer, name)[...] = jnp.asarray(rng.normal(size=size), param_dtype)
+    layer.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, C), param_dtype)
+    uses_bn = "bn" in normalizers
+    if uses_bn:
+        layer.mean[...] = jnp.asarray(rng.normal(size=C), jnp.float32)
+        layer.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, C), jnp.float32)
+
+    module = snn.SwitchNorm(**kwargs)
+    variables = {"params": nnx.to_pure_dict(nnx.state(layer, nnx.Param))}  # copied from the NNX layer
+    if uses_bn:
+        variables["batch_stats"] = nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
+    nnx_forward = nnx.jit(lambda m, x: m(x))
+
+    def assert_same(a, b):  # one computation twice: at most a rounding of the output dtype apart
+        assert a.dtype == b.dtype == dtype
+        tol = reference.float32_tolerance(np.asarray(b, np.float32), ulps=1, dtype=dtype)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=tol)
+
+    assert_same(infer(module, variables, x), nnx_forward(nnx.view(layer, use_running_average=True), x))
     y_linen, updates = train(module, variables, x)
-    y_nnx = nnx_forward(layer, x)
-    np.testing.assert_allclose(y_linen, y_nnx, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(updates["batch_stats"]["mean"], layer.mean[...], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(updates["batch_stats"]["var"], layer.var[...], rtol=1e-6, atol=1e-6)
+    assert_same(y_linen, nnx_forward(layer, x))
+    if uses_bn:
+        for stat in ("mean", "var"):
+            assert_matches(updates["batch_stats"][stat], getattr(layer, stat)[...], err_msg=stat)
 
 
 # --------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import ALL, channel_input
+import reference
+from reference import ALL, NON_DEFAULT_EPSILONS, channel_input, near_epsilon_input
 
 from switchnorm._core import switch_norm, switch_norm_autodiff
 
@@ -129,3 +130,157 @@ def test_forward_mode_is_available_through_the_autodiff_path(x64):
     f = lambda x: switch_norm_autodiff(x, args["mean_logits"], args["var_logits"], num_groups=2)[0]  # noqa: E731
     _, tangent = jax.jvp(f, (args["x"],), (jnp.ones_like(args["x"]),))
     assert np.all(np.isfinite(tangent))
+
+
+# --------------------------------------------------------------------------
+# Against the definition: finite differences of the float64 reference, and
+# forward mode against reverse mode.
+# --------------------------------------------------------------------------
+
+DIFFERENTIABLE = ("x", "mean_logits", "var_logits", "scale", "bias", "running_mean", "running_var")
+
+
+def reference_loss(args, normalizers, use_running_average, epsilon, dy):
+    running = {k: args[k] for k in ("running_mean", "running_var")} if use_running_average else {}
+    y, _, _ = reference.switch_norm(
+        args["x"],
+        args["mean_logits"],
+        args["var_logits"],
+        scale=args["scale"],
+        bias=args["bias"],
+        normalizers=normalizers,
+        num_groups=6,
+        epsilon=epsilon,
+        **running,
+    )
+    return float(np.sum(y * dy))
+
+
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
+@pytest.mark.parametrize("epsilon", NON_DEFAULT_EPSILONS)
+@pytest.mark.parametrize("shape, normalizers", [(SHAPE, ALL), ((5, 6), ("bn", "ln"))], ids=["rank4", "dense"])
+def test_gradients_equal_central_differences_of_the_float64_reference(
+    x64, shape, normalizers, epsilon, use_running_average
+):
+    # The custom VJP and autodiff share the forward graph, so comparing them cannot see
+    # a wrong formula; the reference is written independently from the definition.
+    rng = np.random.default_rng(4)
+    args, dy = make_args(shape, normalizers, seed=4)
+    args["x"] = near_epsilon_input(rng, shape, epsilon, dtype=np.float64)
+    args["running_var"] = args["running_var"] * epsilon  # a running variance of epsilon's size
+
+    def loss(a):
+        y, _ = switch_norm(
+            a["x"],
+            a["mean_logits"],
+            a["var_logits"],
+            scale=a["scale"],
+            bias=a["bias"],
+            normalizers=normalizers,
+            num_groups=6 if len(shape) > 2 else None,
+            epsilon=epsilon,
+            use_running_average=use_running_average,
+            running_mean=a["running_mean"],
+            running_var=a["running_var"],
+        )
+        return jnp.sum(y * dy)
+
+    grads = jax.jit(jax.grad(loss))(args)
+    h = 1e-6
+    for name in DIFFERENTIABLE:
+        if name.startswith("running") and not use_running_average:
+            continue
+        v = rng.normal(size=args[name].shape)
+        plus = {**args, name: args[name] + h * v}
+        minus = {**args, name: args[name] - h * v}
+        numeric = (
+            reference_loss(plus, normalizers, use_running_average, epsilon, np.asarray(dy))
+            - reference_loss(minus, normalizers, use_running_average, epsilon, np.asarray(dy))
+        ) / (2 * h)
+        analytic = float(jnp.sum(grads[name] * v))
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.5])
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
+def test_forward_mode_tangents_agree_with_reverse_mode_products(x64, use_running_average, epsilon):
+    # <J v, u> from jax.jvp of the autodiff path equals <v, J^T u> from the custom VJP.
+    args, u = make_args(SHAPE, ALL, seed=5)
+    rng = np.random.default_rng(7)
+    tangents = {k: jnp.asarray(rng.normal(size=a.shape)) for k, a in args.items()}
+
+    def layer(fn):
+        def f(a):
+            return fn(
+                a["x"],
+                a["mean_logits"],
+                a["var_logits"],
+                scale=a["scale"],
+                bias=a["bias"],
+                num_groups=2,
+                epsilon=epsilon,
+                use_running_average=use_running_average,
+                running_mean=a["running_mean"],
+                running_var=a["running_var"],
+            )[0]
+
+        return f
+
+    _, jv = jax.jit(lambda a, t: jax.jvp(layer(switch_norm_autodiff), (a,), (t,)))(args, tangents)
+    _, vjp = jax.vjp(layer(switch_norm), args)
+    (jtu,) = jax.jit(vjp)(u)
+    forward = float(jnp.sum(jv * u))
+    reverse = sum(float(jnp.sum(jtu[k] * tangents[k])) for k in args)
+    np.testing.assert_allclose(forward, reverse, rtol=1e-10)
+
+
+@pytest.mark.parametrize("normalizers", [("bn",), ALL], ids=["bn", "all"])
+def test_gradients_without_scale_and_bias_equal_autodiff(x64, normalizers):
+    args, dy = make_args(SHAPE, normalizers, seed=8)
+
+    def loss(layer):
+        def f(x, mean_logits, var_logits):
+            y, _ = layer(x, mean_logits, var_logits, normalizers=normalizers, num_groups=2)
+            return jnp.sum(y * dy)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(args["x"], args["mean_logits"], args["var_logits"])
+
+    for got, want in zip(loss(switch_norm), loss(switch_norm_autodiff), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalizers", [("bn",), ALL], ids=["bn", "all"])
+def test_gradients_under_shard_map_with_axis_name_equal_autodiff(x64, normalizers):
+    # A one-device mesh runs in-process: the shard_map typing is the same as on many
+    # devices (dy varies over "data", the pmean-ed bn statistics do not), so the
+    # custom VJP must sum the cotangents of replicated values as autodiff does.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    args, dy = make_args(SHAPE, normalizers, seed=9)
+    mesh = jax.make_mesh((1,), ("data",))
+
+    def grads(layer):
+        def loss(x, scale, bias):
+            y, stats = layer(
+                x,
+                args["mean_logits"],
+                args["var_logits"],
+                scale=scale,
+                bias=bias,
+                normalizers=normalizers,
+                num_groups=2,
+                axis_name="data",
+            )
+            return jax.lax.psum(jnp.sum(y * dy), "data") + jnp.sum(stats.var**2)
+
+        specs = (P("data"), P(), P())
+        f = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh, in_specs=specs, out_specs=specs)
+        put = [
+            jax.device_put(args[k], NamedSharding(mesh, s))
+            for k, s in zip(("x", "scale", "bias"), specs, strict=True)
+        ]
+        return jax.jit(f)(*put)
+
+    for got, want in zip(grads(switch_norm), grads(switch_norm_autodiff), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
