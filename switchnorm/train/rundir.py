@@ -234,8 +234,7 @@ class RunDir:
         except (ValueError, TypeError) as error:
             raise RunError(f"{where} is not valid JSON: {error}") from None
         if not config.complete:
-            missing = [k for k, v in vars(config).items() if v is None]
-            raise RunError(f"{where} is incomplete: no {', '.join(missing)}")
+            raise RunError(f"{where} is incomplete: no {', '.join(config.missing())}")
         return config
 
     def read_metrics(self) -> tuple[list[dict[str, Any]], bool]:
