@@ -362,6 +362,9 @@ def _link(ws: Path, name: str, target: Path) -> Path:
     return ws / "tiny"
 
 
+LINKED_ENTRIES = ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json", "tensorboard")
+
+
 def _run_case(case: str, ws: Path) -> tuple[list[str], str]:
     tiny = str(ws / "tiny")
     fresh = ["train", *TINY, "--out"]
@@ -395,9 +398,9 @@ def _run_case(case: str, ws: Path) -> tuple[list[str], str]:
     if case == "resume of a symlink to a run":
         (ws / "link").symlink_to(ws / "tiny")
         return [*resume, str(ws / "link")], "symbolic link"
-    for name in ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json"):
+    for name in LINKED_ENTRIES:
         if case == f"resume with {name} a symlink":
-            target = ws / "outside" / ("precious.txt" if name != "checkpoints" else "")
+            target = ws / "outside" / ("precious.txt" if name not in ("checkpoints", "tensorboard") else "")
             return [*resume, str(_link(ws, name, target))], "symbolic link"
     raise AssertionError(case)
 
@@ -414,10 +417,7 @@ RUN_CASES = [
     "out under /proc",
     "out is a symlink",
     "resume of a symlink to a run",
-    *[
-        f"resume with {n} a symlink"
-        for n in ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json")
-    ],
+    *[f"resume with {n} a symlink" for n in LINKED_ENTRIES],
 ]
 
 
