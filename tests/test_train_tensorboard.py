@@ -8,6 +8,7 @@ last step, and every step's batch loss and accuracy, each exactly once, also
 after a resume. The runs are the shared two-epoch synthetic run and copies of it.
 """
 
+import errno
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,3 +137,34 @@ def test_a_symlinked_tensorboard_folder_is_refused_and_nothing_is_written_throug
         run.lock()
         Reporter(run, quiet=True).on_train_begin(SimpleNamespace(total_steps=8), SimpleNamespace(step=0), 0)
     assert list(outside.iterdir()) == []
+
+
+def _reporter_whose_event_file_cannot_be_written(tmp_path, monkeypatch) -> Reporter:
+    from tensorboardX import record_writer
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", "events")
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.lock()
+    reporter = Reporter(run, quiet=True)
+    reporter.on_train_begin(SimpleNamespace(total_steps=8), SimpleNamespace(step=0), 0)
+    reporter.on_step(None, 1, 0.5, 0.25)
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", full)
+    return reporter
+
+
+def test_a_failed_event_write_is_raised_when_nothing_else_went_wrong(tmp_path, monkeypatch):
+    reporter = _reporter_whose_event_file_cannot_be_written(tmp_path, monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        reporter.close()
+
+
+def test_a_failed_event_write_does_not_hide_the_error_that_ends_the_run(tmp_path, monkeypatch):
+    reporter = _reporter_whose_event_file_cannot_be_written(tmp_path, monkeypatch)
+    with pytest.raises(RunError, match="the first error"):
+        try:
+            raise RunError("the first error")
+        finally:
+            reporter.close()

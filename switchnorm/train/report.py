@@ -135,10 +135,20 @@ class Reporter(Callback):
         self.close()
 
     def close(self) -> None:
-        """Closes the progress bar and flushes and closes the event file; safe to call twice."""
-        if self.events is not None:
-            self.events.close()
-            self.events = None
+        """Closes the progress bar and flushes and closes the event file; safe to call twice.
+
+        Called on every way out of a run. A failure to write the event file
+        (a full disk) is raised, unless another error is already ending the
+        run: that one is the error to report.
+        """
+        ending_with_error = sys.exc_info()[1] is not None
+        events, self.events = self.events, None
+        if events is not None:
+            try:
+                events.close()
+            except OSError:
+                if not ending_with_error:
+                    raise
         if self.bar is not None:
             self.bar.close()
             self.bar = None
