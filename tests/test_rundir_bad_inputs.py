@@ -99,6 +99,22 @@ FLAG_VALUES: dict[str, list[tuple[str, str]]] = {
         ("x", "expected an integer"),
         ("", "expected an integer"),
     ],
+    "--mixing-lr-scale": [
+        ("0", "positive number"),
+        ("-0.1", "positive number"),
+        ("nan", "positive number"),
+        ("inf", "positive number"),
+        ("1e400", "positive number"),
+        ("x", "expected a number"),
+        ("", "expected a number"),
+    ],
+    "--mixing-clip": [
+        ("0", "positive number"),
+        ("-1", "positive number"),
+        ("nan", "positive number"),
+        ("inf", "positive number"),
+        ("x", "expected a number"),
+    ],
     "--devices": [("0", "from 1 to"), ("-1", "from 1 to"), ("x", "from 1 to"), ("5000", "from 1 to")],
     "--num-processes": [("x", "expected an integer"), ("0", "num_processes")],
     "--process-id": [("x", "expected an integer"), ("-1", "coordinator_address")],
@@ -181,6 +197,8 @@ CONFIG_VALUES: dict[str, list[tuple[object, str]]] = {
     "warmup_epochs": [(-1, "between 0 and 2"), (100, "between 0 and 2")],
     "eval_every": [(0, "positive integer"), ("5", "must be an integer")],
     "seed": [(-1, "integer >= 0"), (2**64, "at most"), (1.5, "must be an integer")],
+    "mixing_lr_scale": [(0, "positive number"), (-1, "positive number"), ("0.1", "positive number")],
+    "mixing_clip": [(0, "positive number"), (-1e-3, "positive number"), (True, "positive number")],
     "input_shape": [
         ([10**9], "at most"),
         ("8", "list of 1 to 4"),
@@ -344,6 +362,9 @@ def _link(ws: Path, name: str, target: Path) -> Path:
     return ws / "tiny"
 
 
+LINKED_ENTRIES = ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json", "tensorboard")
+
+
 def _run_case(case: str, ws: Path) -> tuple[list[str], str]:
     tiny = str(ws / "tiny")
     fresh = ["train", *TINY, "--out"]
@@ -377,9 +398,9 @@ def _run_case(case: str, ws: Path) -> tuple[list[str], str]:
     if case == "resume of a symlink to a run":
         (ws / "link").symlink_to(ws / "tiny")
         return [*resume, str(ws / "link")], "symbolic link"
-    for name in ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json"):
+    for name in LINKED_ENTRIES:
         if case == f"resume with {name} a symlink":
-            target = ws / "outside" / ("precious.txt" if name != "checkpoints" else "")
+            target = ws / "outside" / ("precious.txt" if name not in ("checkpoints", "tensorboard") else "")
             return [*resume, str(_link(ws, name, target))], "symbolic link"
     raise AssertionError(case)
 
@@ -396,10 +417,7 @@ RUN_CASES = [
     "out under /proc",
     "out is a symlink",
     "resume of a symlink to a run",
-    *[
-        f"resume with {n} a symlink"
-        for n in ("metrics.jsonl", "checkpoints", ".lock", "summary.json", "config.json")
-    ],
+    *[f"resume with {n} a symlink" for n in LINKED_ENTRIES],
 ]
 
 
@@ -417,6 +435,8 @@ RESUME_DIFFERENCES = {
     "--batch-size": "32",
     "--optimizer": "sgd",
     "--weight-decay": "0.001",
+    "--mixing-lr-scale": "0.1",
+    "--mixing-clip": "1",
 }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from checkpoint_files import TINY, final_arrays, finished_run, snapshot
+from event_files import scalars
 
 from switchnorm.train import data
 from switchnorm.train.cli import main
@@ -297,6 +298,9 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     shown = capsys.readouterr().out
     assert "DIVERGED at step 9" in shown and "checkpoint at epoch 1/2" in shown
     assert "nan" not in shown.split("test accuracy")[1]  # the table is the last good one
+    events = scalars(out / "tensorboard")  # closed whole, and only the finite steps
+    assert [step for step, _ in events["train/batch_loss"]] == list(range(1, 9))
+    assert [step for step, _ in events["train/loss"]] == [8]
 
 
 def test_non_finite_running_averages_are_a_non_finite_state():

@@ -5,9 +5,12 @@ is drawn), each one flag away from the default run, trained once per module
 and shared. For each flag: config.json records it, the trained parameters
 differ from the default run's, and one property shows the flag did its own
 job (a smaller learning rate moves the parameters less, SGD leaves SGD's
-optimizer state in the checkpoint, ...).
+optimizer state in the checkpoint, ...). The mixing-logit flags act only
+where there are logits, so they are held against an sn run (MIXING_FLAGS).
 """
 
+import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -31,6 +34,12 @@ FLAGS = {  # run name: (flags, the config.json entry they set)
     "model": (["--dataset", "digits", "--model", "mlp"], ("model", "mlp")),  # digits' default: resnet2d
 }
 SAME_DATA = [name for name in FLAGS if name not in ("default", "model")]
+SN = ["--norm", "sn"]
+MIXING_FLAGS = {  # run name: (flags, the config.json entry they set), each one flag away from "sn"
+    "sn": (SN, None),
+    "mixing_lr_scale": ([*SN, "--mixing-lr-scale", "0.01"], ("mixing_lr_scale", 0.01)),
+    "mixing_clip": ([*SN, "--mixing-clip", "1e-3"], ("mixing_clip", 1e-3)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +51,8 @@ def runs(tmp_path_factory):
     def run(name: str) -> Path:
         if name not in done:
             out = root / name
-            assert main(["train", *BASE, *FLAGS[name][0], "--out", str(out)]) == 0
+            flags = {**FLAGS, **MIXING_FLAGS}[name][0]
+            assert main(["train", *BASE, *flags, "--out", str(out)]) == 0
             done[name] = out
         return done[name]
 
@@ -123,3 +133,56 @@ def test_the_model_flag_trains_that_model(runs):
     assert params(model)["['layers'][0]['kernel'].value"].shape == (64, 64)  # 8 x 8 digits, flattened
     with pytest.raises(rundir.RunError, match="does not match"):
         restore(runs("model"), model="resnet2d")
+
+
+# -- the mixing logits' own optimizer treatment -------------------------------------------------
+
+
+def logits(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in p.items() if "mean_logits" in k or "var_logits" in k}
+
+
+def logits_first_moment_norm(state) -> float:
+    """The global norm of AdamW's first moment (``mu``) over the mixing logits."""
+    leaves = [
+        np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if ".mu" in jax.tree_util.keystr(path) and "_logits" in jax.tree_util.keystr(path)
+    ]
+    assert len(leaves) == 4  # two layers, mean and var
+    return float(np.sqrt(sum(np.sum(leaf**2.0) for leaf in leaves)))
+
+
+@pytest.mark.parametrize("name", ["mixing_lr_scale", "mixing_clip"])
+def test_config_json_records_the_mixing_flag(runs, name):
+    key, value = MIXING_FLAGS[name][1]
+    config, sn = read_config(runs(name)), read_config(runs("sn"))
+    assert config[key] == value
+    assert {k for k in sn if config[k] != sn[k]} == {key}
+    assert (sn["mixing_lr_scale"], sn["mixing_clip"]) == (1.0, None)
+
+
+def test_a_small_mixing_lr_scale_moves_the_logits_less(runs):
+    start = logits(params(build(read_config(runs("sn")))))
+    moved = distance(logits(params(restore(runs("sn"))[0])), start)
+    moved_slowly = distance(logits(params(restore(runs("mixing_lr_scale"))[0])), start)
+    assert 0 < moved_slowly < 0.02 * moved  # AdamW's step is about the learning rate: 1e-2 of it
+
+
+def test_mixing_clip_bounds_the_logits_gradient(runs):
+    # AdamW's mu is an average of the (clipped) gradients, so its norm cannot exceed the clip.
+    clip = MIXING_FLAGS["mixing_clip"][1][1]
+    assert logits_first_moment_norm(restore(runs("sn"))[1]) > 2 * clip
+    assert logits_first_moment_norm(restore(runs("mixing_clip"))[1]) <= clip
+
+
+def test_a_config_json_from_before_the_mixing_flags_loads_with_their_defaults(runs, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(runs("sn"), old)
+    config = read_config(old)
+    del config["mixing_lr_scale"], config["mixing_clip"]
+    (old / "config.json").write_text(json.dumps(config))
+    loaded = rundir.RunDir(old).read_config()
+    assert (loaded.mixing_lr_scale, loaded.mixing_clip) == (1.0, None)
+    assert main(["inspect", str(old)]) == 0  # the checkpoint's optimizer state fits the defaults
+    assert "norms/0" in capsys.readouterr().out

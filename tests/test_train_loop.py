@@ -182,7 +182,7 @@ def test_importing_the_library_and_the_training_wing_loads_no_heavy_dependency()
 
     code = (
         "import sys, switchnorm, switchnorm.train, switchnorm.train.cli;"
-        "print([m for m in ('matplotlib', 'sklearn', 'orbax', 'mnist1d', 'tqdm') if m in sys.modules])"
+        "print([m for m in ('matplotlib', 'sklearn', 'orbax', 'mnist1d', 'tqdm', 'tensorboardX') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

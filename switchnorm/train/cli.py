@@ -85,6 +85,18 @@ def _add_run_flags(train: argparse.ArgumentParser) -> None:
     add(
         "--dtype", default=S, help="activation dtype: float32 (default) or bfloat16 (parameters stay float32)"
     )
+    add(
+        "--mixing-lr-scale",
+        type=_float,
+        default=S,
+        help="the mixing logits' learning rate over the others' (default 1; Sparse SN uses 0.1)",
+    )
+    add(
+        "--mixing-clip",
+        type=_float,
+        default=S,
+        help="clip the mixing logits' gradient to this global norm (default: no clipping)",
+    )
 
 
 def _add_other_train_flags(train: argparse.ArgumentParser) -> None:

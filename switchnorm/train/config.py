@@ -26,6 +26,8 @@ OPTIMIZER = "adamw"
 LEARNING_RATE = 3e-3
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-2
+MIXING_LR_SCALE = 1.0  # the mixing logits' learning rate over the others' (Sparse SN: 0.1)
+MIXING_CLIP = None  # the largest global norm of the logits' gradient; None: no clipping
 WARMUP_EPOCHS = 1.0
 EVAL_EVERY = 5
 SEED = 0
@@ -50,6 +52,9 @@ MAX_STEPS = 2**31 - 1  # the step counter is int32
 MAX_CLASSES = 100_000
 MAX_INPUT_SIZE = 2**16  # values in one example (digits: 64, MNIST-1D: 40)
 MAX_INPUT_RANK = 4
+
+
+_MAY_BE_NONE = ("mixing_clip",)  # settings whose None is a value, not a gap to fill
 
 
 class ConfigError(ValueError):
@@ -124,7 +129,9 @@ class RunConfig:
     take the dataset's defaults (:meth:`resolved`). ``input_shape``,
     ``num_classes`` and ``steps_per_epoch`` describe the data the run trained
     on; they are filled in from the loaded dataset and let ``inspect`` rebuild
-    the model without loading it.
+    the model without loading it. ``mixing_clip`` is ``None`` (no clipping) by
+    choice, not for want of a value; a ``config.json`` written before
+    ``mixing_lr_scale`` and ``mixing_clip`` existed loads with their defaults.
     """
 
     dataset: str = DATASET
@@ -140,6 +147,8 @@ class RunConfig:
     eval_every: int = EVAL_EVERY
     seed: int = SEED
     dtype: str = DTYPE
+    mixing_lr_scale: float = MIXING_LR_SCALE
+    mixing_clip: float | None = MIXING_CLIP
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     steps_per_epoch: int | None = None
@@ -168,6 +177,9 @@ class RunConfig:
             "warmup_epochs", self.warmup_epochs, lambda v: 0 <= v <= most, f"a number between 0 and {most}"
         )
         _check_int("eval_every", self.eval_every, 1, MAX_EPOCHS)
+        _check_float("mixing_lr_scale", self.mixing_lr_scale, lambda v: v > 0, "a positive number")
+        if self.mixing_clip is not None:
+            _check_float("mixing_clip", self.mixing_clip, lambda v: v > 0, "a positive number")
         _check_int("seed", self.seed, 0, MAX_SEED)
 
     def _check_data_fields(self) -> None:
@@ -245,4 +257,8 @@ class RunConfig:
     @property
     def complete(self) -> bool:
         """True once every setting, the data description included, is known."""
-        return all(v is not None for v in dataclasses.asdict(self).values())
+        return not self.missing()
+
+    def missing(self) -> list[str]:
+        """The settings still unknown (``None``); ``mixing_clip`` is ``None`` by choice, never missing."""
+        return [k for k, v in dataclasses.asdict(self).items() if v is None and k not in _MAY_BE_NONE]

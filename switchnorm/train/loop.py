@@ -61,6 +61,9 @@ class TrainConfig:
       eval_every: evaluate (and call ``on_eval``) every this many epochs, and
         always after the last one.
       seed: the data order; the model's initialization is the caller's.
+      mixing_lr_scale: the mixing logits' learning rate over everyone else's
+        (Sparse SN uses 0.1); see :func:`switchnorm.train.optim.make_optimizer`.
+      mixing_clip: if set, the largest global norm of the mixing logits' gradient.
     """
 
     epochs: int = run_config.EPOCHS
@@ -72,6 +75,8 @@ class TrainConfig:
     warmup_epochs: float = run_config.WARMUP_EPOCHS
     eval_every: int = run_config.EVAL_EVERY
     seed: int = run_config.SEED
+    mixing_lr_scale: float = run_config.MIXING_LR_SCALE
+    mixing_clip: float | None = run_config.MIXING_CLIP
 
 
 class TrainState(NamedTuple):
@@ -159,13 +164,19 @@ def schedule_for(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_tx(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optimizer the config names, on its schedule, weight decay sparing the mixing logits."""
+    """The optimizer the config names, on its schedule, weight decay sparing the mixing logits.
+
+    The logits get their own learning-rate scale and gradient clipping when the
+    config asks (``mixing_lr_scale``, ``mixing_clip``).
+    """
     return optim.make_optimizer(
         config.optimizer,
         schedule_for(config, steps_per_epoch),
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         mask=optim.weight_decay_mask,
+        mixing_lr_scale=config.mixing_lr_scale,
+        mixing_clip=config.mixing_clip,
     )
 
 

@@ -5,7 +5,9 @@
   the divergence check: a non-finite loss (every step) or a non-finite
   parameter, running average or optimizer state (every epoch, before its
   checkpoint is written) stops the run with :class:`Diverged`, so the last
-  checkpoint on disk is always a finite one.
+  checkpoint on disk is always a finite one. It also writes the run's
+  TensorBoard event files (:mod:`switchnorm.train.tensorboard`), in the
+  primary process, and closes them on every way out.
 * :func:`finish`: figures, ``summary.json`` and the printed result.
 """
 
@@ -75,9 +77,15 @@ class Reporter(Callback):
         self.primary = primary
         self.quiet = quiet or not primary
         self.bar: Any = None
+        self.events: Any = None  # the TensorBoard writer, from on_train_begin to close
 
     def on_train_begin(self, trainer, state, epoch):
         from tqdm.auto import tqdm
+
+        from switchnorm.train.tensorboard import EventLog
+
+        if self.primary:
+            self.events = EventLog(self.run.tensorboard_dir(), int(state.step))
 
         self.bar = tqdm(
             total=trainer.total_steps,
@@ -90,6 +98,8 @@ class Reporter(Callback):
     def on_step(self, trainer, step, loss, accuracy):
         if not math.isfinite(loss):
             raise Diverged(step, f"the training loss is {loss}")
+        if self.events is not None:
+            self.events.log_step(step, loss, accuracy)
         self.bar.update(1)
         if step % 10 == 0:
             self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", refresh=False)
@@ -102,6 +112,8 @@ class Reporter(Callback):
         if bad:
             raise Diverged(record["step"], bad)
         self.run.append_metrics(record)
+        if self.events is not None:
+            self.events.log_epoch(record)
         self.run.save_checkpoint(record["step"], state, record["epoch"])
         if "test_accuracy" in record:
             self.bar.set_description(f"test acc {record['test_accuracy']:.4f}")
@@ -123,6 +135,20 @@ class Reporter(Callback):
         self.close()
 
     def close(self) -> None:
+        """Closes the progress bar and flushes and closes the event file; safe to call twice.
+
+        Called on every way out of a run. A failure to write the event file
+        (a full disk) is raised, unless another error is already ending the
+        run: that one is the error to report.
+        """
+        ending_with_error = sys.exc_info()[1] is not None
+        events, self.events = self.events, None
+        if events is not None:
+            try:
+                events.close()
+            except OSError:
+                if not ending_with_error:
+                    raise
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -11,6 +11,7 @@
       manifests/<step>.json  size and SHA-256 of every file of that checkpoint
       summary.json           written at the end: final accuracy, wall time (or the divergence)
       weights_over_training.png, final_weights.png
+      tensorboard/           TensorBoard event files (switchnorm.train.tensorboard)
 
 The guarantees (docs/training.md lists them for users):
 
@@ -64,8 +65,9 @@ MANIFESTS = "manifests"
 MARKER = ".switchnorm-run"
 LOCK = ".lock"
 FIGURES = ("weights_over_training.png", "final_weights.png")
+TENSORBOARD = "tensorboard"
 KEEP_CHECKPOINTS = 2
-_ENTRIES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, MANIFESTS, MARKER, LOCK, *FIGURES)
+_ENTRIES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, MANIFESTS, MARKER, LOCK, *FIGURES, TENSORBOARD)
 _MARKER_TEXT = '{"switchnorm_run": 1}\n'
 
 
@@ -234,8 +236,7 @@ class RunDir:
         except (ValueError, TypeError) as error:
             raise RunError(f"{where} is not valid JSON: {error}") from None
         if not config.complete:
-            missing = [k for k, v in vars(config).items() if v is None]
-            raise RunError(f"{where} is incomplete: no {', '.join(missing)}")
+            raise RunError(f"{where} is incomplete: no {', '.join(config.missing())}")
         return config
 
     def read_metrics(self) -> tuple[list[dict[str, Any]], bool]:
@@ -323,6 +324,13 @@ class RunDir:
         self._check_writable()
         if self.primary:
             files.append_line(self.path / METRICS, to_json(record))
+
+    def tensorboard_dir(self) -> Path:
+        """``tensorboard/``, created if absent (never through a link); the primary process's to write."""
+        self._check_writable()
+        if self.primary:
+            files.make_dir(self.path / TENSORBOARD)
+        return self.path / TENSORBOARD
 
     def truncate_metrics(self, last_step: int) -> int:
         """Keeps the records up to ``last_step`` (what its checkpoint had seen); returns how many went."""
