@@ -32,10 +32,11 @@ wheel-check: $(STAMP)
 	build/wheel-venv/bin/python -m pip install -q build/wheel/switchnorm-*.whl
 	cd build && wheel-venv/bin/python -c "import switchnorm, importlib.resources as r; assert r.files('switchnorm').joinpath('py.typed').is_file(); print('wheel ok: switchnorm', switchnorm.__version__, switchnorm.__file__)"
 
-## Lint gate: ruff's checks and its formatter must both pass.
+## Lint gate: ruff's checks, its formatter and mypy (config in pyproject.toml) must all pass.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 ## HTML API reference from the docstrings: build/docs/index.html (installs pdoc, the `docs` extra).
 docs: $(STAMP)

@@ -101,6 +101,8 @@ def cell_graph(
     stats, batch_stats = [], None
     for name in config.normalizers:
         if name == "bn" and config.use_running_average:
+            # switch_norm raises without both running averages; the NNX and Linen layers always hold them with bn.
+            assert inputs.running_mean is not None and inputs.running_var is not None
             running_var = inputs.running_var.astype(dtype)
             stats.append(
                 ScopeStats(

@@ -48,7 +48,7 @@ from switchnorm._stats import power_of_two_scale
 
 Array = jax.Array
 
-CellGraph = Callable[[Array, Array, Array, int, Any], tuple[Array, Array, Any]]
+CellGraph = Callable[[Array, Array, Array, Array, int, Any], tuple[Array, Array, Any]]
 """``graph(shift, inverse_unit, s1, s2, count, inputs) -> (mix_mean, a, batch_stats)``."""
 
 MIN_COUNT_FOR_BOUNDARY = 16

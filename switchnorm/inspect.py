@@ -129,7 +129,7 @@ TIE_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
 
 def _dominant(row: Mapping[str, float]) -> str | None:
     """The name of the largest weight, or None when another ties with it (e.g. four 0.25)."""
-    top = max(row, key=row.get)
+    top = max(row, key=row.__getitem__)
     tied = [n for n, w in row.items() if math.isclose(w, row[top], rel_tol=TIE_TOLERANCE)]
     return top if len(tied) == 1 else None
 

@@ -121,6 +121,8 @@ class SwitchNorm(nn.Module):
         )
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
         if batch_stats is not None and not self.is_initializing():
+            # Batch statistics come only from the "bn" term, which created both running averages above.
+            assert ra_mean is not None and ra_var is not None
             ra_mean.value = _stats.update_running_average(ra_mean.value, batch_stats.mean, momentum)
             ra_var.value = _stats.update_running_average(ra_var.value, batch_stats.var, momentum)
         return y

@@ -123,6 +123,8 @@ class SwitchNorm(nnx.Module):
         self.bias = (
             nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype)) if use_bias else nnx.data(None)
         )
+        self.mean: nnx.BatchStat[Array] | None
+        self.var: nnx.BatchStat[Array] | None
         if "bn" in self.normalizers:
             self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
             self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -197,6 +199,8 @@ class SwitchNorm(nnx.Module):
         y, batch_stats = _core.normalize_checked(config, x, self._arrays(active, uses_bn), self.dtype)
         if batch_stats is not None:
             stop = jax.lax.stop_gradient
+            # Batch statistics come only from the "bn" term, and __init__ made both running averages for it.
+            assert self.mean is not None and self.var is not None
             self.mean[...] = _stats.update_running_average(
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
@@ -228,6 +232,6 @@ class SwitchNorm(nnx.Module):
             var_logits=var_logits,
             scale=self.scale[...] if self.scale is not None else None,
             bias=self.bias[...] if self.bias is not None else None,
-            running_mean=self.mean[...] if uses_bn else None,
-            running_var=self.var[...] if uses_bn else None,
+            running_mean=self.mean[...] if uses_bn and self.mean is not None else None,
+            running_var=self.var[...] if uses_bn and self.var is not None else None,
         )

@@ -391,6 +391,7 @@ def _restore_model(out: Path):
     run = RunDir(out)
     config = run.read_config()
     model = _model(config)
+    assert config.steps_per_epoch is not None  # read_config refuses a config with a field unset
     tx = loop.make_tx(config.train_config(), config.steps_per_epoch)
     state, step, epoch = run.restore_checkpoint(loop.initial_state(model, tx))
     model.eval()

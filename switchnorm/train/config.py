@@ -200,6 +200,7 @@ class RunConfig:
     def _check_model_fits(self) -> None:
         from switchnorm.train import models
 
+        assert self.model is not None  # __post_init__ calls this only when a model is named
         rank = models.INPUT_RANK[self.model]
         try:
             models.check_norm(self.norm, spatial=rank is not None)

@@ -102,6 +102,7 @@ class Cluster:
                 f"--num-processes, --process-id or {ENV_COORDINATOR}, "
                 f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})."
             )
+        assert self.num_processes is not None and self.process_id is not None  # none is missing
         if self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}.")
         if not 0 <= self.process_id < self.num_processes:

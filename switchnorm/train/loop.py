@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -183,7 +183,8 @@ def make_tx(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransfor
 def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
     """The TrainState of a fresh model: step 0, its parameters, running averages, tx state."""
     model.train()
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+    # Two filters give exactly two States; flax's stubs say "one or more", which cannot unpack into two names.
+    _, params, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, ...))
     return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
 
 
@@ -212,7 +213,8 @@ def train_step(
     # nnx.value_and_grad, not jax's: it lets the layers update their
     # running averages in place while differentiating w.r.t. nnx.Param.
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+    # Two filters give exactly two States; flax's stubs say "one or more", which cannot unpack into two names.
+    _, params, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, ...))
     updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
     accuracy = (logits.argmax(-1) == y).mean()
@@ -243,7 +245,9 @@ class ShardingPlan(Protocol):
     """
 
     num_devices: int
-    replicated: jax.sharding.Sharding  # where the steps' outputs live
+
+    @property  # read-only, so a plan may hold any Sharding subclass (e.g. NamedSharding) here
+    def replicated(self) -> jax.sharding.Sharding: ...  # where the steps' outputs live
 
     def check_batch_size(self, batch_size: int) -> None: ...
 
@@ -303,7 +307,7 @@ class Trainer:
         devices = 1 if plan is None else plan.num_devices
         # One eval shape for every batch, split evenly over the devices.
         self.eval_batch_size = math.ceil(min(1000, len(dataset.x_test)) / devices) * devices
-        outputs = {} if plan is None else {"out_shardings": plan.replicated}
+        outputs: dict[str, Any] = {} if plan is None else {"out_shardings": plan.replicated}
         self._train_step = jax.jit(functools.partial(train_step, self.train_graph, tx=self.tx), **outputs)
         self._eval_step = jax.jit(functools.partial(eval_step, self.eval_graph), **outputs)
 
@@ -360,7 +364,7 @@ class Trainer:
             accuracies.append(accuracy)
             for callback in callbacks:
                 callback.on_step(self, int(state.step), loss, accuracy)
-        record = {
+        record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": int(state.step),
             "train_loss": float(np.mean(losses)),

@@ -42,7 +42,7 @@ def make_norm(
     check_norm(norm, spatial)
     if norm == "none":
         return None
-    normalizers = None if norm == "sn" else (norm,)
+    normalizers: tuple[str, ...] | None = None if norm == "sn" else (norm,)
     if norm == "sn" and not spatial:
         normalizers = ("bn", "ln")
     return SwitchNorm(features, normalizers=normalizers, dtype=dtype, rngs=rngs)
@@ -75,6 +75,7 @@ class ResidualBlock(nnx.Module):
         self.norm1 = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
         self.conv2 = conv(out_features, out_features, kernel, 1)
         self.norm2 = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        self.shortcut: nnx.Conv | None
         if stride != 1 or in_features != out_features:
             self.shortcut = conv(in_features, out_features, 1, stride)
             self.shortcut_norm = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)

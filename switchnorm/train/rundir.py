@@ -151,7 +151,7 @@ def parse_metrics(text: str, where: Path) -> tuple[list[dict[str, Any]], bool]:
         try:
             record = _loads(line)
         except ValueError:
-            problem = "not valid JSON"
+            problem: str | None = "not valid JSON"
         else:
             problem = _check_record(record, records[-1] if records else None)
         if problem:
