@@ -13,23 +13,27 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 """
 
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
-from switchnorm._arguments import NORMALIZERS, default_normalizers, default_num_groups
-from switchnorm._core import switch_norm
+from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, default_num_groups
+from switchnorm._core import radius_schedule, switch_norm
 from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
 from switchnorm.inspect import format_mixing_weights, mixing_weights
-from switchnorm.nnx import SwitchNorm
+from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NORMALIZERS",
+    "MIXINGS",
     "BatchStats",
+    "MixingRadius",
     "SwitchNorm",
     "default_normalizers",
     "default_num_groups",
     "format_mixing_weights",
     "mixing_weights",
+    "radius_schedule",
+    "set_radius",
     "sparsestmax",
     "switch_norm",
 ]

@@ -26,6 +26,10 @@ NORMALIZERS: tuple[str, ...] = ("bn", "in", "ln", "gn")
 SPATIAL_NORMALIZERS: tuple[str, ...] = ("in", "gn")
 """Normalizers that need a spatial extent, hence an input of rank >= 3."""
 
+MIXINGS: tuple[str, ...] = ("softmax", "sparsestmax")
+"""How a layer turns its logits into weights: softmax (Switchable Normalization, the default) or
+sparsestmax at the layer's radius (Sparse Switchable Normalization, docs/design.md section 10)."""
+
 MAX_DEFAULT_GROUPS = 32
 """Flax GroupNorm's default group count, the most :func:`default_num_groups` picks."""
 
@@ -130,6 +134,16 @@ def check_momentum(momentum: Any) -> float:
             f"each step, as in Flax), got {momentum!r}; 0.99 is the default."
         )
     return value
+
+
+def check_mixing(mixing: Any) -> str:
+    """``mixing`` if it is one of :data:`MIXINGS`, else a ValueError naming it and the choices."""
+    if not isinstance(mixing, str) or mixing not in MIXINGS:
+        raise ValueError(
+            f"mixing must be one of {MIXINGS}, got {mixing!r}; 'softmax' blends every normalizer "
+            "(Switchable Normalization), 'sparsestmax' selects sparsely (Sparse Switchable Normalization)."
+        )
+    return mixing
 
 
 def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None = None) -> None:

@@ -8,6 +8,9 @@ Important details:
   custom backward pass differentiates this function alone with plain JAX
   autodiff ("The backward pass").
 * Both softmaxes are the rows of one (2, K) array: one set of small kernels.
+  With ``mixing="sparsestmax"`` the rows go through sparsestmax at the
+  layer's radius instead (docs/design.md, "Sparse selection"); plain
+  autodiff differentiates it like the rest of the graph.
 * With ``use_running_average`` only the bn term changes, to the running
   averages; in, ln and gn always use each sample's own statistics ("Running
   averages and inference").
@@ -24,14 +27,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats, ScopeStats, cell_stats, scope_stats
 
 Array = jax.Array
 
 
-def mixing_weights_from_logits(logits: Array) -> Array:
-    """softmax over a layer's logits: the weight of each normalizer."""
-    return jax.nn.softmax(jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32)))
+def mixing_weights_from_logits(logits: Array, mixing: str = "softmax", radius: Any = 0.0) -> Array:
+    """The weight of each normalizer from a layer's logits (last axis).
+
+    ``mixing="softmax"``: softmax, as Switchable Normalization. ``"sparsestmax"``: the
+    projection :func:`switchnorm.sparsestmax` at ``radius`` (Sparse Switchable Normalization,
+    docs/design.md section 10): sparsemax at radius 0, one-hot from ``sqrt(1 - 1/K)`` on.
+    """
+    logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
+    if mixing == "sparsestmax":
+        return sparsestmax(logits, jnp.asarray(radius, logits.dtype))
+    return jax.nn.softmax(logits)
 
 
 def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
@@ -49,6 +61,7 @@ class GraphInputs(NamedTuple):
     scale: Array | None
     running_mean: Array | None
     running_var: Array | None
+    radius: Array | None = None  # sparsestmax's radius (a scalar); None with softmax
 
 
 class GraphConfig(NamedTuple):
@@ -60,6 +73,7 @@ class GraphConfig(NamedTuple):
     use_running_average: bool
     axis_name: Any
     axis_index_groups: Any
+    mixing: str = "softmax"
 
 
 def _batch_stats(scope: ScopeStats, shift: Array, config: GraphConfig) -> BatchStats:
@@ -122,7 +136,7 @@ def cell_graph(
             batch_stats = _batch_stats(scope, shift, config)
         stats.append(scope)
     mean_weights, var_weights = mixing_weights_from_logits(
-        jnp.stack([inputs.mean_logits, inputs.var_logits])
+        jnp.stack([inputs.mean_logits, inputs.var_logits]), config.mixing, inputs.radius
     ).astype(dtype)
     mixed = blend(stats, mean_weights, var_weights)
     a = lax.rsqrt(mixed.var + config.epsilon)

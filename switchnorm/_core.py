@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from switchnorm import _arguments, _passes
 from switchnorm._arguments import NORMALIZERS
 from switchnorm._cell_graph import GraphConfig, GraphInputs, cell_graph
+from switchnorm._sparsestmax import _checked_radius
 from switchnorm._stats import BatchStats
 
 Array = jax.Array
@@ -50,6 +51,27 @@ class LayerArrays(NamedTuple):
     bias: Array | None = None
     running_mean: Array | None = None
     running_var: Array | None = None
+    radius: Array | float = 0.0  # read only with mixing="sparsestmax"
+
+
+def radius_schedule(step: Any, total_steps: int, final: float = 1.0) -> Array:
+    """Sparsestmax's radius at ``step``: rising linearly from 0 to ``final`` over ``total_steps``.
+
+    ``final * clip(step / total_steps, 0, 1)``, as Sparse Switchable Normalization anneals it. At
+    a radius of at least ``sqrt(1 - 1/K)`` every output of sparsestmax is one-hot (K normalizers),
+    and that is below 1 for every K, so the default ``final=1.0`` leaves every layer on exactly one
+    normalizer by the end. ``step`` may be traced (inside a jitted train step).
+
+    Example::
+
+      >>> import switchnorm
+      >>> [float(switchnorm.radius_schedule(s, 4)) for s in (0, 2, 4, 9)]
+      [0.0, 0.5, 1.0, 1.0]
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"radius_schedule needs total_steps as a positive int, got {total_steps!r}.")
+    fraction = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
+    return final * fraction
 
 
 def normalize_checked(
@@ -67,6 +89,7 @@ def normalize_checked(
         scale=arrays.scale,
         running_mean=arrays.running_mean if uses_running else None,
         running_var=arrays.running_var if uses_running else None,
+        radius=jnp.asarray(arrays.radius, compute_dtype) if config.mixing == "sparsestmax" else None,
     )
     graph = functools.partial(cell_graph, config, compute_dtype)
     normalize = _passes.normalize if use_custom_vjp else _passes.normalize_autodiff
@@ -101,6 +124,8 @@ def switch_norm(
     axis_index_groups: Any = None,
     dtype: Any = None,
     use_custom_vjp: bool = True,
+    mixing: str = "softmax",
+    radius: Array | float = 0.0,
 ) -> tuple[Array, BatchStats | None]:
     """Switchable Normalization of a channels-last array (Luo et al., ICLR 2019).
 
@@ -109,6 +134,10 @@ def switch_norm(
         y = scale * (x - mu) / sqrt(var + epsilon) + bias
         mu  = sum_k softmax(mean_logits)_k * mu_k
         var = sum_k softmax(var_logits)_k  * var_k      k in normalizers
+
+    With ``mixing="sparsestmax"`` both softmaxes become ``sparsestmax(logits, radius)``
+    (Sparse Switchable Normalization, Shao et al., CVPR 2019): sparse weights, one-hot from
+    ``radius >= sqrt(1 - 1/K)`` on (docs/design.md, "Sparse selection").
 
     Important details:
 
@@ -163,6 +192,9 @@ def switch_norm(
       use_custom_vjp: differentiate with the two-pass custom VJP (default,
         faster) or, if False, with plain JAX autodiff of the same forward
         computation (forward mode included).
+      mixing: "softmax" (default) or "sparsestmax": how the logits become weights.
+      radius: sparsestmax's radius, a scalar >= 0 (float or array, may be traced; see
+        :func:`switchnorm.radius_schedule`); ignored with softmax.
 
     Returns:
       ``(y, batch_stats)``: the normalized array and the bn scope's batch mean
@@ -173,8 +205,12 @@ def switch_norm(
     _arguments.check_input(x, normalizers)
     num_channels = x.shape[-1]
     groups = _arguments.resolve_num_groups(num_channels, num_groups, group_size) if "gn" in normalizers else 1
-    arrays = LayerArrays(mean_logits, var_logits, scale, bias, running_mean, running_var)
+    mixing = _arguments.check_mixing(mixing)
+    arrays = LayerArrays(mean_logits, var_logits, scale, bias, running_mean, running_var, radius)
     _check_arrays(arrays, normalizers, num_channels)
+    if mixing == "sparsestmax":
+        _arguments.check_shape("radius", radius, (), "(one radius per layer)")
+        _checked_radius(radius)
     if use_running_average and "bn" in normalizers and (running_mean is None or running_var is None):
         raise ValueError("use_running_average=True with 'bn' needs running_mean and running_var.")
     config = GraphConfig(
@@ -184,6 +220,7 @@ def switch_norm(
         use_running_average=bool(use_running_average),
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        mixing=mixing,
     )
     return normalize_checked(config, x, arrays, dtype, use_custom_vjp)
 

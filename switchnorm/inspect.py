@@ -20,12 +20,19 @@ LayerWeights = dict[str, dict[str, float]]
 """One layer's weights: ``{"mean": {name: w}, "var": {name: w}}``."""
 
 
-def _weights(mean_logits: Any, var_logits: Any, names: Sequence[str]) -> LayerWeights:
+def _weights(
+    mean_logits: Any, var_logits: Any, names: Sequence[str], mixing: str = "softmax", radius: Any = 0.0
+) -> LayerWeights:
+    """The weights a layer blends: softmax, or sparsestmax at the layer's radius."""
     return {
         # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
         # then become float32 quietly when x64 is off, instead of warning.
         kind: dict(
-            zip(names, np.asarray(mixing_weights_from_logits(jnp.asarray(logits))).tolist(), strict=True)
+            zip(
+                names,
+                np.asarray(mixing_weights_from_logits(jnp.asarray(logits), mixing, radius)).tolist(),
+                strict=True,
+            )
         )
         for kind, logits in (("mean", mean_logits), ("var", var_logits))
     }
@@ -35,8 +42,13 @@ def _nnx_layer_weights(layer: SwitchNorm) -> LayerWeights:
     """The weights an NNX layer blends: of the normalizers its last call used."""
     names = layer.blended_normalizers
     index = np.array([layer.normalizers.index(n) for n in names])
+    radius = np.asarray(layer.radius[...]) if layer.radius is not None else 0.0
     return _weights(
-        np.asarray(layer.mean_logits[...])[index], np.asarray(layer.var_logits[...])[index], names
+        np.asarray(layer.mean_logits[...])[index],
+        np.asarray(layer.var_logits[...])[index],
+        names,
+        layer.mixing,
+        radius,
     )
 
 
@@ -61,21 +73,41 @@ def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
     return names
 
 
-def _from_tree(tree: Mapping[str, Any], path: tuple[str, ...], normalizers: Any, out: dict) -> None:
+def _from_tree(
+    tree: Mapping[str, Any], path: tuple[str, ...], normalizers: Any, out: dict, radii: Mapping[str, Any]
+) -> None:
+    """Walks a params tree; ``radii`` is the parallel "mixing_radius" subtree (a Linen
+    sparsestmax layer holds a ``radius`` there, so its weights are sparsestmax at that radius)."""
     if "mean_logits" in tree and "var_logits" in tree:
         name = "/".join(path)
         mean_logits, var_logits = np.asarray(tree["mean_logits"]), np.asarray(tree["var_logits"])
-        out[name] = _weights(mean_logits, var_logits, _names_for(name, mean_logits.shape[-1], normalizers))
+        names = _names_for(name, mean_logits.shape[-1], normalizers)
+        if "radius" in radii:
+            out[name] = _weights(mean_logits, var_logits, names, "sparsestmax", np.asarray(radii["radius"]))
+        else:
+            out[name] = _weights(mean_logits, var_logits, names)
         return
     for key, child in tree.items():
         if isinstance(child, Mapping):
-            _from_tree(child, (*path, str(key)), normalizers, out)
+            child_radii = radii.get(key, {})
+            _from_tree(
+                child,
+                (*path, str(key)),
+                normalizers,
+                out,
+                child_radii if isinstance(child_radii, Mapping) else {},
+            )
 
 
 def mixing_weights(
     model_or_variables: Any, normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, LayerWeights]:
-    """The softmax weights of every SwitchNorm layer, by path and normalizer.
+    """The weights every SwitchNorm layer blends, by path and normalizer.
+
+    Softmax of the logits, or, for a ``mixing="sparsestmax"`` layer, sparsestmax at the
+    layer's radius (an NNX layer's :class:`switchnorm.MixingRadius`; for Linen, the
+    ``"mixing_radius"`` collection of the variables dict): one-hot rows at the end of a
+    :func:`switchnorm.radius_schedule`.
 
     Args:
       model_or_variables: an NNX module (or any NNX graph holding SwitchNorm
@@ -118,8 +150,9 @@ def mixing_weights(
             f"tree, got {type(model_or_variables).__name__}."
         )
     tree = model_or_variables.get("params", model_or_variables)
+    radii = model_or_variables.get("mixing_radius", {}) if "params" in model_or_variables else {}
     out = {}
-    _from_tree(tree, (), normalizers, out)
+    _from_tree(tree, (), normalizers, out, radii)
     return out
 
 

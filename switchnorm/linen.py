@@ -65,6 +65,20 @@ class SwitchNorm(nn.Module):
       axis_name: the axis name over which bn statistics are combined
         (``shard_map``/``pmap``). Without it each device uses its own batch.
       axis_index_groups: groups of axis indices within that named axis.
+      mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
+        Switchable Normalization, Shao et al., CVPR 2019): the weights are then
+        ``sparsestmax(logits, radius)``. The radius, a float32 scalar (0 at init), lives in
+        the collection ``"mixing_radius"`` (variable ``radius``), which ``apply`` needs with
+        the params; no optimizer should touch it. Set it in every layer with a tree map::
+
+          >>> import jax, jax.numpy as jnp
+          >>> from switchnorm import linen as snn
+          >>> x = jnp.ones((2, 4, 4, 8))
+          >>> layer = snn.SwitchNorm(mixing="sparsestmax")
+          >>> variables = layer.init(jax.random.key(0), x, use_running_average=False)
+          >>> variables = {**variables, "mixing_radius": jax.tree.map(
+          ...     lambda r: jnp.full_like(r, 0.5), variables["mixing_radius"])}
+          >>> y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     """
 
     use_running_average: bool | None = None
@@ -81,6 +95,7 @@ class SwitchNorm(nn.Module):
     scale_init: Initializer = initializers.ones
     axis_name: str | None = None
     axis_index_groups: Any = None
+    mixing: str = "softmax"
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
@@ -110,6 +125,9 @@ class SwitchNorm(nn.Module):
         if "bn" in config.normalizers:
             ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
             ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+        radius: float | Array = 0.0
+        if config.mixing == "sparsestmax":
+            radius = self.variable("mixing_radius", "radius", jnp.zeros, (), jnp.float32).value
 
         arrays = _core.LayerArrays(
             mean_logits=mean_logits,
@@ -118,6 +136,7 @@ class SwitchNorm(nn.Module):
             bias=bias,
             running_mean=ra_mean.value if ra_mean is not None else None,
             running_var=ra_var.value if ra_var is not None else None,
+            radius=radius,
         )
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
         if batch_stats is not None and not self.is_initializing():
@@ -146,6 +165,7 @@ class SwitchNorm(nn.Module):
             use_running_average=bool(use_running_average),
             axis_name=None if self.is_initializing() else self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            mixing=_arguments.check_mixing(self.mixing),
         )
         return config, _arguments.check_momentum(self.momentum)
 

@@ -12,10 +12,21 @@ from flax import nnx
 from flax.typing import Dtype, Initializer
 
 from switchnorm import _arguments, _core, _stats
+from switchnorm._sparsestmax import _checked_radius
 
-__all__ = ["SwitchNorm"]
+__all__ = ["MixingRadius", "SwitchNorm", "set_radius"]
 
 Array = jax.Array
+
+
+class MixingRadius(nnx.Variable):
+    """Sparsestmax's radius in a ``mixing="sparsestmax"`` layer: state the training loop sets.
+
+    Neither an ``nnx.Param`` (no optimizer trains or weight-decays it) nor an ``nnx.BatchStat``.
+    ``nnx.split(model, nnx.Param, ...)`` puts it in the rest state (with the running averages);
+    ``nnx.split(model, nnx.Param, nnx.BatchStat)`` fails as non-exhaustive for such a model: add
+    ``...`` or ``MixingRadius``. ``nnx.state(model, switchnorm.MixingRadius)`` selects it alone.
+    """
 
 
 class SwitchNorm(nnx.Module):
@@ -75,6 +86,11 @@ class SwitchNorm(nnx.Module):
         (``shard_map``/``pmap``). Under plain ``jax.jit`` with a sharded batch
         none is needed. Without it, each device uses its own batch.
       axis_index_groups: groups of axis indices within that named axis.
+      mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
+        Switchable Normalization, Shao et al., CVPR 2019): the weights are then
+        ``sparsestmax(logits, radius)``, one-hot from ``radius >= sqrt(1 - 1/K)`` on.
+      radius: only with "sparsestmax": a :class:`MixingRadius` holding a float32 scalar,
+        0 at construction; set it with :func:`set_radius` (``None`` with softmax).
       rngs: rng key.
       last_input_rank: the rank of the input at the last call (``None`` before
         the first), a static attribute.
@@ -98,6 +114,7 @@ class SwitchNorm(nnx.Module):
         scale_init: Initializer = nnx.initializers.ones_init(),
         axis_name: str | None = None,
         axis_index_groups: Any = None,
+        mixing: str = "softmax",
         rngs: nnx.Rngs,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -111,6 +128,7 @@ class SwitchNorm(nnx.Module):
             if "gn" in self.normalizers
             else None
         )
+        self.mixing = _arguments.check_mixing(mixing)
         momentum = _arguments.check_momentum(momentum)
         epsilon = _arguments.check_epsilon(epsilon)
         feature_shape = (num_features,)
@@ -131,6 +149,8 @@ class SwitchNorm(nnx.Module):
         else:
             self.mean = nnx.data(None)
             self.var = nnx.data(None)
+        sparse = self.mixing == "sparsestmax"
+        self.radius = MixingRadius(jnp.zeros((), jnp.float32)) if sparse else nnx.data(None)
 
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -195,6 +215,7 @@ class SwitchNorm(nnx.Module):
             use_running_average=bool(use_running_average),
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            mixing=self.mixing,
         )
         y, batch_stats = _core.normalize_checked(config, x, self._arrays(active, uses_bn), self.dtype)
         if batch_stats is not None:
@@ -234,4 +255,35 @@ class SwitchNorm(nnx.Module):
             bias=self.bias[...] if self.bias is not None else None,
             running_mean=self.mean[...] if uses_bn and self.mean is not None else None,
             running_var=self.var[...] if uses_bn and self.var is not None else None,
+            radius=self.radius[...] if self.radius is not None else 0.0,
         )
+
+
+def set_radius(model: nnx.Module, radius: Any) -> int:
+    """Sets the sparsestmax radius of every ``mixing="sparsestmax"`` SwitchNorm in ``model``.
+
+    Walks the whole graph (nested modules, lists of layers); softmax layers hold no radius and
+    are skipped. ``radius`` is a scalar >= 0, a float or an array; a concrete one is checked.
+    Under a transform, use it where NNX allows mutation: inside an ``nnx.jit`` function that
+    takes the model (``radius`` may then be traced, e.g. ``radius_schedule(step, total)``), or on
+    ``nnx.merge(graphdef, state)`` inside ``jax.jit``, returning ``nnx.state(model)``.
+
+    Returns:
+      The number of layers set.
+
+    Example::
+
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> model = switchnorm.SwitchNorm(8, mixing="sparsestmax", rngs=nnx.Rngs(0))
+      >>> switchnorm.set_radius(model, 0.5)
+      1
+    """
+    _arguments.check_shape("radius", radius, (), "(one radius for every layer)")
+    _checked_radius(radius)
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, SwitchNorm) and node.radius is not None:
+            node.radius[...] = jnp.asarray(radius, node.radius[...].dtype)
+            count += 1
+    return count
