@@ -86,7 +86,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_tak
         assert f"in progress: process {other.pid} is writing this run" in capsys.readouterr().out
     finally:
         other.kill()
-        other.wait()
+        other.communicate()  # waits, and closes the pipe
     assert holder(tiny) is None  # the kernel dropped the dead holder's lock
     assert main(["train", "--out", str(tiny), "--resume"]) == 0
     assert "the run is complete" in capsys.readouterr().out
@@ -362,11 +362,11 @@ def test_concurrent_commands_on_one_run_directory_never_interleave(tmp_path):
         _, err = other.communicate(timeout=120)
         assert other.returncode == 2 and message in err, err
     os.kill(first.pid, signal.SIGKILL)
-    first.wait()
+    first.communicate()  # waits, and closes the pipe
     # two resumes at once: one trains, the other is refused; the records stay in order
     both = [_launch(out, "--resume"), _launch(out, "--resume")]
-    codes = sorted(p.wait(timeout=300) for p in both)
-    assert codes == [0, 2], [p.stderr.read() for p in both]
+    errors = [p.communicate(timeout=300)[1] for p in both]
+    assert sorted(p.returncode for p in both) == [0, 2], errors
     records, partial = RunDir(out).read_metrics()
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6] and not partial
     assert json.loads((out / "config.json").read_text())["seed"] == 0

@@ -48,7 +48,8 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> None:
         time.sleep(0.02)
     assert process.poll() is None, "finished before the kill"
     os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    process.communicate()  # waits, and closes the pipe
+    assert process.returncode == -signal.SIGKILL
 
 
 def finish(process: subprocess.Popen) -> None:
