@@ -102,5 +102,11 @@ class EventLog:
     def close(self) -> None:
         """Flushes and closes the file; safe to call twice (a failed close is not retried)."""
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        if writer is None:
+            return
+        try:
+            writer.flush()
+        finally:
+            # EventsWriter.close() flushes first and skips closing the file when that flush
+            # fails (a full disk): close the record file itself, so no descriptor is left open.
+            writer._py_recordio_writer.close()
