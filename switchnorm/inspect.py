@@ -20,10 +20,22 @@ LayerWeights = dict[str, dict[str, float]]
 """One layer's weights: ``{"mean": {name: w}, "var": {name: w}}``."""
 
 
+def _check_one_layer(*logits: Any) -> None:
+    """Refuses stacked logits, whose leading axis counts layer copies, not normalizers."""
+    for array in logits:
+        if np.ndim(array) != 1:
+            raise ValueError(
+                f"mixing logits of shape {np.shape(array)}: stacked layers (nn.scan, nn.vmap, "
+                "nnx.vmap, nnx.scan) are not read by mixing_weights yet; pass one copy, e.g. "
+                "jax.tree.map(lambda a: a[i], params) for copy i."
+            )
+
+
 def _weights(
     mean_logits: Any, var_logits: Any, names: Sequence[str], mixing: str = "softmax", radius: Any = 0.0
 ) -> LayerWeights:
     """The weights a layer blends: softmax, or sparsestmax at the layer's radius."""
+    _check_one_layer(mean_logits, var_logits)
     return {
         # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
         # then become float32 quietly when x64 is off, instead of warning.
@@ -40,6 +52,7 @@ def _weights(
 
 def _nnx_layer_weights(layer: SwitchNorm) -> LayerWeights:
     """The weights an NNX layer blends: of the normalizers its last call used."""
+    _check_one_layer(layer.mean_logits[...], layer.var_logits[...])
     names = layer.blended_normalizers
     index = np.array([layer.normalizers.index(n) for n in names])
     radius = np.asarray(layer.radius[...]) if layer.radius is not None else 0.0

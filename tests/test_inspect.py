@@ -165,3 +165,19 @@ def test_format_mixing_weights_shows_every_layer_and_marks_the_dominant_weight()
     assert a_mean.split()[:3] == ["a", "mean", f"{top:.3f}*"]
     assert a_var.split()[-1] == f"{reference.softmax([0, 0, 0, 3.0])[-1]:.3f}*"
     assert b_mean.split()[0] == "b" and "-" in b_mean.split()  # "in"/"gn" absent from layer b
+
+
+@pytest.mark.parametrize("copies", [3, 4])
+def test_stacked_logits_are_refused_not_read_as_normalizers(copies):
+    """(L, K) logits from nn.scan / nnx.vmap: with L == K they used to be read silently transposed."""
+    params = {"norm": {"mean_logits": jnp.zeros((copies, 4)), "var_logits": jnp.zeros((copies, 4))}}
+    with pytest.raises(ValueError, match=rf"shape \({copies}, 4\): stacked layers"):
+        switchnorm.mixing_weights(params)
+
+    @nnx.split_rngs(splits=copies)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return switchnorm.SwitchNorm(8, rngs=rngs)
+
+    with pytest.raises(ValueError, match="stacked layers"):
+        switchnorm.mixing_weights(create(nnx.Rngs(0)))
