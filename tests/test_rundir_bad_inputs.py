@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from checkpoint_files import TINY, finished_run, snapshot
+from checkpoint_files import TINY, snapshot
 
 from switchnorm.train.cli import main
 
@@ -140,20 +140,6 @@ FLAG_CASES |= {
         "process_id must be in 0..1",
     ),
 }
-
-
-@pytest.fixture
-def run(tmp_path_factory) -> Path:
-    return finished_run(tmp_path_factory)
-
-
-@pytest.fixture
-def workspace(run, tmp_path) -> Path:
-    """A scratch directory: a copy of a finished run (`tiny`) and an `outside` folder with a file."""
-    shutil.copytree(run, tmp_path / "tiny", symlinks=True)
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "outside" / "precious.txt").write_text("not switchnorm's")
-    return tmp_path
 
 
 def _assert_refused(args: list[str], message: str, workspace: Path, capsys) -> None:

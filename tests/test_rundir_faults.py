@@ -18,26 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoint_files import TINY, final_arrays, finished_run, snapshot
+from checkpoint_files import TINY, final_arrays, snapshot
 from event_files import scalars
 
 from switchnorm.train import data
 from switchnorm.train.cli import main
 from switchnorm.train.lock import LockHeld, RunLock, holder
 from switchnorm.train.rundir import RunDir, RunError
-
-
-@pytest.fixture
-def run(tmp_path_factory) -> Path:
-    return finished_run(tmp_path_factory)
-
-
-@pytest.fixture
-def workspace(run, tmp_path) -> Path:
-    shutil.copytree(run, tmp_path / "tiny", symlinks=True)
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "outside" / "precious.txt").write_text("not switchnorm's")
-    return tmp_path
 
 
 def one_error_line(capsys) -> str:

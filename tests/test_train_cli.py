@@ -5,13 +5,12 @@ concurrent writers, a full disk and divergence in test_rundir_faults.py.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_files import TINY, finished_run
+from checkpoint_files import TINY
 
 from switchnorm.train.cli import main
 from switchnorm.train.rundir import RunDir
@@ -19,19 +18,6 @@ from switchnorm.train.rundir import RunDir
 
 def metrics(run: Path) -> list[dict]:
     return RunDir(run).read_metrics()[0]
-
-
-@pytest.fixture
-def run(tmp_path_factory) -> Path:
-    """A finished two-epoch run on the synthetic set (shared: do not change it)."""
-    return finished_run(tmp_path_factory)
-
-
-@pytest.fixture
-def workspace(run, tmp_path) -> Path:
-    """A scratch directory holding a copy of the finished run, as `tiny`."""
-    shutil.copytree(run, tmp_path / "tiny", symlinks=True)
-    return tmp_path
 
 
 def test_run_directory_holds_config_metrics_checkpoints_and_figures(run):
