@@ -116,6 +116,20 @@ NON_DEFAULT_EPSILONS = (0.1, 1.0)
 root, changes y by far more than float32 round-off."""
 
 
+TENSOR_ARGUMENTS = ("scale", "bias", "running_mean", "running_var")
+
+
+def call(fn, args: dict, **options):
+    """``fn(x, mean_logits, var_logits, ...)`` with every tensor taken from ``args``.
+
+    ``fn`` is the core's ``switch_norm``, its autodiff twin or the float64 reference
+    above (they share one signature); ``args`` holds x, both logits and any of
+    ``TENSOR_ARGUMENTS``, so a gradient test differentiates the whole dict at once.
+    """
+    tensors = {k: args[k] for k in TENSOR_ARGUMENTS if k in args}
+    return fn(args["x"], args["mean_logits"], args["var_logits"], **tensors, **options)
+
+
 def data(rng: np.random.Generator, shape, offset: float = 0.0, dtype=np.float32):
     """:func:`channel_input` as a float32 (or ``dtype``) JAX array."""
     return jnp.asarray(channel_input(rng, shape, offset), dtype)

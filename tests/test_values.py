@@ -36,10 +36,7 @@ def params_of(layer) -> dict:
 
 
 def reference_y(layer, x):
-    p = params_of(layer)
-    y, _, _ = reference.switch_norm(
-        x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"], num_groups=2
-    )
+    y, _, _ = reference.call(reference.switch_norm, {"x": x, **params_of(layer)}, num_groups=2)
     return y
 
 
@@ -112,14 +109,7 @@ ZERO_VARIANCE_CASES = ["all-constant", "one-sample-constant", "constant-per-chan
 
 
 def core_loss(args, dy):
-    y, _ = switchnorm.switch_norm(
-        args["x"],
-        args["mean_logits"],
-        args["var_logits"],
-        scale=args["scale"],
-        bias=args["bias"],
-        num_groups=2,
-    )
+    y, _ = reference.call(switchnorm.switch_norm, args, num_groups=2)
     return jnp.sum(y * dy), y
 
 
@@ -128,14 +118,7 @@ def test_zero_variance_output_matches_reference(rng, case):
     args = reference.random_case(rng, SHAPES[4], 4)
     args["x"] = jnp.asarray(zero_variance_inputs(rng)[case], jnp.float32)
     _, y = jax.jit(core_loss)(args, jnp.zeros(SHAPES[4]))
-    y_ref, _, _ = reference.switch_norm(
-        args["x"],
-        args["mean_logits"],
-        args["var_logits"],
-        scale=args["scale"],
-        bias=args["bias"],
-        num_groups=2,
-    )
+    y_ref, _, _ = reference.call(reference.switch_norm, args, num_groups=2)
     assert_matches(y, y_ref)
 
 
@@ -148,9 +131,7 @@ def test_zero_variance_gradients_match_central_differences_of_the_reference(x64,
     grads = jax.jit(jax.grad(lambda a: core_loss(a, dy)[0]))(args)
 
     def ref_loss(a):
-        y, _, _ = reference.switch_norm(
-            a["x"], a["mean_logits"], a["var_logits"], scale=a["scale"], bias=a["bias"], num_groups=2
-        )
+        y, _, _ = reference.call(reference.switch_norm, a, num_groups=2)
         return float(np.sum(y * dy))
 
     # var + eps is about 1e-5 here, so the reference's own float64 round-off, divided by
@@ -173,9 +154,7 @@ def test_zero_variance_gradients_match_central_differences_of_the_reference(x64,
 
 def core_grads(params, x, target):
     def loss(p, x):
-        y, _ = switchnorm.switch_norm(
-            x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"], num_groups=2
-        )
+        y, _ = reference.call(switchnorm.switch_norm, {"x": x, **p}, num_groups=2)
         return jnp.sum(y * target)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)

@@ -45,17 +45,8 @@ def make_loss(layer, normalizers, use_running_average, dy):
     """A scalar touching every output element and both batch statistics."""
 
     def loss(args):
-        y, batch_stats = layer(
-            args["x"],
-            args["mean_logits"],
-            args["var_logits"],
-            scale=args["scale"],
-            bias=args["bias"],
-            normalizers=normalizers,
-            num_groups=2,
-            use_running_average=use_running_average,
-            running_mean=args["running_mean"],
-            running_var=args["running_var"],
+        y, batch_stats = reference.call(
+            layer, args, normalizers=normalizers, num_groups=2, use_running_average=use_running_average
         )
         value = jnp.sum(y * dy)
         if batch_stats is not None:
@@ -108,9 +99,9 @@ def test_second_derivatives_equal_autodiff(x64, shape, use_running_average):
 
 def test_outputs_equal_autodiff_path(x64):
     args, _ = make_args(SHAPE, ALL)
-    kwargs = dict(scale=args["scale"], bias=args["bias"], num_groups=2)
-    y, stats = switch_norm(args["x"], args["mean_logits"], args["var_logits"], **kwargs)
-    y0, stats0 = switch_norm_autodiff(args["x"], args["mean_logits"], args["var_logits"], **kwargs)
+    args = {k: v for k, v in args.items() if not k.startswith("running")}
+    y, stats = reference.call(switch_norm, args, num_groups=2)
+    y0, stats0 = reference.call(switch_norm_autodiff, args, num_groups=2)
     np.testing.assert_allclose(y, y0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats.var, stats0.var, rtol=1e-12, atol=1e-12)
 
@@ -141,17 +132,11 @@ DIFFERENTIABLE = ("x", "mean_logits", "var_logits", "scale", "bias", "running_me
 
 
 def reference_loss(args, normalizers, use_running_average, epsilon, dy):
-    running = {k: args[k] for k in ("running_mean", "running_var")} if use_running_average else {}
-    y, _, _ = reference.switch_norm(
-        args["x"],
-        args["mean_logits"],
-        args["var_logits"],
-        scale=args["scale"],
-        bias=args["bias"],
-        normalizers=normalizers,
-        num_groups=6,
-        epsilon=epsilon,
-        **running,
+    # The reference reads given running averages as inference mode.
+    if not use_running_average:
+        args = {k: v for k, v in args.items() if not k.startswith("running")}
+    y, _, _ = reference.call(
+        reference.switch_norm, args, normalizers=normalizers, num_groups=6, epsilon=epsilon
     )
     return float(np.sum(y * dy))
 
@@ -170,18 +155,13 @@ def test_gradients_equal_central_differences_of_the_float64_reference(
     args["running_var"] = args["running_var"] * epsilon  # a running variance of epsilon's size
 
     def loss(a):
-        y, _ = switch_norm(
-            a["x"],
-            a["mean_logits"],
-            a["var_logits"],
-            scale=a["scale"],
-            bias=a["bias"],
+        y, _ = reference.call(
+            switch_norm,
+            a,
             normalizers=normalizers,
             num_groups=6 if len(shape) > 2 else None,
             epsilon=epsilon,
             use_running_average=use_running_average,
-            running_mean=a["running_mean"],
-            running_var=a["running_var"],
         )
         return jnp.sum(y * dy)
 
@@ -211,17 +191,8 @@ def test_forward_mode_tangents_agree_with_reverse_mode_products(x64, use_running
 
     def layer(fn):
         def f(a):
-            return fn(
-                a["x"],
-                a["mean_logits"],
-                a["var_logits"],
-                scale=a["scale"],
-                bias=a["bias"],
-                num_groups=2,
-                epsilon=epsilon,
-                use_running_average=use_running_average,
-                running_mean=a["running_mean"],
-                running_var=a["running_var"],
+            return reference.call(
+                fn, a, num_groups=2, epsilon=epsilon, use_running_average=use_running_average
             )[0]
 
         return f
