@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/switchnorm train --dataset digits --norm sn --epochs 30 --eval-every 10 --out runs/demo --overwrite
 
+## Test workers: one per CPU (pytest-xdist); each test file runs whole on one worker, so a
+## module's shared fixtures (a trained run, the multi-device scenarios) are built once.
+## `make test PARALLEL=` runs in one process.
+PARALLEL ?= -n auto --dist loadfile
+
 ## Run the test suite.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL)
 
 ## The suite without the slow subprocess tests (training runs, multi-device checks).
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PARALLEL) -m "not slow"
 
 ## Build the wheel, install it into a clean venv and import it there: packaging mistakes fail here.
 wheel-check: $(STAMP)

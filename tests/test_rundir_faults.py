@@ -330,15 +330,24 @@ def _launch(out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+def _wait_until_it_holds(process: subprocess.Popen, out: Path, *, with_checkpoint: bool = False) -> None:
+    """Waits until ``process`` holds the run's lock (and, if asked, has saved a checkpoint)."""
+    deadline = time.monotonic() + 120
+    while holder(out) != process.pid or (with_checkpoint and RunDir(out).latest_step() is None):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_concurrent_commands_on_one_run_directory_never_interleave(tmp_path):
+    # The holder is paused (SIGSTOP) while the others start, so each of them meets the
+    # held lock however slowly it starts: on a loaded machine a holder left running
+    # could finish first and the refusal would go untested.
     out = tmp_path / "run"
     args = ["--dataset", "synthetic", "--epochs", "6", "--batch-size", "32", "--eval-every", "2", "--quiet"]
     first = _launch(out, *args)
-    deadline = time.monotonic() + 120
-    while holder(out) is None or RunDir(out).latest_step() is None:
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
-        time.sleep(0.05)
+    _wait_until_it_holds(first, out, with_checkpoint=True)
+    os.kill(first.pid, signal.SIGSTOP)
     in_use = f"in use by process {first.pid}"
     others = [
         (_launch(out, *args, "--seed", "1"), "already holds a run"),
@@ -350,10 +359,17 @@ def test_concurrent_commands_on_one_run_directory_never_interleave(tmp_path):
         assert other.returncode == 2 and message in err, err
     os.kill(first.pid, signal.SIGKILL)
     first.communicate()  # waits, and closes the pipe
-    # two resumes at once: one trains, the other is refused; the records stay in order
-    both = [_launch(out, "--resume"), _launch(out, "--resume")]
-    errors = [p.communicate(timeout=300)[1] for p in both]
-    assert sorted(p.returncode for p in both) == [0, 2], errors
+    # two resumes, one after the other took the lock: the later one is refused, the
+    # first finishes the run; the records stay in order
+    resumed = _launch(out, "--resume")
+    _wait_until_it_holds(resumed, out)
+    os.kill(resumed.pid, signal.SIGSTOP)
+    refused = _launch(out, "--resume")
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and f"in use by process {resumed.pid}" in err, err
+    os.kill(resumed.pid, signal.SIGCONT)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
     records, partial = RunDir(out).read_metrics()
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6] and not partial
     assert json.loads((out / "config.json").read_text())["seed"] == 0
