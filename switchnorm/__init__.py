@@ -19,6 +19,7 @@ from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
+from switchnorm.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "format_mixing_weights",
     "mixing_weights",
     "radius_schedule",
+    "recalibrate",
     "set_radius",
     "sparsestmax",
     "switch_norm",
