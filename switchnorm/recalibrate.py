@@ -19,13 +19,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import nnx
 
+from switchnorm import linen
 from switchnorm.nnx import SwitchNorm
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "recalibrate_variables"]
 
 Forward = Callable[[nnx.Module, Any], Any]
 
@@ -125,3 +128,96 @@ def recalibrate(model: nnx.Module, batches: Iterable[Any], forward: Forward | No
         layer.mean[...] = jnp.asarray(mean, layer.mean[...].dtype)
         layer.var[...] = jnp.asarray(var, layer.var[...].dtype)
     return len(stats)
+
+
+def _linen_batch_statistics(
+    module: nn.Module, variables: Any, batches: Iterable[Any], call_kwargs: dict[str, Any]
+) -> tuple[dict[tuple[str, ...], float], list[Any]]:
+    """Each Linen SwitchNorm's momentum by module path, and the batch_stats after each batch.
+
+    The running averages are zero before every batch, so each layer's update is
+    ``(1 - momentum) * batch statistic``; the momenta are read while tracing.
+    """
+    momenta: dict[tuple[str, ...], float] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        layer = context.module
+        if isinstance(layer, linen.SwitchNorm) and context.method_name == "__call__" and layer.scope:
+            momenta[tuple(layer.scope.path)] = float(layer.momentum)
+        return next_fun(*args, **kwargs)
+
+    @jax.jit
+    def step(variables: Any, batch: Any) -> Any:
+        with nn.intercept_methods(interceptor):
+            _, updates = module.apply(variables, batch, mutable=["batch_stats"], **call_kwargs)
+        return updates["batch_stats"]
+
+    zeroed = {**variables, "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
+    updates = [jax.tree.map(lambda a: np.asarray(a, np.float64), step(zeroed, batch)) for batch in batches]
+    return momenta, updates
+
+
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+    """The subtree of nested dicts ``tree`` at ``path``."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _undo_momentum(
+    path: tuple[str, ...], update: np.ndarray, momenta: dict[tuple[str, ...], float]
+) -> np.ndarray:
+    """The batch statistic of a layer whose running average, from zero, became ``update``."""
+    momentum = momenta[path]
+    if momentum >= 1.0:
+        raise ValueError(
+            f"layer {'/'.join(path)!r} has momentum={momentum}: its running averages never move, "
+            "so recalibrate_variables cannot read its batch statistics; use a momentum below 1."
+        )
+    return update / np.float64(np.float32(1.0 - momentum))  # the factor the float32 update used
+
+
+def recalibrate_variables(
+    module: nn.Module, variables: Any, batches: Iterable[Any], **call_kwargs: Any
+) -> Any:
+    """:func:`recalibrate` for Linen: ``variables`` with every SwitchNorm's bn averages pooled.
+
+    Applies ``module`` to each batch with ``mutable=["batch_stats"]`` and ``call_kwargs`` (pass
+    what puts the model in training mode, e.g. ``use_running_average=False`` or ``train=True``),
+    and returns a copy of ``variables`` whose SwitchNorm running means and variances are the
+    pooled batch statistics (mean of the batch means; mean of the batch variances plus the
+    variance of the batch means). Nothing else changes; other layers' ``batch_stats`` (e.g.
+    ``flax.linen.BatchNorm``'s) are returned as they were. Each batch statistic is read back from
+    the layer's update of a zero running average, ``(1 - momentum) * statistic``, to within one
+    rounding of the running averages' dtype (float32 unless ``force_float32_reductions=False``).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> import switchnorm
+      >>> from switchnorm import linen as snn
+      >>> module = snn.SwitchNorm(use_running_average=False)
+      >>> variables = module.init(jax.random.key(0), jnp.ones((4, 3)))
+      >>> batches = [jnp.ones((4, 3)), 3 * jnp.ones((4, 3))]
+      >>> new = switchnorm.recalibrate_variables(module, variables, batches)
+      >>> new["batch_stats"]["mean"].round(4).tolist(), new["batch_stats"]["var"].round(4).tolist()
+      ([2.0, 2.0, 2.0], [1.0, 1.0, 1.0])
+    """
+    if "batch_stats" not in variables:
+        return variables
+    momenta, updates = _linen_batch_statistics(module, variables, batches, call_kwargs)
+    if not updates:
+        raise ValueError("recalibrate_variables needs at least one batch; batches was empty.")
+
+    def pooled(key_path: Any, leaf: Any) -> Any:
+        names = tuple(str(getattr(key, "key", key)) for key in key_path)
+        layer, stat = names[:-1], names[-1]
+        if layer not in momenta or stat not in ("mean", "var"):
+            return leaf
+        means = [_undo_momentum(layer, _at(update, (*layer, "mean")), momenta) for update in updates]
+        variances = [_undo_momentum(layer, _at(update, (*layer, "var")), momenta) for update in updates]
+        mean, var = _pooled(means, variances)
+        return jnp.asarray(mean if stat == "mean" else var, jnp.asarray(leaf).dtype)
+
+    batch_stats = jax.tree_util.tree_map_with_path(pooled, variables["batch_stats"])
+    return {**variables, "batch_stats": batch_stats}

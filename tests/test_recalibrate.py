@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from flax import linen as nn
 from flax import nnx
 from reference import data
 
 import switchnorm
+from switchnorm import linen as snn
 
 C = 4
 BATCHES = 3
@@ -140,3 +142,99 @@ def test_the_train_command_records_recalibrate_and_refuses_a_negative_count(tmp_
     assert '"recalibrate": 2' in (tmp_path / "run" / "config.json").read_text()
     assert main([*flags, "--recalibrate", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--recalibrate must be an integer >= 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# Linen: recalibrate_variables.
+# --------------------------------------------------------------------------
+
+
+class LinenTwoNorms(nn.Module):
+    """The Linen twin of TwoNorms, with a Flax BatchNorm whose averages must stay as they were."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        h = snn.SwitchNorm(num_groups=2, momentum=0.9, name="first")(x, use_running_average=not train)
+        h = nn.Dense(C, name="linear")(nn.relu(h))
+        h = snn.SwitchNorm(num_groups=2, name="second")(h, use_running_average=not train)
+        return nn.BatchNorm(name="other")(h, use_running_average=not train)
+
+
+def random_linen_variables(module, x, rng):
+    variables = module.init(jax.random.key(0), x, train=True)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: (
+            jnp.asarray(rng.normal(size=p.shape), jnp.float32)
+            if "logits" in jax.tree_util.keystr(path) or "bias" in jax.tree_util.keystr(path)
+            else p
+        ),
+        variables["params"],
+    )
+    return {**variables, "params": params}
+
+
+def test_linen_variables_get_the_pooled_batch_statistics_of_every_layer(rng):
+    batches = [data(rng, (6, 3, C), offset=2.0 * b) for b in range(BATCHES)]
+    module = LinenTwoNorms()
+    variables = random_linen_variables(module, batches[0], rng)
+    new = switchnorm.recalibrate_variables(module, variables, batches, train=True)
+    params = variables["params"]
+    per_batch = []
+    for x in batches:
+        stats = []
+        for name in ("first", "second"):
+            if name == "second":  # relu, then the Dense layer, on the first layer's output
+                x = np.maximum(y, 0.0) @ np.asarray(params["linear"]["kernel"], np.float64)  # noqa: F821
+                x = x + np.asarray(params["linear"]["bias"], np.float64)
+            p = params[name]
+            y, mean, var = reference.switch_norm(
+                x, p["mean_logits"], p["var_logits"], scale=p["scale"], bias=p["bias"], num_groups=2
+            )
+            stats.append((mean, var))
+        per_batch.append(stats)
+    for index, name in enumerate(("first", "second")):  # first: momentum 0.9, second: 0.99
+        means = np.stack([stats[index][0] for stats in per_batch])
+        variances = np.stack([stats[index][1] for stats in per_batch])
+        got = new["batch_stats"][name]
+        np.testing.assert_allclose(got["mean"], means.mean(axis=0), rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(got["var"], variances.mean(axis=0) + means.var(axis=0), rtol=2e-5)
+    jax.tree.map(
+        np.testing.assert_array_equal, new["batch_stats"]["other"], variables["batch_stats"]["other"]
+    )
+    jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])
+
+
+def test_a_linen_scan_stack_gets_each_copys_pooled_statistics(rng):
+    from test_inspect import LinenScannedModel
+
+    batches = [data(rng, (5, 2, C), offset=1.5 * b) for b in range(BATCHES)]
+    module = LinenScannedModel(3)
+    variables = module.init(jax.random.key(0), batches[0])
+    new = switchnorm.recalibrate_variables(module, variables, batches)
+    p = variables["params"]["blocks"]["norm"]
+    per_copy = [([], []) for _ in range(3)]
+    for x in batches:
+        for i in range(3):
+            x, mean, var = reference.switch_norm(
+                x,
+                p["mean_logits"][i],
+                p["var_logits"][i],
+                scale=p["scale"][i],
+                bias=p["bias"][i],
+                num_groups=2,
+            )
+            per_copy[i][0].append(mean)
+            per_copy[i][1].append(var)
+    got = new["batch_stats"]["blocks"]["norm"]
+    for i, (means, variances) in enumerate(per_copy):
+        np.testing.assert_allclose(got["mean"][i], np.mean(means, axis=0), rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(
+            got["var"][i], np.mean(variances, axis=0) + np.var(means, axis=0), rtol=2e-5
+        )
+
+
+def test_a_linen_layer_whose_averages_never_move_is_refused_naming_it():
+    module = snn.SwitchNorm(momentum=1.0, use_running_average=False)
+    variables = module.init(jax.random.key(0), jnp.ones((4, C)))
+    with pytest.raises(ValueError, match="momentum=1.0: its running averages never move"):
+        switchnorm.recalibrate_variables(module, variables, [jnp.ones((4, C))])
