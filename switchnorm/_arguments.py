@@ -185,6 +185,16 @@ def check_flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def check_promote_dtype(promote_dtype: Any) -> Any:
+    """``promote_dtype`` if it is None or callable, else a TypeError naming it."""
+    if promote_dtype is not None and not callable(promote_dtype):
+        raise TypeError(
+            f"promote_dtype must be a function such as flax.nnx.nn.dtypes.promote_dtype, or None "
+            f"(cast nothing), got {promote_dtype!r}."
+        )
+    return promote_dtype
+
+
 def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None = None) -> None:
     """Raises ``TypeError``/``ValueError`` if ``x`` cannot go through the layer."""
     shape = getattr(x, "shape", None)

@@ -30,6 +30,20 @@ class MixingRadius(nnx.Variable):
     """
 
 
+def _feature_param(
+    use: bool,
+    init: Initializer,
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    param_dtype: Dtype,
+    metadata: Mapping[str, Any],
+) -> Any:
+    """scale or bias: an ``nnx.Param`` carrying ``metadata`` as ``nnx.BatchNorm``'s do, or None unused."""
+    if not use:
+        return nnx.data(None)
+    return nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
+
+
 class SwitchNorm(nnx.Module):
     """Switchable Normalization: a learned softmax blend of bn, in, ln and gn.
 
@@ -159,25 +173,13 @@ class SwitchNorm(nnx.Module):
         epsilon = _arguments.check_epsilon(epsilon)
         axis = _arguments.check_axis(axis)
         use_fast_variance = _arguments.check_flag("use_fast_variance", use_fast_variance)
-        if promote_dtype is not None and not callable(promote_dtype):
-            raise TypeError(
-                f"promote_dtype must be a function such as flax.nnx.nn.dtypes.promote_dtype, or None "
-                f"(cast nothing), got {promote_dtype!r}."
-            )
+        promote_dtype = _arguments.check_promote_dtype(promote_dtype)
         feature_shape = (num_features,)
         logits_shape = (len(self.normalizers),)
         self.mean_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
         self.var_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
-        self.scale = (
-            nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
-            if use_scale
-            else nnx.data(None)
-        )
-        self.bias = (
-            nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
-            if use_bias
-            else nnx.data(None)
-        )
+        self.scale = _feature_param(use_scale, scale_init, rngs, feature_shape, param_dtype, scale_metadata)
+        self.bias = _feature_param(use_bias, bias_init, rngs, feature_shape, param_dtype, bias_metadata)
         self.mean: nnx.BatchStat[Array] | None
         self.var: nnx.BatchStat[Array] | None
         if "bn" in self.normalizers:
