@@ -19,6 +19,7 @@ from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
+from switchnorm.recalibrate import recalibrate, recalibrate_variables
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "format_mixing_weights",
     "mixing_weights",
     "radius_schedule",
+    "recalibrate",
+    "recalibrate_variables",
     "set_radius",
     "sparsestmax",
     "switch_norm",

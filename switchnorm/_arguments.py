@@ -146,6 +146,55 @@ def check_mixing(mixing: Any) -> str:
     return mixing
 
 
+def check_axis(axis: Any) -> int:
+    """``axis`` (Flax's feature axis) as an int, or a TypeError naming it."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"axis must be an int, the one feature (channel) axis of the input as in Flax's "
+            f"BatchNorm, got {axis!r} ({type(axis).__name__}); write axis=1 for channels-first input."
+        )
+    return int(axis)
+
+
+def feature_axis(axis: int, rank: int) -> int:
+    """The feature axis ``axis`` of a rank-``rank`` input as an index in [1, rank).
+
+    Axis 0 holds the samples, so it cannot be the feature axis. Below rank 2 this returns
+    ``rank - 1`` and leaves the refusal to :func:`check_input`, whose message names the shape.
+    """
+    if rank < 2:
+        return rank - 1
+    if not -rank <= axis < rank:
+        raise ValueError(
+            f"axis={axis} is out of range for an input of rank {rank}; "
+            f"pass a feature axis in [1, {rank - 1}] (or [-{rank - 1}, -1])."
+        )
+    if axis % rank == 0:
+        raise ValueError(
+            f"axis={axis} is the batch axis of an input of rank {rank}: SwitchNorm takes the "
+            f"samples on axis 0 and the features on another axis, e.g. axis=1 (channels first) "
+            "or -1 (channels last, the default)."
+        )
+    return axis % rank
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``name``."""
+    if not isinstance(value, (bool, jnp.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return bool(value)
+
+
+def check_promote_dtype(promote_dtype: Any) -> Any:
+    """``promote_dtype`` if it is None or callable, else a TypeError naming it."""
+    if promote_dtype is not None and not callable(promote_dtype):
+        raise TypeError(
+            f"promote_dtype must be a function such as flax.nnx.nn.dtypes.promote_dtype, or None "
+            f"(cast nothing), got {promote_dtype!r}."
+        )
+    return promote_dtype
+
+
 def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None = None) -> None:
     """Raises ``TypeError``/``ValueError`` if ``x`` cannot go through the layer."""
     shape = getattr(x, "shape", None)

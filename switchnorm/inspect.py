@@ -20,22 +20,27 @@ LayerWeights = dict[str, dict[str, float]]
 """One layer's weights: ``{"mean": {name: w}, "var": {name: w}}``."""
 
 
-def _check_one_layer(*logits: Any) -> None:
-    """Refuses stacked logits, whose leading axis counts layer copies, not normalizers."""
-    for array in logits:
-        if np.ndim(array) != 1:
-            raise ValueError(
-                f"mixing logits of shape {np.shape(array)}: stacked layers (nn.scan, nn.vmap, "
-                "nnx.vmap, nnx.scan) are not read by mixing_weights yet; pass one copy, e.g. "
-                "jax.tree.map(lambda a: a[i], params) for copy i."
-            )
+def _copy_suffix(index: tuple[int, ...]) -> str:
+    """The path suffix of one copy of a stacked layer: ``[i]`` per stacking axis, "" for none."""
+    return "".join(f"[{i}]" for i in index)
+
+
+def _stacked_logits(path: str, mean_logits: Any, var_logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both logits as arrays of one shape (copies..., K), or a ValueError naming the layer."""
+    mean_logits, var_logits = np.asarray(mean_logits), np.asarray(var_logits)
+    if mean_logits.shape != var_logits.shape or mean_logits.ndim == 0:
+        raise ValueError(
+            f"layer {path!r}: mean_logits of shape {mean_logits.shape} and var_logits of shape "
+            f"{var_logits.shape}; a layer needs two logits arrays of one shape (K,), or "
+            "(copies..., K) for a stack of layers (nn.scan, nn.vmap, nnx.vmap, nnx.scan)."
+        )
+    return mean_logits, var_logits
 
 
 def _weights(
     mean_logits: Any, var_logits: Any, names: Sequence[str], mixing: str = "softmax", radius: Any = 0.0
 ) -> LayerWeights:
-    """The weights a layer blends: softmax, or sparsestmax at the layer's radius."""
-    _check_one_layer(mean_logits, var_logits)
+    """The weights one layer blends: softmax, or sparsestmax at the layer's radius."""
     return {
         # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
         # then become float32 quietly when x64 is off, instead of warning.
@@ -50,19 +55,50 @@ def _weights(
     }
 
 
-def _nnx_layer_weights(layer: SwitchNorm) -> LayerWeights:
-    """The weights an NNX layer blends: of the normalizers its last call used."""
-    _check_one_layer(layer.mean_logits[...], layer.var_logits[...])
+def _copies_weights(
+    path: str,
+    mean_logits: np.ndarray,
+    var_logits: np.ndarray,
+    names: Sequence[str],
+    mixing: str = "softmax",
+    radius: Any = 0.0,
+) -> dict[str, LayerWeights]:
+    """One entry per copy of a layer whose logits are (copies..., K), ``path[i]`` for copy i.
+
+    Stacking transforms (``nn.scan``, ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``) put the copies on
+    the leading axes of every variable, so the normalizers stay on the last axis. An unstacked
+    layer, logits (K,), is one entry under ``path`` itself. ``radius`` is one scalar for every
+    copy or one per copy.
+    """
+    copies = mean_logits.shape[:-1]
+    radius = np.asarray(radius)
+    if radius.shape not in ((), copies):
+        raise ValueError(
+            f"layer {path!r}: a radius of shape {radius.shape} for logits of shape "
+            f"{mean_logits.shape}; expected one radius, or one per copy {copies}."
+        )
+    radius = np.broadcast_to(radius, copies)
+    return {
+        path + _copy_suffix(index): _weights(
+            mean_logits[index], var_logits[index], names, mixing, radius[index]
+        )
+        for index in np.ndindex(copies)
+    }
+
+
+def _nnx_layer_weights(path: str, layer: SwitchNorm) -> dict[str, LayerWeights]:
+    """The weights an NNX layer blends, of the normalizers its last call used; one entry per copy."""
+    mean_logits, var_logits = _stacked_logits(path, layer.mean_logits[...], layer.var_logits[...])
+    if mean_logits.shape[-1] != len(layer.normalizers):
+        raise ValueError(
+            f"layer {path!r} holds logits of shape {mean_logits.shape} for normalizers "
+            f"{layer.normalizers}: the normalizers must be the last axis; stack copies of a layer "
+            "on a leading axis (nnx.vmap / nnx.scan with the default axis 0)."
+        )
     names = layer.blended_normalizers
     index = np.array([layer.normalizers.index(n) for n in names])
     radius = np.asarray(layer.radius[...]) if layer.radius is not None else 0.0
-    return _weights(
-        np.asarray(layer.mean_logits[...])[index],
-        np.asarray(layer.var_logits[...])[index],
-        names,
-        layer.mixing,
-        radius,
-    )
+    return _copies_weights(path, mean_logits[..., index], var_logits[..., index], names, layer.mixing, radius)
 
 
 def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
@@ -93,12 +129,13 @@ def _from_tree(
     sparsestmax layer holds a ``radius`` there, so its weights are sparsestmax at that radius)."""
     if "mean_logits" in tree and "var_logits" in tree:
         name = "/".join(path)
-        mean_logits, var_logits = np.asarray(tree["mean_logits"]), np.asarray(tree["var_logits"])
+        mean_logits, var_logits = _stacked_logits(name, tree["mean_logits"], tree["var_logits"])
         names = _names_for(name, mean_logits.shape[-1], normalizers)
         if "radius" in radii:
-            out[name] = _weights(mean_logits, var_logits, names, "sparsestmax", np.asarray(radii["radius"]))
+            sparse = _copies_weights(name, mean_logits, var_logits, names, "sparsestmax", radii["radius"])
+            out.update(sparse)
         else:
-            out[name] = _weights(mean_logits, var_logits, names)
+            out.update(_copies_weights(name, mean_logits, var_logits, names))
         return
     for key, child in tree.items():
         if isinstance(child, Mapping):
@@ -136,10 +173,16 @@ def mixing_weights(
     on such input it reports those two, weighted as it blends them, as the
     Linen layer does (which creates only those two logits).
 
+    A stack of layers (``nn.scan``, ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``) holds
+    logits of shape (L, K), the copies on the leading axis; each copy is read as a
+    layer of its own, at the stack's path suffixed with its index (``"blocks/norm[0]"``,
+    ``"blocks/norm[1]"``, ...; ``[i][j]`` for two stacking axes), with the radius of that
+    copy. The normalizers are always the last axis, so L == K is read correctly.
+
     Returns:
       ``{path: {"mean": {name: weight}, "var": {name: weight}}}`` in the order
-      the layers appear, with paths such as ``"block1/norm"``; weights are
-      Python floats that sum to one per layer and kind.
+      the layers appear (the copies of a stack in index order), with paths such as
+      ``"block1/norm"``; weights are Python floats that sum to one per layer and kind.
 
     Example::
 
@@ -153,7 +196,7 @@ def mixing_weights(
         out: dict[str, LayerWeights] = {}
         for path, node in nnx.iter_graph(model_or_variables):
             if isinstance(node, SwitchNorm):
-                out["/".join(str(p) for p in path)] = _nnx_layer_weights(node)
+                out.update(_nnx_layer_weights("/".join(str(p) for p in path), node))
         return out
     if isinstance(model_or_variables, nnx.State):
         model_or_variables = nnx.to_pure_dict(model_or_variables)

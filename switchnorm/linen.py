@@ -28,7 +28,8 @@ class SwitchNorm(nn.Module):
         var = sum_k softmax(var_logits)_k  * var_k
 
     Luo et al., ICLR 2019. A drop-in replacement for ``flax.linen.BatchNorm`` on
-    any channels-last input of rank >= 2. Parameters ``scale``, ``bias``,
+    any input of rank >= 2 with the samples on axis 0 (channels last, or on
+    ``axis``). Parameters ``scale``, ``bias``,
     ``mean_logits``, ``var_logits`` (collection ``params``); running averages
     ``mean`` and ``var`` of the bn term (collection ``batch_stats``, only when
     "bn" is used). As in ``BatchNorm``, running averages are not updated while
@@ -46,14 +47,15 @@ class SwitchNorm(nn.Module):
       >>> y, updates = snn.SwitchNorm().apply(
       ...     variables, x, use_running_average=False, mutable=["batch_stats"])
 
+    Attributes are ``flax.linen.BatchNorm``'s, in its order and with its meaning
+    (so positional arguments mean the same), then SwitchNorm's own
+    (``normalizers``, ``num_groups``, ``group_size``, ``mixing``).
+
     Attributes:
       use_running_average: if True, the bn term uses the running averages.
-      normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
-        of the logits. ``None`` (default): all four for inputs of rank >= 3,
-        ("bn", "ln") for (N, C) features.
-      num_groups: gn group count; ``None`` picks the largest divisor of C that
-        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
-      group_size: gn channels per group; give this or ``num_groups``.
+      axis: the feature (channel) axis of the input, -1 by default (channels
+        last); e.g. 1 for channels-first (N, C, H, W). Not 0, the batch axis.
+        The layer moves it last, normalizes, and moves it back.
       momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
       epsilon: a small float > 0 added to the mixed variance.
       dtype: the dtype of the result (default: the input's dtype).
@@ -65,6 +67,20 @@ class SwitchNorm(nn.Module):
       axis_name: the axis name over which bn statistics are combined
         (``shard_map``/``pmap``). Without it each device uses its own batch.
       axis_index_groups: groups of axis indices within that named axis.
+      use_fast_variance: accepted for ``BatchNorm`` compatibility; True and False
+        compute the same. Flax's fast path is ``E[x^2] - E[x]^2``; SwitchNorm always
+        takes one pass of shifted sums, which is as fast and stable (docs/design.md,
+        section 2).
+      force_float32_reductions: True (default, as Flax): the running averages are
+        float32. False: they are kept in ``param_dtype``, as in Flax; the statistics
+        are still reduced in float32 (or wider), where Flax's ``False`` reduces in the
+        input's dtype, so half-precision results differ from Flax's by that rounding.
+      normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
+        of the logits. ``None`` (default): all four for inputs of rank >= 3,
+        ("bn", "ln") for (N, C) features.
+      num_groups: gn group count; ``None`` picks the largest divisor of C that
+        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
+      group_size: gn channels per group; give this or ``num_groups``.
       mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
         Switchable Normalization, Shao et al., CVPR 2019): the weights are then
         ``sparsestmax(logits, radius)``. The radius, a float32 scalar (0 at init), lives in
@@ -82,9 +98,7 @@ class SwitchNorm(nn.Module):
     """
 
     use_running_average: bool | None = None
-    normalizers: Sequence[str] | None = None
-    num_groups: int | None = None
-    group_size: int | None = None
+    axis: int = -1
     momentum: float = 0.99
     epsilon: float = 1e-5
     dtype: Dtype | None = None
@@ -95,14 +109,19 @@ class SwitchNorm(nn.Module):
     scale_init: Initializer = initializers.ones
     axis_name: str | None = None
     axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    normalizers: Sequence[str] | None = None
+    num_groups: int | None = None
+    group_size: int | None = None
     mixing: str = "softmax"
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Normalizes ``x`` (shape (N, *spatial, C)) with the learned blend.
+        """Normalizes ``x`` (shape (N, ..., C, ...), C on ``axis``) with the learned blend.
 
         Args:
-          x: the input, channels last.
+          x: the input, samples on axis 0 and features on ``axis`` (last by default).
           use_running_average: overrides the attribute of the same name.
 
         Returns:
@@ -111,6 +130,15 @@ class SwitchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
+        rank = len(getattr(x, "shape", ()))
+        feature = _arguments.feature_axis(_arguments.check_axis(self.axis), rank)
+        if feature != rank - 1:
+            x = jnp.moveaxis(x, feature, -1)
+        y = self._channels_last(x, use_running_average)
+        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
+
+    def _channels_last(self, x: Array, use_running_average: bool) -> Array:
+        """The layer on channels-last ``x``: its variables, the core, the running-average update."""
         config, momentum = self._checked_config(x, use_running_average)
         num_channels = x.shape[-1]
         feature_shape = (num_channels,)
@@ -123,8 +151,9 @@ class SwitchNorm(nn.Module):
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
         ra_mean = ra_var = None
         if "bn" in config.normalizers:
-            ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
-            ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+            stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+            ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
+            ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, stats_dtype)
         radius: float | Array = 0.0
         if config.mixing == "sparsestmax":
             radius = self.variable("mixing_radius", "radius", jnp.zeros, (), jnp.float32).value
@@ -167,6 +196,8 @@ class SwitchNorm(nn.Module):
             axis_index_groups=self.axis_index_groups,
             mixing=_arguments.check_mixing(self.mixing),
         )
+        _arguments.check_flag("use_fast_variance", self.use_fast_variance)
+        _arguments.check_flag("force_float32_reductions", self.force_float32_reductions)
         return config, _arguments.check_momentum(self.momentum)
 
     def _built_for(self) -> int | None:

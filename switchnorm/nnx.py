@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import flax.errors
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from switchnorm import _arguments, _core, _stats
 from switchnorm._sparsestmax import _checked_radius
@@ -29,6 +30,20 @@ class MixingRadius(nnx.Variable):
     """
 
 
+def _feature_param(
+    use: bool,
+    init: Initializer,
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    param_dtype: Dtype,
+    metadata: Mapping[str, Any],
+) -> Any:
+    """scale or bias: an ``nnx.Param`` carrying ``metadata`` as ``nnx.BatchNorm``'s do, or None unused."""
+    if not use:
+        return nnx.data(None)
+    return nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
+
+
 class SwitchNorm(nnx.Module):
     """Switchable Normalization: a learned softmax blend of bn, in, ln and gn.
 
@@ -40,8 +55,8 @@ class SwitchNorm(nnx.Module):
 
     Luo et al., "Differentiable Learning-to-Normalize via Switchable
     Normalization", ICLR 2019. A drop-in replacement for ``nnx.BatchNorm`` on
-    any channels-last input of rank >= 2; ``model.train()`` / ``model.eval()``
-    switch it the same way. Only the bn term keeps running averages; in, ln and
+    any input of rank >= 2 with the samples on axis 0 (channels last, or on
+    ``axis``); ``model.train()`` / ``model.eval()`` switch it the same way. Only the bn term keeps running averages; in, ln and
     gn always use the statistics of each sample. As in Flax's BatchNorm, a NaN
     in a training batch makes that channel's running averages NaN for good
     (reinitialise them, or restore a checkpoint); empty input (N = 0 or a
@@ -64,19 +79,19 @@ class SwitchNorm(nnx.Module):
       >>> norm(jnp.ones((2, 4, 4, 8))).shape
       (2, 4, 4, 8)
 
+    Arguments are ``nnx.BatchNorm``'s, in its order and with its meaning, then
+    SwitchNorm's own (``normalizers``, ``num_groups``, ``group_size``, ``mixing``).
+
     Attributes:
-      num_features: the number of channels C (last axis of the input).
-      normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
-        of the logits. ``None`` (default) means all four, of which only "bn"
-        and "ln" on (N, C) input (see above). Pass ``("bn", "ln")`` for a layer
-        that only ever sees (N, C) features: it then holds only those logits.
-      num_groups: gn group count; ``None`` picks the largest divisor of C that
-        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
-      group_size: gn channels per group; give this or ``num_groups``.
+      num_features: the number of channels C (the size of the feature axis).
       use_running_average: if True, the bn term uses the running averages.
+      axis: the feature (channel) axis of the input, -1 by default (channels
+        last); e.g. 1 for channels-first (N, C, H, W). Not 0, the batch axis.
+        The layer moves it last, normalizes, and moves it back.
       momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
       epsilon: a small float > 0 added to the mixed variance.
-      dtype: the dtype of the result (default: the input's dtype).
+      dtype: the dtype of the result (default: the input's dtype, after
+        ``promote_dtype`` if one is given).
       param_dtype: the dtype of the parameters and logits (default: float32).
       use_bias: if True, bias (beta) is added.
       use_scale: if True, multiply by scale (gamma).
@@ -86,12 +101,32 @@ class SwitchNorm(nnx.Module):
         (``shard_map``/``pmap``). Under plain ``jax.jit`` with a sharded batch
         none is needed. Without it, each device uses its own batch.
       axis_index_groups: groups of axis indices within that named axis.
+      use_fast_variance: accepted for ``nnx.BatchNorm`` compatibility; True and
+        False compute the same. Flax's fast path is ``E[x^2] - E[x]^2``; SwitchNorm
+        always takes one pass of shifted sums, which is as fast and stable
+        (docs/design.md, section 2).
+      promote_dtype: ``None`` (default) casts nothing: statistics are computed in
+        float32 or wider and the result has ``dtype`` or the input's dtype. A
+        function, as ``nnx.BatchNorm``'s (e.g. ``flax.nnx.nn.dtypes.promote_dtype``,
+        its default, which makes bfloat16 input with float32 parameters give
+        float32), is called as ``promote_dtype((x, mean, var, scale, bias),
+        dtype=dtype)`` and the layer computes on what it returns.
+      rngs: rng key.
+      bias_metadata: metadata for the bias ``nnx.Param`` (e.g. sharding
+        annotations), passed as ``nnx.BatchNorm`` passes it.
+      scale_metadata: metadata for the scale ``nnx.Param``, likewise.
+      normalizers: names from ("bn", "in", "ln", "gn"); their order is the order
+        of the logits. ``None`` (default) means all four, of which only "bn"
+        and "ln" on (N, C) input (see above). Pass ``("bn", "ln")`` for a layer
+        that only ever sees (N, C) features: it then holds only those logits.
+      num_groups: gn group count; ``None`` picks the largest divisor of C that
+        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
+      group_size: gn channels per group; give this or ``num_groups``.
       mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
         Switchable Normalization, Shao et al., CVPR 2019): the weights are then
         ``sparsestmax(logits, radius)``, one-hot from ``radius >= sqrt(1 - 1/K)`` on.
       radius: only with "sparsestmax": a :class:`MixingRadius` holding a float32 scalar,
         0 at construction; set it with :func:`set_radius` (``None`` with softmax).
-      rngs: rng key.
       last_input_rank: the rank of the input at the last call (``None`` before
         the first), a static attribute.
     """
@@ -100,10 +135,8 @@ class SwitchNorm(nnx.Module):
         self,
         num_features: int,
         *,
-        normalizers: Sequence[str] | None = None,
-        num_groups: int | None = None,
-        group_size: int | None = None,
         use_running_average: bool = False,
+        axis: int = -1,
         momentum: float = 0.99,
         epsilon: float = 1e-5,
         dtype: Dtype | None = None,
@@ -114,8 +147,15 @@ class SwitchNorm(nnx.Module):
         scale_init: Initializer = nnx.initializers.ones_init(),
         axis_name: str | None = None,
         axis_index_groups: Any = None,
-        mixing: str = "softmax",
+        use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn | None = None,
         rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        normalizers: Sequence[str] | None = None,
+        num_groups: int | None = None,
+        group_size: int | None = None,
+        mixing: str = "softmax",
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
@@ -131,16 +171,15 @@ class SwitchNorm(nnx.Module):
         self.mixing = _arguments.check_mixing(mixing)
         momentum = _arguments.check_momentum(momentum)
         epsilon = _arguments.check_epsilon(epsilon)
+        axis = _arguments.check_axis(axis)
+        use_fast_variance = _arguments.check_flag("use_fast_variance", use_fast_variance)
+        promote_dtype = _arguments.check_promote_dtype(promote_dtype)
         feature_shape = (num_features,)
         logits_shape = (len(self.normalizers),)
         self.mean_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
         self.var_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
-        self.scale = (
-            nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype)) if use_scale else nnx.data(None)
-        )
-        self.bias = (
-            nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype)) if use_bias else nnx.data(None)
-        )
+        self.scale = _feature_param(use_scale, scale_init, rngs, feature_shape, param_dtype, scale_metadata)
+        self.bias = _feature_param(use_bias, bias_init, rngs, feature_shape, param_dtype, bias_metadata)
         self.mean: nnx.BatchStat[Array] | None
         self.var: nnx.BatchStat[Array] | None
         if "bn" in self.normalizers:
@@ -154,6 +193,7 @@ class SwitchNorm(nnx.Module):
 
         self.num_features = num_features
         self.use_running_average = use_running_average
+        self.axis = axis
         self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
@@ -162,6 +202,8 @@ class SwitchNorm(nnx.Module):
         self.use_scale = use_scale
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
         self.last_input_rank: int | None = None
 
     def set_view(self, use_running_average: bool | None = None):
@@ -190,10 +232,10 @@ class SwitchNorm(nnx.Module):
         return self.normalizers if rank is None else self._active_normalizers(rank)
 
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Normalizes ``x`` (shape (N, *spatial, C)) with the learned blend.
+        """Normalizes ``x`` (shape (N, ..., C, ...), C on ``axis``) with the learned blend.
 
         Args:
-          x: the input, channels last.
+          x: the input, samples on axis 0 and features on ``axis`` (last by default).
           use_running_average: overrides the attribute of the same name.
 
         Returns:
@@ -204,6 +246,9 @@ class SwitchNorm(nnx.Module):
         if use_running_average is None:
             raise ValueError("No use_running_average argument was given to SwitchNorm.")
         rank = len(getattr(x, "shape", ()))
+        feature = _arguments.feature_axis(self.axis, rank)
+        if feature != rank - 1:
+            x = jnp.moveaxis(x, feature, -1)
         active = self._active_normalizers(rank)
         _arguments.check_input(x, active, self.num_features)  # rank, dtype, channel count
         self._record_rank(rank)
@@ -217,7 +262,8 @@ class SwitchNorm(nnx.Module):
             axis_index_groups=self.axis_index_groups,
             mixing=self.mixing,
         )
-        y, batch_stats = _core.normalize_checked(config, x, self._arrays(active, uses_bn), self.dtype)
+        x, arrays = self._promoted(x, self._arrays(active, uses_bn))
+        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
         if batch_stats is not None:
             stop = jax.lax.stop_gradient
             # Batch statistics come only from the "bn" term, and __init__ made both running averages for it.
@@ -226,7 +272,20 @@ class SwitchNorm(nnx.Module):
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
             self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
-        return y
+        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
+
+    def _promoted(self, x: Array, arrays: _core.LayerArrays) -> tuple[Array, _core.LayerArrays]:
+        """``x`` and the arrays ``nnx.BatchNorm`` promotes, through ``promote_dtype`` if one is set.
+
+        The running averages promoted are what inference reads; the updates, as in
+        ``nnx.BatchNorm``, go to the stored float32 averages.
+        """
+        if self.promote_dtype is None:
+            return x, arrays
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, arrays.running_mean, arrays.running_var, arrays.scale, arrays.bias), dtype=self.dtype
+        )
+        return x, arrays._replace(running_mean=mean, running_var=var, scale=scale, bias=bias)
 
     def _record_rank(self, rank: int) -> None:
         """Sets ``last_input_rank``, a static attribute, where it changes and NNX allows it.

@@ -167,17 +167,147 @@ def test_format_mixing_weights_shows_every_layer_and_marks_the_dominant_weight()
     assert b_mean.split()[0] == "b" and "-" in b_mean.split()  # "in"/"gn" absent from layer b
 
 
+# --------------------------------------------------------------------------
+# Stacked layers (nnx.vmap / nnx.scan, nn.scan): one row per copy.
+# --------------------------------------------------------------------------
+
+
+class NormBlock(nnx.Module):
+    def __init__(self, rngs, **kwargs):
+        self.norm = switchnorm.SwitchNorm(4, rngs=rngs, **kwargs)
+
+    def __call__(self, x):
+        return self.norm(x)
+
+
+class ScannedStack(nnx.Module):
+    """``copies`` blocks built by nnx.vmap and run one after the other by nnx.scan."""
+
+    def __init__(self, copies, rngs, **kwargs):
+        @nnx.split_rngs(splits=copies)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NormBlock(rngs, **kwargs)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(x, block):
+            return block(x)
+
+        return step(x, self.blocks)
+
+
+def unstacked_report(mean_logits, var_logits, x=None, **kwargs):
+    """What one NNX layer holding these logits reports (after a call on ``x``, if given)."""
+    layer = switchnorm.SwitchNorm(4, rngs=nnx.Rngs(0), **kwargs)
+    layer.mean_logits[...] = jnp.asarray(mean_logits)
+    layer.var_logits[...] = jnp.asarray(var_logits)
+    if x is not None:
+        layer(x)
+    return switchnorm.mixing_weights(layer)[""]
+
+
+@pytest.mark.parametrize("copies", [3, 4])  # 4 == K: a transposed read would still have the right shape
+def test_an_nnx_scan_stack_reads_one_row_per_copy_as_the_unstacked_layer(rng, copies):
+    model = ScannedStack(copies, nnx.Rngs(0))
+    mean_logits = jnp.asarray(rng.normal(size=(copies, 4)), jnp.float32)
+    var_logits = jnp.asarray(rng.normal(size=(copies, 4)), jnp.float32)
+    model.blocks.norm.mean_logits[...] = mean_logits
+    model.blocks.norm.var_logits[...] = var_logits
+    model(jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32))
+    weights = switchnorm.mixing_weights(model)
+    paths = [f"blocks/norm[{i}]" for i in range(copies)]
+    assert list(weights) == paths
+    for i, path in enumerate(paths):
+        assert weights[path] == unstacked_report(mean_logits[i], var_logits[i])
+    table = switchnorm.format_mixing_weights(weights).splitlines()
+    assert [line.split()[0] for line in table[2::2]] == paths
+
+
+def test_an_nnx_stack_called_on_dense_features_reports_the_two_it_blends_per_copy(rng):
+    model = ScannedStack(3, nnx.Rngs(0))
+    logits = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    model.blocks.norm.mean_logits[...] = logits
+    model.blocks.norm.var_logits[...] = -logits
+    x = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    model(x)
+    weights = switchnorm.mixing_weights(model)
+    for i in range(3):
+        assert list(weights[f"blocks/norm[{i}]"]["mean"]) == ["bn", "ln"]
+        assert weights[f"blocks/norm[{i}]"] == unstacked_report(logits[i], -logits[i], x)
+
+
+def test_a_stack_of_sparsestmax_layers_reads_each_copy_at_its_own_radius(rng):
+    radii = jnp.array([0.0, 0.45, 0.9], jnp.float32)
+    model = ScannedStack(3, nnx.Rngs(0), mixing="sparsestmax")
+    logits = jnp.asarray(rng.normal(size=(3, 4)) * 0.3, jnp.float32)
+    model.blocks.norm.mean_logits[...] = logits
+    model.blocks.norm.var_logits[...] = logits[::-1]
+    model.blocks.norm.radius[...] = radii
+    weights = switchnorm.mixing_weights(model)
+    for i in range(3):
+        single = switchnorm.SwitchNorm(4, mixing="sparsestmax", rngs=nnx.Rngs(0))
+        single.mean_logits[...], single.var_logits[...] = logits[i], logits[::-1][i]
+        switchnorm.set_radius(single, radii[i])
+        assert weights[f"blocks/norm[{i}]"] == switchnorm.mixing_weights(single)[""]
+    tree = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    tree["mixing_radius"] = {"blocks": {"norm": {"radius": radii}}}
+    assert switchnorm.mixing_weights(tree) == weights  # the Linen path reads the radius per copy too
+
+
+class LinenNormBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return snn.SwitchNorm(name="norm")(x, use_running_average=False), None
+
+
+class LinenScannedModel(nn.Module):
+    copies: int
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(
+            LinenNormBlock,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=self.copies,
+        )
+        return scan(name="blocks")(x, None)[0]
+
+
 @pytest.mark.parametrize("copies", [3, 4])
-def test_stacked_logits_are_refused_not_read_as_normalizers(copies):
-    """(L, K) logits from nn.scan / nnx.vmap: with L == K they used to be read silently transposed."""
-    params = {"norm": {"mean_logits": jnp.zeros((copies, 4)), "var_logits": jnp.zeros((copies, 4))}}
-    with pytest.raises(ValueError, match=rf"shape \({copies}, 4\): stacked layers"):
-        switchnorm.mixing_weights(params)
+def test_a_linen_scan_stack_reads_one_row_per_copy_as_the_unstacked_layer(rng, copies):
+    x = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
+    variables = LinenScannedModel(copies).init(jax.random.key(0), x)
+    stacked = variables["params"]["blocks"]["norm"]
+    assert stacked["mean_logits"].shape == (copies, 4)
+    mean_logits = jnp.asarray(rng.normal(size=(copies, 4)), jnp.float32)
+    var_logits = jnp.asarray(rng.normal(size=(copies, 4)), jnp.float32)
+    params = {"blocks": {"norm": {**stacked, "mean_logits": mean_logits, "var_logits": var_logits}}}
+    weights = switchnorm.mixing_weights({**variables, "params": params})
+    assert list(weights) == [f"blocks/norm[{i}]" for i in range(copies)]
+    single = snn.SwitchNorm().init(jax.random.key(0), x, use_running_average=False)
+    for i in range(copies):
+        one = {
+            **single,
+            "params": {**single["params"], "mean_logits": mean_logits[i], "var_logits": var_logits[i]},
+        }
+        assert weights[f"blocks/norm[{i}]"] == switchnorm.mixing_weights(one)[""]
 
-    @nnx.split_rngs(splits=copies)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return switchnorm.SwitchNorm(8, rngs=rngs)
 
-    with pytest.raises(ValueError, match="stacked layers"):
-        switchnorm.mixing_weights(create(nnx.Rngs(0)))
+def test_logits_with_the_normalizers_off_the_last_axis_are_refused_naming_the_shape():
+    layer = switchnorm.SwitchNorm(4, rngs=nnx.Rngs(0))
+    layer.mean_logits = nnx.Param(jnp.zeros((4, 3)))  # a stack on axis 1
+    layer.var_logits = nnx.Param(jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"shape \(4, 3\).*must be the last axis"):
+        switchnorm.mixing_weights(layer)
+    with pytest.raises(
+        ValueError, match=r"'norm': mean_logits of shape \(3, 4\) and var_logits of shape \(4,\)"
+    ):
+        switchnorm.mixing_weights({"norm": {"mean_logits": np.zeros((3, 4)), "var_logits": np.zeros(4)}})
+    tree = {"params": {"norm": {"mean_logits": np.zeros((3, 4)), "var_logits": np.zeros((3, 4))}}}
+    tree["mixing_radius"] = {"norm": {"radius": np.zeros(2)}}
+    with pytest.raises(ValueError, match=r"radius of shape \(2,\).*one per copy \(3,\)"):
+        switchnorm.mixing_weights(tree)

@@ -97,6 +97,12 @@ def _add_run_flags(train: argparse.ArgumentParser) -> None:
         default=S,
         help="clip the mixing logits' gradient to this global norm (default: no clipping)",
     )
+    add(
+        "--recalibrate",
+        type=_int,
+        default=S,
+        help="recompute the bn running averages over this many training batches before the last evaluation",
+    )
 
 
 def _add_other_train_flags(train: argparse.ArgumentParser) -> None:

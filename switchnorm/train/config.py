@@ -28,6 +28,9 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-2
 MIXING_LR_SCALE = 1.0  # the mixing logits' learning rate over the others' (Sparse SN: 0.1)
 MIXING_CLIP = None  # the largest global norm of the logits' gradient; None: no clipping
+RECALIBRATE = (
+    0  # training batches to recompute the bn running averages over before the last evaluation; 0: none
+)
 WARMUP_EPOCHS = 1.0
 EVAL_EVERY = 5
 SEED = 0
@@ -149,6 +152,7 @@ class RunConfig:
     dtype: str = DTYPE
     mixing_lr_scale: float = MIXING_LR_SCALE
     mixing_clip: float | None = MIXING_CLIP
+    recalibrate: int = RECALIBRATE
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     steps_per_epoch: int | None = None
@@ -181,6 +185,7 @@ class RunConfig:
         if self.mixing_clip is not None:
             _check_float("mixing_clip", self.mixing_clip, lambda v: v > 0, "a positive number")
         _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("recalibrate", self.recalibrate, 0, MAX_STEPS)
 
     def _check_data_fields(self) -> None:
         if self.input_shape is not None:

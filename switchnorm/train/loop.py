@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, cast
@@ -38,6 +39,7 @@ import optax
 from flax import nnx
 
 from switchnorm.inspect import mixing_weights
+from switchnorm.recalibrate import recalibrate
 from switchnorm.train import config as run_config
 from switchnorm.train import data as data_lib
 from switchnorm.train import optim
@@ -64,6 +66,8 @@ class TrainConfig:
       mixing_lr_scale: the mixing logits' learning rate over everyone else's
         (Sparse SN uses 0.1); see :func:`switchnorm.train.optim.make_optimizer`.
       mixing_clip: if set, the largest global norm of the mixing logits' gradient.
+      recalibrate: if positive, before the last evaluation every SwitchNorm's bn running
+        averages are recomputed over this many training batches (:func:`switchnorm.recalibrate`).
     """
 
     epochs: int = run_config.EPOCHS
@@ -77,6 +81,7 @@ class TrainConfig:
     seed: int = run_config.SEED
     mixing_lr_scale: float = run_config.MIXING_LR_SCALE
     mixing_clip: float | None = run_config.MIXING_CLIP
+    recalibrate: int = run_config.RECALIBRATE
 
 
 class TrainState(NamedTuple):
@@ -351,6 +356,20 @@ class Trainer:
         """The model holding ``state`` (a new module; the trainer's own is untouched)."""
         return nnx.merge(self.eval_graph, state.params, state.rest)
 
+    def recalibrated(self, state: TrainState, epoch: int) -> TrainState:
+        """``state`` with population bn statistics: :func:`switchnorm.recalibrate` over
+        ``config.recalibrate`` training batches, drawn in the orders of the epochs after ``epoch``."""
+        data, config = self.dataset, self.config
+        orders = (
+            data_lib.train_batches(data.x_train, data.y_train, config.batch_size, config.seed, later)
+            for later in itertools.count(epoch + 1)
+        )
+        batches = itertools.islice(itertools.chain.from_iterable(orders), self.config.recalibrate)
+        model = nnx.merge(self.train_graph, state.params, state.rest, copy=True)  # leaves ``state`` alone
+        recalibrate(model, (self._place_batch(xb)[0] for xb, _ in batches))
+        _, _, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, ...))
+        return self._place_state(state._replace(rest=rest))
+
     def _train_epoch(
         self, state: TrainState, epoch: int, callbacks: Sequence[Callback]
     ) -> tuple[TrainState, dict[str, Any]]:
@@ -371,6 +390,8 @@ class Trainer:
             "train_accuracy": float(np.mean(accuracies)),
             "learning_rate": float(self.schedule(int(state.step))),
         }
+        if epoch + 1 == self.config.epochs and self.config.recalibrate:
+            state = self.recalibrated(state, epoch)
         if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs:
             record["test_loss"], record["test_accuracy"] = self.evaluate(state)
         record["weights"] = model_weights(self.model_at(state))
