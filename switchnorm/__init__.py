@@ -15,11 +15,11 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
 from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, default_num_groups
 from switchnorm._core import radius_schedule, switch_norm
+from switchnorm._recalibrate import recalibrate, recalibrate_variables
 from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
-from switchnorm.recalibrate import recalibrate, recalibrate_variables
 
 __version__ = "0.1.0"
 

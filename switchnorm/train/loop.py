@@ -38,8 +38,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from switchnorm._recalibrate import recalibrate
 from switchnorm.inspect import mixing_weights
-from switchnorm.recalibrate import recalibrate
 from switchnorm.train import config as run_config
 from switchnorm.train import data as data_lib
 from switchnorm.train import optim
