@@ -53,6 +53,10 @@ def test_eval_runs_in_eval_mode_with_running_averages(synthetic):
     x = synthetic.x_test[:8]
     alone = evaluated(x[:1])
     assert np.allclose(evaluated(x)[:1], alone, atol=1e-6)
+    # The model is on copies: changing it leaves the state it came from alone.
+    kept = jax.tree.map(np.array, (state.params, state.rest))
+    evaluated.norms[0].mean[...] += 1.0
+    jax.tree.map(np.testing.assert_array_equal, (state.params, state.rest), kept)
 
 
 def test_a_sharding_plan_changes_where_arrays_live_not_the_result(synthetic):

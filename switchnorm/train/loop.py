@@ -353,8 +353,9 @@ class Trainer:
         return total_loss / len(x), total_correct / len(x)
 
     def model_at(self, state: TrainState) -> nnx.Module:
-        """The model holding ``state`` (a new module; the trainer's own is untouched)."""
-        return nnx.merge(self.eval_graph, state.params, state.rest)
+        """The model holding ``state``: a new module on copies of its variables, so changing
+        it changes neither the trainer's own model nor ``state``."""
+        return nnx.merge(self.eval_graph, state.params, state.rest, copy=True)
 
     def recalibrated(self, state: TrainState, epoch: int) -> TrainState:
         """``state`` with population bn statistics: :func:`switchnorm.recalibrate` over
