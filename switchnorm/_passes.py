@@ -114,10 +114,17 @@ standard deviations. Beyond, the shifted sums take over (docs/design.md,
 "One pass: shifted sums per cell")."""
 
 
-def _raw_sums_suffice(s1: Array, s2: Array, count: int) -> Array:
-    """Whether every cell's raw sums give its variance to the bound above (NaN fails)."""
-    m2 = s2 - s1 * (s1 / count)
-    return jnp.logical_not(_overflowed(s2)) & jnp.all(s2 <= RAW_SUMS_BOUND * m2)
+def raw_sums_within_bound(s1: Array, s2: Array, count: int) -> Array:
+    """Per sum: whether its variance from raw sums is within the bound above (NaN fails)."""
+    return s2 <= RAW_SUMS_BOUND * (s2 - s1 * (s1 / count))
+
+
+def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
+    """Whether every :func:`raw_sums_within_bound` holds and no sum of squares ``s2`` overflowed.
+
+    An overflowed ``s2`` can pass the bound (inf <= 16 * inf), hence the second check.
+    """
+    return jnp.logical_not(_overflowed(s2)) & jnp.all(within_bound)
 
 
 def _shifted(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
@@ -157,7 +164,7 @@ def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Arr
     """
     cells = _to_cells(x).astype(compute_dtype)
     s1, s2 = jnp.sum(cells, axis=1), jnp.sum(cells * cells, axis=1)
-    raw = _raw_sums_suffice(s1, s2, _count(x))
+    raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, _count(x)), s2)
 
     def as_raw(operands):
         _, s1, s2 = operands
