@@ -89,7 +89,8 @@ def normalize_dense(
             if name == "bn" and config.use_running_average:
                 stats.append(running_scope(inputs, zero, compute_dtype))
             else:
-                stats.append(_scope(*sums[name], x.shape))
+                s1, s2 = sums[name]
+                stats.append(_scope(s1, s2, x.shape))
                 if name == "bn":
                     batch_stats = batch_stats_of(stats[-1], zero, config)
         mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs)
