@@ -89,8 +89,9 @@ def max_error(x, normalizers, rng):
 @pytest.mark.parametrize("shape", [(4, 6, 6, 8), (64, 8)], ids=["spatial", "dense"])
 def test_float32_with_one_sample_offset_by_1e4_matches_float64(rng, shape):
     # Sample 1's in, ln and gn scopes sit at 1e4 with std 1: raw sums would lose every digit of
-    # their variance; the check sends the whole batch to the shifted path.
-    normalizers = ALL if len(shape) > 2 else ("bn", "ln")
+    # their variance; the check sends the whole batch to the shifted path. (No bn: its variance,
+    # 2.5e7 here, would make every normalized value small enough to hide any error.)
+    normalizers = ("in", "ln", "gn") if len(shape) > 2 else ("ln",)
     x = jnp.asarray(offset_sample(rng, shape, 1e4), jnp.float32)
     assert max_error(x, normalizers, rng) < 1e-3
 
