@@ -76,7 +76,7 @@ class GraphConfig(NamedTuple):
     mixing: str = "softmax"
 
 
-def _batch_stats(scope: ScopeStats, shift: Array, config: GraphConfig) -> BatchStats:
+def batch_stats_of(scope: ScopeStats, shift: Array, config: GraphConfig) -> BatchStats:
     """The bn scope's absolute batch mean and variance per channel, for the running averages."""
     batch_mean = (shift + scope.mean)[0]
     if config.axis_name is not None:
@@ -86,6 +86,34 @@ def _batch_stats(scope: ScopeStats, shift: Array, config: GraphConfig) -> BatchS
         # accepts it, as with nn.BatchNorm).
         batch_mean = lax.pmean(batch_mean, config.axis_name, axis_index_groups=config.axis_index_groups)
     return BatchStats(mean=batch_mean, var=scope.var[0])
+
+
+def running_scope(inputs: GraphInputs, shift: Array, compute_dtype: Any) -> ScopeStats:
+    """The bn term in inference: the running averages, the mean relative to ``shift``, (1, C)-shaped."""
+    # switch_norm raises without both running averages; the NNX and Linen layers always hold them with bn.
+    assert inputs.running_mean is not None and inputs.running_var is not None
+    return ScopeStats(
+        mean=inputs.running_mean.astype(compute_dtype)[None, :] - shift,
+        var=inputs.running_var.astype(compute_dtype)[None, :],
+    )
+
+
+def mixed_mean_and_factor(
+    config: GraphConfig, compute_dtype: Any, stats: Sequence[ScopeStats], inputs: GraphInputs
+) -> tuple[Array, Array]:
+    """The blend of the normalizers' statistics: ``(mix_mean, a = scale / sqrt(mix_var + epsilon))``.
+
+    ``stats`` may be of any shapes that broadcast together (the (N, C) path
+    hands over (1, C) and (N, 1) statistics); so are the results.
+    """
+    mean_weights, var_weights = mixing_weights_from_logits(
+        jnp.stack([inputs.mean_logits, inputs.var_logits]), config.mixing, inputs.radius
+    ).astype(compute_dtype)
+    mixed = blend(stats, mean_weights, var_weights)
+    a = lax.rsqrt(mixed.var + config.epsilon)
+    if inputs.scale is not None:
+        a = a * inputs.scale.astype(compute_dtype)
+    return mixed.mean, a
 
 
 def cell_graph(
@@ -111,19 +139,10 @@ def cell_graph(
     averages (``None`` without "bn" or with ``use_running_average``).
     """
     cells = cell_stats(shift, inverse_unit, s1, s2, count)
-    dtype = compute_dtype
     stats, batch_stats = [], None
     for name in config.normalizers:
         if name == "bn" and config.use_running_average:
-            # switch_norm raises without both running averages; the NNX and Linen layers always hold them with bn.
-            assert inputs.running_mean is not None and inputs.running_var is not None
-            running_var = inputs.running_var.astype(dtype)
-            stats.append(
-                ScopeStats(
-                    mean=inputs.running_mean.astype(dtype)[None, :] - shift,
-                    var=jnp.broadcast_to(running_var, cells.mean.shape),
-                )
-            )
+            stats.append(running_scope(inputs, shift, compute_dtype))
             continue
         scope = scope_stats(
             cells,
@@ -133,13 +152,7 @@ def cell_graph(
             axis_index_groups=config.axis_index_groups,
         )
         if name == "bn":
-            batch_stats = _batch_stats(scope, shift, config)
+            batch_stats = batch_stats_of(scope, shift, config)
         stats.append(scope)
-    mean_weights, var_weights = mixing_weights_from_logits(
-        jnp.stack([inputs.mean_logits, inputs.var_logits]), config.mixing, inputs.radius
-    ).astype(dtype)
-    mixed = blend(stats, mean_weights, var_weights)
-    a = lax.rsqrt(mixed.var + config.epsilon)
-    if inputs.scale is not None:
-        a = a * inputs.scale.astype(dtype)
-    return mixed.mean, a, batch_stats
+    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs)
+    return jnp.broadcast_to(mix_mean, shift.shape), jnp.broadcast_to(a, shift.shape), batch_stats

@@ -7,6 +7,9 @@ Data flows one way, one module per step::
                          a = scale / sqrt(mixed var + eps)              (N, C) arrays only)
       --normalize_pass-> y = ((x - K) - mixed mean) * a + bias         (_passes.py, one pass)
 
+(N, C) input, with one element per cell, skips the cell graph: each normalizer's
+statistics come from sums of x over its scope (_dense.py).
+
 Important details:
 
 * :func:`switch_norm` checks its arguments once, at trace time
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 from switchnorm import _arguments, _passes
 from switchnorm._arguments import NORMALIZERS
 from switchnorm._cell_graph import GraphConfig, GraphInputs, cell_graph
+from switchnorm._dense import normalize_dense
 from switchnorm._sparsestmax import _checked_radius
 from switchnorm._stats import BatchStats
 
@@ -93,7 +97,12 @@ def normalize_checked(
     )
     graph = functools.partial(cell_graph, config, compute_dtype)
     normalize = _passes.normalize if use_custom_vjp else _passes.normalize_autodiff
-    return normalize(graph, compute_dtype, out_dtype, x, inputs, arrays.bias)
+    general = functools.partial(normalize, graph, compute_dtype, out_dtype)
+    if x.ndim == 2 and config.axis_name is None:  # one element per cell: no cell graph needed
+        return normalize_dense(
+            config, compute_dtype, out_dtype, x, inputs, arrays.bias, general, use_custom_vjp
+        )
+    return general(x, inputs, arrays.bias)
 
 
 def _check_arrays(arrays: LayerArrays, normalizers: tuple[str, ...], num_channels: int) -> None:

@@ -103,15 +103,32 @@ def _overflowed(s2: Array) -> Array:
     return jnp.any(jnp.isinf(s2))
 
 
-def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
-    """The statistics pass: ``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` per cell.
+RAW_SUMS_BOUND = 16.0
+"""Largest mean square over variance, per cell, for which the statistics pass keeps raw sums.
 
-    K is the cell's first element, a constant for differentiation. u is 1,
-    unless some cell's sum of squares overflows: then the pass is taken again
-    with u the :func:`power_of_two_scale` of every cell's K (a ``lax.cond``:
-    data within range pays one check of the (N, C) sums, not a rescaling of
-    every element, which cost 10-25 % on CPU).
+``var = (s2 - s1^2 / m) / m`` from raw sums has a relative error of about
+``c u s2 / M2`` (u the unit round-off, c the summation's error growth, M2 the
+centred sum of squares): bounded by 16 c u, a few times float32's own
+rounding of the variance, wherever every cell's |mean| is at most about 3.9
+standard deviations. Beyond, the shifted sums take over (docs/design.md,
+"One pass: shifted sums per cell")."""
+
+
+def raw_sums_within_bound(s1: Array, s2: Array, count: int) -> Array:
+    """Per sum: whether its variance from raw sums is within the bound above (NaN fails)."""
+    return s2 <= RAW_SUMS_BOUND * (s2 - s1 * (s1 / count))
+
+
+def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
+    """Whether every :func:`raw_sums_within_bound` holds and no sum of squares ``s2`` overflowed.
+
+    An overflowed ``s2`` can pass the bound (inf <= 16 * inf), hence the second check.
     """
+    return jnp.logical_not(_overflowed(s2)) & jnp.all(within_bound)
+
+
+def _shifted(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
+    """``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` with K each cell's first element."""
     cells = _to_cells(x).astype(compute_dtype)
     shift = lax.stop_gradient(cells[:, 0, :])
     centred = cells - _per_cell(shift)
@@ -130,6 +147,34 @@ def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Arr
 
     unit, inverse_unit, s1, s2 = lax.cond(_overflowed(s2), rescaled, as_is, (x, shift, s1))
     return shift, unit, inverse_unit, s1, s2
+
+
+def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """The statistics pass: ``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2, raw)`` per cell.
+
+    First the raw sums (K = 0, u = 1): two reductions that read x itself,
+    as BatchNorm's. ``raw`` (a traced bool) says they are kept: every cell's
+    mean square is at most RAW_SUMS_BOUND times its variance, and no sum
+    overflowed. Otherwise (a ``lax.cond``, so data that passes pays only the
+    check on (N, C) arrays) the pass is taken again with K the cell's first
+    element, a constant for differentiation; XLA:CPU's reductions then need
+    ``x - K`` written out. u is 1 there, unless some cell's shifted sum of
+    squares overflows: then the pass is taken once more with u the
+    :func:`power_of_two_scale` of every cell's K.
+    """
+    cells = _to_cells(x).astype(compute_dtype)
+    s1, s2 = jnp.sum(cells, axis=1), jnp.sum(cells * cells, axis=1)
+    raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, _count(x)), s2)
+
+    def as_raw(operands):
+        _, s1, s2 = operands
+        zeros, ones = jnp.zeros_like(s1), jnp.ones_like(s1)
+        return zeros, ones, ones, s1, s2
+
+    def shifted(operands):
+        return _shifted(operands[0], compute_dtype)
+
+    return (*lax.cond(raw, as_raw, shifted, (x, s1, s2)), raw)
 
 
 def normalize_pass(
@@ -152,7 +197,7 @@ def normalize_autodiff(
 ) -> tuple[Array, Any]:
     """Statistics pass, cell graph, normalize pass; differentiated by JAX."""
     count = _count(x)
-    shift, _, inverse_unit, s1, s2 = shifted_sums(x, compute_dtype)
+    shift, _, inverse_unit, s1, s2, _ = shifted_sums(x, compute_dtype)
     s1, s2 = _fusion_boundary(s1, s2, count=count)
     mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
     mix_mean, a = _fusion_boundary(mix_mean, a, count=count)
@@ -178,6 +223,30 @@ def _varying_axes(v: Array) -> frozenset:
     if manual is not None:
         return frozenset(manual.varying)
     return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _backward_sums(
+    dy: Array, x: Array, shift: Array, mix_mean: Array, raw: Array, compute_dtype: Any
+) -> tuple[Array, Array]:
+    """The backward reduction pass: ``r1 = sum_s dy`` and ``r2 = sum_s dy * (x - K - mix_mean)``.
+
+    Where the forward kept raw sums (K = 0, every cell's |mean| within a few
+    standard deviations), ``r2 = sum_s dy * x - mix_mean * r1``: reductions
+    of dy and x themselves, which XLA:CPU's reduction fusions take without
+    writing out an x-sized temporary, and no worse a cancellation than the
+    forward's. Otherwise the centred form, in K's frame.
+    """
+    r1 = jnp.sum(dy, axis=1)
+
+    def raw_form(operands):
+        dy, x, _, mix_mean, r1 = operands
+        return jnp.sum(dy * _to_cells(x).astype(compute_dtype), axis=1) - mix_mean * r1
+
+    def centred_form(operands):
+        dy, x, shift, mix_mean, _ = operands
+        return jnp.sum(dy * (_centred(x, shift, compute_dtype) - _per_cell(mix_mean)), axis=1)
+
+    return r1, lax.cond(raw, raw_form, centred_form, (dy, x, shift, mix_mean, r1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -207,18 +276,19 @@ def _forward(graph, compute_dtype, out_dtype, x, inputs, bias):
         shift = _to_cells(x)[:, 0, :].astype(compute_dtype)
         s1 = s2 = jnp.zeros_like(shift)
         unit = inverse_unit = jnp.ones_like(shift)
+        raw = jnp.asarray(False)
     else:
-        shift, unit, inverse_unit, s1, s2 = shifted_sums(x, compute_dtype)
+        shift, unit, inverse_unit, s1, s2, raw = shifted_sums(x, compute_dtype)
     mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
     mix_mean, a = _fusion_boundary(mix_mean, a, count=count)
     y = normalize_pass(x, shift, mix_mean, a, bias, compute_dtype, out_dtype)
-    return (y, batch_stats), (x, shift, unit, inverse_unit, s1, s2, inputs, bias)
+    return (y, batch_stats), (x, shift, unit, inverse_unit, s1, s2, raw, inputs, bias)
 
 
 def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     """One reduction pass over (dy, x), the cell graph's VJP, one elementwise pass."""
     del out_dtype
-    x, shift, unit, inverse_unit, s1, s2, inputs, bias = residuals
+    x, shift, unit, inverse_unit, s1, s2, raw, inputs, bias = residuals
     count = _count(x)
     # The cell graph again, on (N, C) arrays: cheaper to redo than to keep, and
     # its VJP is traced here, where the cotangents' types (e.g. varying over a
@@ -229,8 +299,7 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     dy, batch_stats_bar = cotangents
     dy = _to_cells(dy).astype(compute_dtype)
     centred = _centred(x, shift, compute_dtype)
-    r1 = jnp.sum(dy, axis=1)
-    r2 = jnp.sum(dy * (centred - _per_cell(mix_mean)), axis=1)
+    r1, r2 = _backward_sums(dy, x, shift, mix_mean, raw, compute_dtype)
     g1, g2, inputs_bar = graph_vjp((_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar))
     # ds1/dx = u and ds2/dx = 2 u^2 (x - K): u folded into the (N, C) cotangents
     # ((g2 * u) * u, since u^2 alone can underflow).

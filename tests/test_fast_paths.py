@@ -1,0 +1,179 @@
+"""The raw-sum statistics pass and the (N, C) direct path: when each is taken, and that both
+match the float64 reference, with gradients equal to plain autodiff's."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+from switchnorm import _passes, switch_norm
+from switchnorm._core import switch_norm_autodiff
+
+ALL = reference.ALL
+
+
+def raw_taken(x) -> bool:
+    """Whether the statistics pass keeps the raw sums of x."""
+    return bool(jax.jit(lambda x: _passes.shifted_sums(x, jnp.float32)[5])(x))
+
+
+def offset_sample(rng, shape, offset):
+    """Unit normal data with sample 1 moved by ``offset``."""
+    x = rng.normal(size=shape)
+    x[1] += offset
+    return x
+
+
+def dense_input(rng, shape):
+    """(N, C) data whose bn, ln and gn scopes all have |mean| within a few standard deviations."""
+    z = rng.normal(size=shape) * rng.uniform(0.5, 2.0, shape[1])
+    return z - z.mean(axis=1, keepdims=True) + 0.3
+
+
+def dense_within_bound(x) -> bool:
+    """Whether the (N, C) direct path keeps raw sums for bn (axis 0) and ln (axis 1)."""
+    x = np.asarray(x, np.float64)
+    return all(
+        np.all(np.mean(x * x, axis) <= _passes.RAW_SUMS_BOUND * np.var(x, axis) * 0.9) for axis in (0, 1)
+    )
+
+
+# --------------------------------------------------------------------------
+# Which sums the statistics pass keeps.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, raw",
+    [("unit-normal", True), ("mean-3-std", True), ("mean-1e4", False), ("one-sample-at-1e4", False)],
+)
+def test_raw_sums_are_kept_only_where_every_cell_mean_is_within_a_few_standard_deviations(rng, case, raw):
+    shape = (4, 8, 8, 6)
+    data = {
+        "unit-normal": rng.normal(size=shape),
+        "mean-3-std": 3.0 + rng.normal(size=shape),
+        "mean-1e4": 1e4 + rng.normal(size=shape),
+        "one-sample-at-1e4": offset_sample(rng, shape, 1e4),
+    }[case]
+    assert raw_taken(jnp.asarray(data, jnp.float32)) is raw
+
+
+def test_a_nan_takes_the_shifted_sums_and_stays_nan(rng):
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32).at[0, 1, 1, 2].set(jnp.nan)
+    assert not raw_taken(x)
+
+
+# --------------------------------------------------------------------------
+# Values against float64, on both sides of the bound and on both paths.
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("normalizers",))
+def forward(x, mean_logits, var_logits, *, normalizers):
+    return switch_norm(x, mean_logits, var_logits, normalizers=normalizers, num_groups=2)[0]
+
+
+def max_error(x, normalizers, rng):
+    k = len(normalizers)
+    logits = rng.normal(size=k), rng.normal(size=k)
+    y = forward(x, *(jnp.asarray(lg, jnp.float32) for lg in logits), normalizers=normalizers)
+    y_ref, _, _ = reference.switch_norm(
+        np.asarray(x, np.float64), *logits, normalizers=normalizers, num_groups=2
+    )
+    return float(np.max(np.abs(np.asarray(y, np.float64) - y_ref)))
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6, 8), (64, 8)], ids=["spatial", "dense"])
+def test_float32_with_one_sample_offset_by_1e4_matches_float64(rng, shape):
+    # Sample 1's in, ln and gn scopes sit at 1e4 with std 1: raw sums would lose every digit of
+    # their variance; the check sends the whole batch to the shifted path. (No bn: its variance,
+    # 2.5e7 here, would make every normalized value small enough to hide any error.)
+    normalizers = ("in", "ln", "gn") if len(shape) > 2 else ("ln",)
+    x = jnp.asarray(offset_sample(rng, shape, 1e4), jnp.float32)
+    assert max_error(x, normalizers, rng) < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6, 8), (64, 8)], ids=["spatial", "dense"])
+def test_float32_at_mean_2_5_std_on_the_raw_path_matches_float64(rng, shape):
+    normalizers = ALL if len(shape) > 2 else ("bn", "ln")
+    x = jnp.asarray(2.5 + rng.normal(size=shape), jnp.float32)
+    if len(shape) > 2:
+        assert raw_taken(x)
+    assert max_error(x, normalizers, rng) < 2e-5
+
+
+@pytest.mark.parametrize("normalizers", [("bn",), ("ln",), ("bn", "ln")], ids=lambda n: "+".join(n))
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["direct", "shifted"])
+def test_dense_input_matches_float64_for_every_normalizer(rng, normalizers, offset):
+    x = jnp.asarray(dense_input(rng, (32, 8)) + offset, jnp.float32)
+    assert dense_within_bound(x) is (offset == 0.0)
+    params = {k: v for k, v in reference.random_case(rng, (32, 8), len(normalizers)).items() if k != "x"}
+    y, stats = jax.jit(lambda x: switch_norm(x, normalizers=normalizers, num_groups=2, **params))(x)
+    y_ref, bn_mean, bn_var = reference.switch_norm(
+        np.asarray(x, np.float64),
+        normalizers=normalizers,
+        num_groups=2,
+        **{k: np.asarray(v, np.float64) for k, v in params.items()},
+    )
+    np.testing.assert_allclose(y, y_ref, atol=1e-3 if offset else 1e-5)
+    if "bn" in normalizers:
+        np.testing.assert_allclose(stats.var, bn_var, rtol=1e-4)
+        np.testing.assert_allclose(stats.mean, bn_mean, rtol=1e-6, atol=1e-5)
+
+
+def test_dense_inference_uses_the_running_averages(rng):
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    logits = rng.normal(size=2), rng.normal(size=2)
+    running_mean, running_var = rng.normal(size=8), rng.uniform(0.5, 2.0, 8)
+    y, stats = switch_norm(
+        x,
+        *logits,
+        normalizers=("bn", "ln"),
+        use_running_average=True,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    y_ref, _, _ = reference.switch_norm(
+        np.asarray(x, np.float64),
+        *logits,
+        normalizers=("bn", "ln"),
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    assert stats is None
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Gradients: the custom VJP equals plain autodiff on every path.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, offset",
+    [((3, 4, 4, 6), 0.0), ((3, 4, 4, 6), 1e3), ((16, 6), 0.0), ((16, 6), 1e3)],
+    ids=["spatial-raw", "spatial-shifted", "dense-direct", "dense-shifted"],
+)
+def test_custom_vjp_equals_autodiff_on_every_path_in_float64(x64, rng, shape, offset):
+    normalizers = ALL if len(shape) > 2 else ("bn", "ln")
+    x = jnp.asarray((dense_input(rng, shape) if len(shape) == 2 else rng.normal(size=shape)) + offset)
+    if len(shape) == 2:
+        assert dense_within_bound(x) is (offset == 0.0)
+    dy = jnp.asarray(rng.normal(size=shape), jnp.float64)
+    logits = jnp.asarray(rng.normal(size=(2, len(normalizers))), jnp.float64)
+    scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1])), jnp.asarray(rng.normal(size=shape[-1]))
+
+    def grads(f):
+        def loss(x, logits, scale, bias):
+            y, stats = f(
+                x, logits[0], logits[1], scale=scale, bias=bias, normalizers=normalizers, num_groups=2
+            )
+            return jnp.sum(y * dy) + jnp.sum(jnp.sin(stats.mean)) + jnp.sum(stats.var**2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, logits, scale, bias)
+
+    for custom, plain in zip(grads(switch_norm), grads(switch_norm_autodiff), strict=True):
+        np.testing.assert_allclose(custom, plain, rtol=1e-9, atol=1e-9)
