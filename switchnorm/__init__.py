@@ -17,6 +17,7 @@ from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, def
 from switchnorm._core import radius_schedule, switch_norm
 from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
+from switchnorm.collapse import ChannelAffine, CollapsedNorm, CollapseReport, collapse
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
 
@@ -26,8 +27,12 @@ __all__ = [
     "NORMALIZERS",
     "MIXINGS",
     "BatchStats",
+    "ChannelAffine",
+    "CollapseReport",
+    "CollapsedNorm",
     "MixingRadius",
     "SwitchNorm",
+    "collapse",
     "default_normalizers",
     "default_num_groups",
     "format_mixing_weights",
