@@ -93,7 +93,7 @@ class CollapsedNorm(nnx.Module):
         axis_name: Any = None,
         axis_index_groups: Any = None,
     ):
-        names = _arguments.validate_normalizers(dict.fromkeys((mean_normalizer, var_normalizer)))
+        names = _arguments.validate_normalizers(tuple(dict.fromkeys((mean_normalizer, var_normalizer))))
         if "bn" in names and (running_mean is None or running_var is None):
             raise ValueError(f"CollapsedNorm with 'bn' among {names} needs running_mean and running_var.")
         self.num_features = num_features
@@ -369,7 +369,7 @@ def apply_choices(model: nnx.Module, choices: dict[str, LayerChoice]) -> nnx.Mod
         replacement = _replacement(node, choice)
         if not path:
             return replacement
-        parent = new
+        parent: Any = new
         for step in path[:-1]:
             parent = parent[step] if isinstance(step, int) else getattr(parent, step)
         if isinstance(path[-1], int):
