@@ -1,5 +1,7 @@
 """switchnorm.collapse: a trained model's chosen normalizers, and nothing else, computed."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +171,106 @@ def test_a_model_without_switch_norm_is_refused():
         switchnorm.collapse(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="expects an NNX module"):
         switchnorm.collapse({"params": {}})
+
+
+# -- switchnorm train --norm ssn, switchnorm collapse ------------------------------------------------
+
+SSN = ["train", "--dataset", "synthetic", "--norm", "ssn", "--epochs", "2", "--batch-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ssn_run(tmp_path_factory):
+    """A finished two-epoch ssn run (16 steps) on the synthetic set, trained once per module."""
+    from switchnorm.train.cli import main
+
+    out = tmp_path_factory.mktemp("ssn") / "ssn"
+    assert main([*SSN, "--out", str(out)]) == 0
+    return out
+
+
+def test_an_ssn_run_ends_with_every_layer_one_hot_at_radius_one(ssn_run):
+    from switchnorm.train.cli import _restore_model
+
+    _, model, _, _ = _restore_model(ssn_run)
+    weights = switchnorm.mixing_weights(model)
+    assert len(weights) == 2
+    for layer in weights.values():
+        for row in layer.values():
+            assert sorted(row.values()) == [0.0, 1.0]
+    radii = [float(r[...]) for r in jax.tree.leaves(nnx.state(model, switchnorm.MixingRadius))]
+    assert radii == [1.0, 1.0]
+
+
+def test_the_radius_rises_linearly_during_an_ssn_run():
+    from switchnorm.train import build_model, load_dataset
+    from switchnorm.train.loop import TrainConfig, Trainer
+
+    data = load_dataset("synthetic")
+    model = build_model("mlp", data.input_shape, data.num_classes, norm="ssn")
+    trainer = Trainer(model, TrainConfig(epochs=1, batch_size=128), data)  # 4 steps
+    state = trainer.initial_state()
+    for step in (1, 2):
+        state, _, _ = trainer.train_step(state, data.x_train[:128], data.y_train[:128])
+        radii = jax.tree.leaves(nnx.state(trainer.model_at(state), switchnorm.MixingRadius))
+        np.testing.assert_allclose([float(r[...]) for r in radii], [step / 4] * 2, rtol=1e-6)
+
+
+def test_collapse_command_writes_a_run_that_inspect_reads(ssn_run, tmp_path, capsys):
+    from checkpoint_files import snapshot
+
+    from switchnorm.train.cli import _restore_model, main
+
+    before = snapshot(ssn_run)
+    new = tmp_path / "collapsed"
+    assert main(["collapse", str(ssn_run), "--out", str(new)]) == 0
+    printed = capsys.readouterr().out
+    assert "norms/0  bn/bn     affine" in printed and "test accuracy before" in printed
+    assert snapshot(ssn_run) == before
+    summary = json.loads((new / "summary.json").read_text())
+    assert summary["test_accuracy"] == summary["test_accuracy_before"]
+    assert summary["max_change"] <= 1e-5 and summary["collapsed_layers"] == 2
+    _, model, step, epoch = _restore_model(new)
+    assert (step, epoch) == (16, 2)
+    assert all(isinstance(norm, switchnorm.ChannelAffine) for norm in model.norms)
+    _, source, _, _ = _restore_model(ssn_run)
+    x = jnp.ones((3, 8))
+    np.testing.assert_allclose(model(x), source(x), rtol=1e-6, atol=1e-6)
+    assert main(["inspect", str(new)]) == 0
+    assert "norms/1: x * a + b (folded bn)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "case, flags, message",
+    [
+        ("min weight too low", ["--min-weight", "0.5"], "--min-weight: must be a number in (0.5, 1]"),
+        ("out is the run", ["--out", "SELF"], "is the run itself"),
+        ("out holds a run", ["--out", "OTHER"], "already holds a run"),
+    ],
+)
+def test_collapse_command_refuses_bad_input_with_exit_2(ssn_run, run, tmp_path, capsys, case, flags, message):
+    from switchnorm.train.cli import main
+
+    flags = [{"SELF": str(ssn_run), "OTHER": str(run)}.get(f, f) for f in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "new")]
+    assert main(["collapse", str(ssn_run), *out, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_collapse_command_refuses_a_run_whose_layers_have_not_chosen(run, tmp_path, capsys):
+    from switchnorm.train.cli import main
+
+    assert main(["collapse", str(run), "--out", str(tmp_path / "new")]) == 2
+    assert "train with --norm ssn" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_collapse_command_refuses_an_unfinished_run(ssn_run, tmp_path, capsys):
+    import shutil
+
+    from switchnorm.train.cli import main
+
+    shutil.copytree(ssn_run, tmp_path / "unfinished")
+    (tmp_path / "unfinished" / "summary.json").unlink()
+    assert main(["collapse", str(tmp_path / "unfinished"), "--out", str(tmp_path / "new")]) == 2
+    assert "collapse needs a finished run" in capsys.readouterr().err
