@@ -14,6 +14,9 @@ seconds per call and their ratios:
 * ``ssn_mixed``   the same at weights one-hot on a mix (ln/ln, in/bn, gn/gn, bn/bn, ...);
 * ``collapsed_mixed``  its collapse: ``CollapsedNorm`` layers and folded bn layers.
 
+Beside the times, XLA's cost analysis of each compiled forward (flops, bytes accessed), which
+no other process on the machine can disturb.
+
 The target: collapsed / bn <= 1.05 (the fold is what a folded BatchNorm computes).
 Prints a table; ``--json PATH`` also writes every figure.
 """
@@ -96,8 +99,15 @@ def variants(input_shape: tuple[int, ...], seed: int = 0) -> dict[str, nnx.Modul
     }
 
 
+def _cost(fn: Any, args: tuple) -> dict[str, float]:
+    """XLA's own estimate of the compiled forward's flops and bytes accessed: free of timing noise."""
+    analysis = fn.lower(*args).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis or {}
+    return {"flops": float(analysis.get("flops", -1)), "bytes": float(analysis.get("bytes accessed", -1))}
+
+
 def measure(models_by_name: dict[str, nnx.Module], x: jax.Array, repeats: int, min_sample_s: float):
-    """Median and lower quartile of seconds per call, interleaved; and each output's max |diff|."""
+    """Median and lower quartile of seconds per call, interleaved; XLA's cost; each output's max |diff|."""
     fns = {}
     for name, model in models_by_name.items():
         fn, state = _jitted_forward(model)
@@ -113,6 +123,7 @@ def measure(models_by_name: dict[str, nnx.Module], x: jax.Array, repeats: int, m
             "median_s": statistics.median(v),
             "lower_quartile_s": float(np.percentile(v, 25)),
             "calls_per_sample": inner[k],
+            **_cost(*fns[k]),
             "max_abs_diff_vs_uncollapsed": float(
                 np.max(np.abs(outputs[k] - outputs["ssn_mixed" if "mixed" in k else "ssn"]))
             ),
@@ -125,11 +136,13 @@ RATIOS = (("collapsed", "bn"), ("collapsed", "ssn"), ("ssn", "bn"), ("collapsed_
 
 
 def report(results: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'variant':<16} {'median ms':>10} {'q25 ms':>8}  max |y - uncollapsed|"]
+    lines = [
+        f"{'variant':<16} {'median ms':>10} {'q25 ms':>8} {'GFLOP':>7} {'MB moved':>9}  max |y - uncollapsed|"
+    ]
     for name, r in results.items():
         lines.append(
-            f"{name:<16} {r['median_s'] * 1e3:>10.3f} {r['lower_quartile_s'] * 1e3:>8.3f}  "
-            f"{r['max_abs_diff_vs_uncollapsed']:.3g}"
+            f"{name:<16} {r['median_s'] * 1e3:>10.3f} {r['lower_quartile_s'] * 1e3:>8.3f} "
+            f"{r['flops'] / 1e9:>7.3f} {r['bytes'] / 1e6:>9.2f}  {r['max_abs_diff_vs_uncollapsed']:.3g}"
         )
     for a, b in RATIOS:
         median = results[a]["median_s"] / results[b]["median_s"]
