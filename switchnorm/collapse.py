@@ -448,11 +448,13 @@ def collapse(
     if batch is None:
         return collapsed, report
     reference = _inference_output(model, batch)
+    choices = report.choices()
     measured = tuple(
         dataclasses.replace(
-            layer, max_change=_max_change(reference, apply_choices(model, {layer.path: choice}), batch)
+            layer,
+            max_change=_max_change(reference, apply_choices(model, {layer.path: choices[layer.path]}), batch),
         )
-        if (choice := report.choices().get(layer.path)) is not None
+        if layer.collapsed
         else layer
         for layer in layers
     )

@@ -237,6 +237,8 @@ def test_collapse_command_writes_a_run_that_inspect_reads(ssn_run, tmp_path, cap
     np.testing.assert_allclose(model(x), source(x), rtol=1e-6, atol=1e-6)
     assert main(["inspect", str(new)]) == 0
     assert "norms/1: x * a + b (folded bn)" in capsys.readouterr().out
+    assert main(["train", "--out", str(new), "--resume"]) == 2
+    assert "cannot be trained further" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def _add_run_flags(train: argparse.ArgumentParser) -> None:
     add = train.add_argument
     add("--dataset", default=S, help="digits, mnist1d (default) or synthetic")
     add("--model", default=S, help="resnet2d, resnet1d or mlp (default: the dataset's)")
-    add("--norm", default=S, help="sn (default), bn, in, ln, gn or none")
+    add("--norm", default=S, help="sn (default), ssn (Sparse SN: ends one-hot), bn, in, ln, gn or none")
     add("--epochs", type=_int, default=S, help="default: 20 mnist1d, 30 digits, 10 synthetic")
     add("--batch-size", type=_int, default=S, help="default: 64 mnist1d, 32 otherwise")
     add("--optimizer", default=S, help="adamw (default) or sgd (Nesterov momentum)")
@@ -224,6 +224,11 @@ def _resumed_config(run, options: dict[str, Any]):
     if run.path.is_symlink():
         raise UsageError(f"--out {run.path} is a symbolic link; pass the directory it points to")
     config = run.read_config()
+    if config.collapsed:
+        raise UsageError(
+            f"{run.path} was made by switchnorm collapse for inference; it cannot be trained further: "
+            "resume the run it was collapsed from"
+        )
     for key, value in options.items():
         if getattr(config, key) != value:
             raise UsageError(
