@@ -14,10 +14,10 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
 from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, default_num_groups
+from switchnorm._collapse import ChannelAffine, CollapsedNorm, CollapseReport, collapse
 from switchnorm._core import radius_schedule, switch_norm
 from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
-from switchnorm.collapse import ChannelAffine, CollapsedNorm, CollapseReport, collapse
 from switchnorm.inspect import format_mixing_weights, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
 

@@ -173,6 +173,15 @@ def test_a_model_without_switch_norm_is_refused():
         switchnorm.collapse({"params": {}})
 
 
+def test_the_module_does_not_share_the_function_s_name():
+    """``switchnorm.collapse`` is the function; its module is importable as ``switchnorm._collapse``."""
+    import importlib
+
+    module = importlib.import_module("switchnorm._collapse")
+    assert module.collapse is switchnorm.collapse and callable(switchnorm.collapse)
+    assert not hasattr(switchnorm.collapse, "__path__") and module.__name__ == "switchnorm._collapse"
+
+
 # -- switchnorm train --norm ssn, switchnorm collapse ------------------------------------------------
 
 SSN = ["train", "--dataset", "synthetic", "--norm", "ssn", "--epochs", "2", "--batch-size", "64", "--quiet"]

@@ -547,7 +547,7 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     import switchnorm
-    from switchnorm.collapse import MIN_WEIGHT
+    from switchnorm._collapse import MIN_WEIGHT
     from switchnorm.train import data
     from switchnorm.train.rundir import RunDir
 

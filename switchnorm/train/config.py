@@ -55,7 +55,7 @@ MAX_INPUT_RANK = 4
 
 
 _MAY_BE_NONE = ("mixing_clip", "collapsed")  # settings whose None is a value, not a gap to fill
-_CHOICE_KEYS = ("affine", "mean", "var")  # one collapsed layer's record (switchnorm.collapse.LayerChoice)
+_CHOICE_KEYS = ("affine", "mean", "var")  # one collapsed layer's record (switchnorm._collapse.LayerChoice)
 
 
 class ConfigError(ValueError):

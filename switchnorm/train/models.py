@@ -243,6 +243,6 @@ def collapsed_model(model: nnx.Module, choices: dict[str, dict[str, Any]]) -> nn
     ``choices`` is a run config's ``collapsed``: layer path -> ``{"mean", "var", "affine"}``.
     The collapsed layers take ``model``'s arrays; a run's checkpoint then supplies its own.
     """
-    from switchnorm.collapse import LayerChoice, apply_choices
+    from switchnorm._collapse import LayerChoice, apply_choices
 
     return apply_choices(model, {path: LayerChoice(**choice) for path, choice in choices.items()})
