@@ -14,6 +14,7 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
 from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, default_num_groups
+from switchnorm._collapse import ChannelAffine, CollapsedNorm, CollapseReport, collapse
 from switchnorm._core import radius_schedule, switch_norm
 from switchnorm._recalibrate import recalibrate, recalibrate_variables
 from switchnorm._sparsestmax import sparsestmax
@@ -27,8 +28,12 @@ __all__ = [
     "NORMALIZERS",
     "MIXINGS",
     "BatchStats",
+    "ChannelAffine",
+    "CollapseReport",
+    "CollapsedNorm",
     "MixingRadius",
     "SwitchNorm",
+    "collapse",
     "default_normalizers",
     "default_num_groups",
     "format_mixing_weights",

@@ -89,7 +89,7 @@ def test_python_dash_m_exits_2_on_bad_input(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "switchnorm: error: unknown norm 'wn'; choose one of sn, bn, in, ln, gn, none"
+        "switchnorm: error: unknown norm 'wn'; choose one of sn, ssn, bn, in, ln, gn, none"
     ]
     assert list(tmp_path.iterdir()) == []
 

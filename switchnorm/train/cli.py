@@ -6,6 +6,7 @@
     switchnorm train --out runs/sn64 --resume      # continue a run from its latest checkpoint
     switchnorm inspect runs/sn64                    # the learned weights, from the checkpoint
     switchnorm plot runs/sn64                       # write the figures again
+    switchnorm collapse runs/ssn --out runs/ssn-collapsed   # layers that chose compute only their choice
     python -m switchnorm ...                        # the same command
 
 Exit status: 0 done; 2 bad input (an unknown name, an out-of-range number, a
@@ -64,6 +65,7 @@ def _number(convert, what: str, accept=lambda v: True):
 _int = _number(int, "an integer")
 _float = _number(float, "a number")
 _devices = _number(int, f"an integer from 1 to {MAX_DEVICES}", lambda v: 1 <= v <= MAX_DEVICES)
+_min_weight = _number(float, "a number in (0.5, 1]", lambda v: 0.5 < v <= 1)
 
 
 def _add_run_flags(train: argparse.ArgumentParser) -> None:
@@ -72,7 +74,7 @@ def _add_run_flags(train: argparse.ArgumentParser) -> None:
     add = train.add_argument
     add("--dataset", default=S, help="digits, mnist1d (default) or synthetic")
     add("--model", default=S, help="resnet2d, resnet1d or mlp (default: the dataset's)")
-    add("--norm", default=S, help="sn (default), bn, in, ln, gn or none")
+    add("--norm", default=S, help="sn (default), ssn (Sparse SN: ends one-hot), bn, in, ln, gn or none")
     add("--epochs", type=_int, default=S, help="default: 20 mnist1d, 30 digits, 10 synthetic")
     add("--batch-size", type=_int, default=S, help="default: 64 mnist1d, 32 otherwise")
     add("--optimizer", default=S, help="adamw (default) or sgd (Nesterov momentum)")
@@ -137,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("run", type=Path)
     plot = commands.add_parser("plot", help="write a run's figures from its metrics.jsonl")
     plot.add_argument("run", type=Path)
+    collapse = commands.add_parser(
+        "collapse", help="write a copy of a finished run whose layers compute only the normalizers they chose"
+    )
+    collapse.add_argument("run", type=Path)
+    collapse.add_argument("--out", type=Path, required=True, help="the new run directory")
+    collapse.add_argument(
+        "--min-weight",
+        type=_min_weight,
+        default=None,
+        help="collapse a layer when its mean and variance each give one normalizer this weight, "
+        "in (0.5, 1] (default 0.99)",
+    )
+    collapse.add_argument("--overwrite", action="store_true", help="replace the switchnorm run in --out")
     return parser
 
 
@@ -215,6 +230,11 @@ def _resumed_config(run, options: dict[str, Any]):
     if run.path.is_symlink():
         raise UsageError(f"--out {run.path} is a symbolic link; pass the directory it points to")
     config = run.read_config()
+    if config.collapsed:
+        raise UsageError(
+            f"{run.path} was made by switchnorm collapse for inference; it cannot be trained further: "
+            "resume the run it was collapsed from"
+        )
     for key, value in options.items():
         if getattr(config, key) != value:
             raise UsageError(
@@ -268,14 +288,21 @@ def _build(config, devices: int | None) -> _Setup:
 
 
 def _model(config):
+    """The run's model, freshly initialized; in a collapsed run, with its layers collapsed."""
     import jax.numpy as jnp
 
     from switchnorm.train import models
 
     dtype = None if config.dtype == "float32" else jnp.dtype(config.dtype)
-    return models.build_model(
+    model = models.build_model(
         config.model, config.input_shape, config.num_classes, norm=config.norm, dtype=dtype, seed=config.seed
     )
+    if not config.collapsed:
+        return model
+    try:
+        return models.collapsed_model(model, config.collapsed)
+    except ValueError as error:
+        raise UsageError(f"config.json's collapsed does not fit model {config.model}: {error}") from None
 
 
 def _resume_point(run, setup: _Setup) -> tuple[Any, int]:
@@ -445,9 +472,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     weights = report.learned(loop.model_weights(model))
     if weights:
         print(switchnorm.format_mixing_weights(weights))
-    else:
+    elif not config.collapsed:
         print(f"norm={config.norm}: the model has no learned mixing weights.")
+    if config.collapsed:
+        print(_collapsed_lines(config.collapsed, run.read_summary() or {}))
     return 0
+
+
+def _collapsed_lines(collapsed: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
+    """What ``inspect`` says of a run made by ``switchnorm collapse``: its layers' choices."""
+    lines = [f"collapsed from {summary.get('collapsed_from', '?')}: each layer computes only its choice"]
+    if isinstance(summary.get("test_accuracy_before"), float):
+        lines.append(
+            f"test accuracy before the collapse {summary['test_accuracy_before']:.4f}, "
+            f"after {summary['test_accuracy']:.4f}"
+        )
+    for path, choice in collapsed.items():
+        form = "x * a + b (folded bn)" if choice["affine"] else f"mean {choice['mean']}, var {choice['var']}"
+        lines.append(f"  {path}: {form}")
+    return "\n".join(lines)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -470,6 +513,99 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- collapse -----------------------------------------------------------------------------------------
+
+COLLAPSE_CHANGE_BATCH = 256  # test examples the output change is measured on
+
+
+def _finished_source(run) -> Any:
+    """The run's config; UsageError unless it is a finished run that nobody is writing."""
+    config = run.read_config()
+    _check_no_writer(run)
+    summary = run.read_summary()
+    if not summary or summary.get("status") != "complete":
+        state = "diverged" if summary else "not finished (no summary.json)"
+        raise UsageError(f"{run.path} is {state}; collapse needs a finished run")
+    return config
+
+
+def _test_accuracy(model, config, dataset) -> float:
+    """The model's accuracy on the test split, evaluated as the training loop does."""
+    from switchnorm.train import loop
+
+    trainer = loop.Trainer(model, config.train_config(), dataset)
+    return trainer.evaluate(trainer.initial_state())[1]
+
+
+def _collapsed_state(model, config, step: int) -> Any:
+    """The TrainState a collapsed run's checkpoint holds: the model's arrays at ``step``, a fresh optimizer."""
+    import jax.numpy as jnp
+
+    from switchnorm.train import loop
+
+    assert config.steps_per_epoch is not None  # read_config refuses a config with a field unset
+    state = loop.initial_state(model, loop.make_tx(config.train_config(), config.steps_per_epoch))
+    model.eval()
+    return state._replace(step=jnp.asarray(step, jnp.int32))
+
+
+def cmd_collapse(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    import switchnorm
+    from switchnorm._collapse import MIN_WEIGHT
+    from switchnorm.train import data
+    from switchnorm.train.rundir import RunDir
+
+    source, out = RunDir(args.run), RunDir(args.out)
+    if args.out.absolute() == args.run.absolute():
+        raise UsageError(f"--out {args.out} is the run itself; name a new directory")
+    _finished_source(source)
+    min_weight = MIN_WEIGHT if args.min_weight is None else args.min_weight
+    _check_fresh_out(out, args.overwrite)
+    config, model, step, epoch = _restore_model(args.run)
+    dataset = data.load_dataset(config.dataset, config.seed)
+    batch = jnp.asarray(dataset.x_test[:COLLAPSE_CHANGE_BATCH])
+    try:
+        collapsed, report = switchnorm.collapse(model, min_weight, batch=batch)
+    except (TypeError, ValueError) as error:
+        raise UsageError(" ".join(str(error).rstrip(".").split())) from None
+    choices = {path: choice.to_dict() for path, choice in report.choices().items()}
+    if not choices:
+        raise UsageError(
+            f"no layer of {args.run} gives one normalizer a weight of {min_weight} for its mean and its "
+            "variance; lower --min-weight, or train with --norm ssn, whose layers end one-hot"
+        )
+    new_config = dataclasses.replace(config, collapsed={**(config.collapsed or {}), **choices} or None)
+    before = _test_accuracy(model, config, dataset)
+    after = _test_accuracy(collapsed, new_config, dataset)
+    records, _ = source.read_metrics()
+    with out:
+        _create(out, new_config, args.overwrite)
+        out.save_checkpoint(step, _collapsed_state(collapsed, new_config, step), epoch)
+        for record in records:
+            out.append_metrics(record)
+        out.write_summary(_collapse_summary(args.run, report, before, after, epoch, step))
+    print(report.format())
+    print(f"test accuracy before {before:.4f}, after {after:.4f}; run directory: {out.path}")
+    return 0
+
+
+def _collapse_summary(source: Path, report, before: float, after: float, epoch: int, step: int) -> dict:
+    """summary.json of a collapsed run: where it came from and what the collapse changed."""
+    return {
+        "status": "complete",
+        "collapsed_from": str(source),
+        "min_weight": report.min_weight,
+        "collapsed_layers": sum(layer.collapsed for layer in report.layers),
+        "max_change": report.max_change,
+        "test_accuracy_before": before,
+        "test_accuracy": after,
+        "epochs": epoch,
+        "steps": step,
+    }
+
+
 # -- main -------------------------------------------------------------------------------------------
 
 
@@ -486,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        command = {"train": cmd_train, "inspect": cmd_inspect, "plot": cmd_plot}[args.command]
+        commands = {"train": cmd_train, "inspect": cmd_inspect, "plot": cmd_plot, "collapse": cmd_collapse}
+        command = commands[args.command]
         return command(args)
     except BrokenPipeError:  # e.g. `switchnorm inspect run | head`
         sys.stderr.close()

@@ -57,7 +57,8 @@ MAX_INPUT_SIZE = 2**16  # values in one example (digits: 64, MNIST-1D: 40)
 MAX_INPUT_RANK = 4
 
 
-_MAY_BE_NONE = ("mixing_clip",)  # settings whose None is a value, not a gap to fill
+_MAY_BE_NONE = ("mixing_clip", "collapsed")  # settings whose None is a value, not a gap to fill
+_CHOICE_KEYS = ("affine", "mean", "var")  # one collapsed layer's record (switchnorm._collapse.LayerChoice)
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,31 @@ def _check_shape(value: Any) -> None:
         raise ConfigError(field, f"must have at most {MAX_INPUT_SIZE} values per example, got {value!r}")
 
 
+def _check_collapsed(value: Any) -> None:
+    """``collapsed``: layer path -> {"mean": name, "var": name, "affine": bool}, as LayerChoice.to_dict."""
+    from switchnorm import NORMALIZERS
+
+    field = "collapsed"
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(field, f"must be a non-empty JSON object of layer path -> choice, got {value!r}")
+    for path, choice in value.items():
+        if not isinstance(choice, Mapping) or sorted(choice) != list(_CHOICE_KEYS):
+            raise ConfigError(
+                field, f"of layer {path!r} must have exactly the keys {_CHOICE_KEYS}, got {choice!r}"
+            )
+        for kind in ("mean", "var"):
+            if choice[kind] not in NORMALIZERS:
+                raise ConfigError(
+                    field, f"of layer {path!r}: {kind} {choice[kind]!r} is not one of {NORMALIZERS}"
+                )
+        if not isinstance(choice["affine"], bool) or (
+            choice["affine"] and (choice["mean"], choice["var"]) != ("bn", "bn")
+        ):
+            raise ConfigError(
+                field, f"of layer {path!r}: affine must be a bool, true only for bn/bn, got {choice!r}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run, checked on construction (raises :class:`ConfigError`).
@@ -135,6 +161,8 @@ class RunConfig:
     the model without loading it. ``mixing_clip`` is ``None`` (no clipping) by
     choice, not for want of a value; a ``config.json`` written before
     ``mixing_lr_scale`` and ``mixing_clip`` existed loads with their defaults.
+    ``collapsed`` is set only in a run made by ``switchnorm collapse``: the layers that
+    compute only their chosen normalizers (``switchnorm.collapse``), by path.
     """
 
     dataset: str = DATASET
@@ -156,6 +184,7 @@ class RunConfig:
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     steps_per_epoch: int | None = None
+    collapsed: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         for field in ("dataset", "norm", "optimizer", "dtype"):
@@ -164,6 +193,8 @@ class RunConfig:
             _check_choice("model", self.model)
         self._check_numbers()
         self._check_data_fields()
+        if self.collapsed is not None:
+            _check_collapsed(self.collapsed)
         if self.model is not None:
             self._check_model_fits()
 
@@ -266,5 +297,6 @@ class RunConfig:
         return not self.missing()
 
     def missing(self) -> list[str]:
-        """The settings still unknown (``None``); ``mixing_clip`` is ``None`` by choice, never missing."""
+        """The settings still unknown (``None``); ``mixing_clip`` and ``collapsed`` are ``None`` by
+        choice, never missing."""
         return [k for k, v in dataclasses.asdict(self).items() if v is None and k not in _MAY_BE_NONE]

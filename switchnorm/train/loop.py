@@ -38,8 +38,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from switchnorm._core import radius_schedule
 from switchnorm._recalibrate import recalibrate
 from switchnorm.inspect import mixing_weights
+from switchnorm.nnx import set_radius
 from switchnorm.train import config as run_config
 from switchnorm.train import data as data_lib
 from switchnorm.train import optim
@@ -201,15 +203,24 @@ def train_step(
     state: TrainState,
     batch: tuple[jax.Array, jax.Array],
     tx: optax.GradientTransformation,
+    total_steps: int | None = None,
 ) -> tuple[TrainState, jax.Array, jax.Array]:
     """One optimizer step on ``batch = (x, y)``: the new state, the batch's mean loss and accuracy.
 
     ``graphdef`` is the model's static graph in training mode (batch statistics,
-    running averages updated); it and ``tx`` are bound before ``jax.jit``, so
-    only ``state`` and ``batch`` are traced.
+    running averages updated); it, ``tx`` and ``total_steps`` are bound before
+    ``jax.jit``, so only ``state`` and ``batch`` are traced.
+
+    With ``total_steps``, every ``mixing="sparsestmax"`` layer first gets the radius
+    ``radius_schedule(step + 1, total_steps)`` (``step`` the traced count of steps done):
+    rising linearly to 1 at the last step, so that the run ends with every layer on one
+    normalizer; the radius lives in ``rest``, so a checkpoint resumes it. Models without
+    such layers are unchanged.
     """
     x, y = batch
     model = nnx.merge(graphdef, state.params, state.rest)
+    if total_steps is not None:
+        set_radius(model, radius_schedule(state.step + 1, total_steps))
 
     def loss_fn(model):
         logits = model(x)
@@ -313,7 +324,8 @@ class Trainer:
         # One eval shape for every batch, split evenly over the devices.
         self.eval_batch_size = math.ceil(min(1000, len(dataset.x_test)) / devices) * devices
         outputs: dict[str, Any] = {} if plan is None else {"out_shardings": plan.replicated}
-        self._train_step = jax.jit(functools.partial(train_step, self.train_graph, tx=self.tx), **outputs)
+        step = functools.partial(train_step, self.train_graph, tx=self.tx, total_steps=self.total_steps)
+        self._train_step = jax.jit(step, **outputs)
         self._eval_step = jax.jit(functools.partial(eval_step, self.eval_graph), **outputs)
 
     def _place_state(self, state: TrainState) -> TrainState:

@@ -2,7 +2,9 @@
 
 ``norm="sn"`` puts a :class:`switchnorm.SwitchNorm` blending all four
 normalizers (bn and ln only on (N, C) features) after every convolution or
-dense layer; ``"bn"``, ``"in"``, ``"ln"`` or ``"gn"`` puts the same layer
+dense layer; ``"ssn"`` the same layer with ``mixing="sparsestmax"`` (Sparse
+Switchable Normalization: the training loop raises its radius so that every
+layer ends on one normalizer); ``"bn"``, ``"in"``, ``"ln"`` or ``"gn"`` puts the same layer
 restricted to that single normalizer (which computes exactly Flax's own
 BatchNorm, InstanceNorm, LayerNorm or GroupNorm); ``"none"`` puts no layer and
 gives the preceding convolution a bias instead. Everything else is identical,
@@ -20,7 +22,7 @@ from flax import nnx
 
 from switchnorm.nnx import SwitchNorm
 
-NORMS = ("sn", "bn", "in", "ln", "gn", "none")
+NORMS = ("sn", "ssn", "bn", "in", "ln", "gn", "none")
 """The choices of ``norm``."""
 
 
@@ -31,7 +33,7 @@ def check_norm(norm: str, spatial: bool) -> None:
     if not spatial and norm in ("in", "gn"):
         raise ValueError(
             f"norm {norm!r} needs spatial positions, but this model sees (N, C) features; "
-            "choose sn, bn, ln or none."
+            "choose sn, ssn, bn, ln or none."
         )
 
 
@@ -42,10 +44,12 @@ def make_norm(
     check_norm(norm, spatial)
     if norm == "none":
         return None
-    normalizers: tuple[str, ...] | None = None if norm == "sn" else (norm,)
-    if norm == "sn" and not spatial:
+    learned = norm in ("sn", "ssn")
+    normalizers: tuple[str, ...] | None = None if learned else (norm,)
+    if learned and not spatial:
         normalizers = ("bn", "ln")
-    return SwitchNorm(features, normalizers=normalizers, dtype=dtype, rngs=rngs)
+    mixing = "sparsestmax" if norm == "ssn" else "softmax"
+    return SwitchNorm(features, normalizers=normalizers, dtype=dtype, mixing=mixing, rngs=rngs)
 
 
 def _apply(norm: nnx.Module | None, x: jax.Array) -> jax.Array:
@@ -231,3 +235,14 @@ def build_model(
             f"model {name!r} expects examples of rank {rank}, but the dataset's are {input_shape}."
         )
     return MODELS[name](input_shape, num_classes, norm=norm, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def collapsed_model(model: nnx.Module, choices: dict[str, dict[str, Any]]) -> nnx.Module:
+    """``model`` with the layers a collapsed run names replaced as ``switchnorm.collapse`` did.
+
+    ``choices`` is a run config's ``collapsed``: layer path -> ``{"mean", "var", "affine"}``.
+    The collapsed layers take ``model``'s arrays; a run's checkpoint then supplies its own.
+    """
+    from switchnorm._collapse import LayerChoice, apply_choices
+
+    return apply_choices(model, {path: LayerChoice(**choice) for path, choice in choices.items()})

@@ -85,7 +85,7 @@ def plot_weights_over_training(
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     for ax in axes[:, 0]:
-        ax.set_ylabel("softmax weight")
+        ax.set_ylabel("mixing weight")
     handles = [plt.Line2D([], [], color=COLORS.get(n), linewidth=2.5, label=LABELS.get(n, n)) for n in names]
     handles += [
         plt.Line2D([], [], color="gray", linestyle="-", label="mean weights"),
@@ -123,7 +123,7 @@ def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") 
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=9)
-    ax.set_ylabel("softmax weight")
+    ax.set_ylabel("mixing weight")
     ax.set_ylim(0, 1)
     ax.set_xlabel("layer")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS.get(n), label=LABELS.get(n, n)) for n in names]

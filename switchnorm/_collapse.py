@@ -1,0 +1,461 @@
+"""Collapsing a trained model's SwitchNorm layers to the normalizers they chose.
+
+Sparse Switchable Normalization ends training with every layer's weights one-hot
+(:func:`switchnorm.radius_schedule` up to radius 1): the blend then computes statistics
+that it multiplies by zero. :func:`collapse` returns a copy of the model in which each layer
+that has chosen (a weight of at least ``min_weight`` for its mean and for its variance)
+computes only the chosen statistics, with the weights fixed:
+
+* :class:`CollapsedNorm`: the chosen normalizers' statistics alone (mean and variance may
+  come from different normalizers), through the same core as :class:`switchnorm.SwitchNorm`
+  (:func:`switchnorm._core.normalize_checked`), fed logits whose softmax is exactly one-hot.
+* :class:`ChannelAffine`: a layer that chose bn for both, in inference mode, is a fixed
+  per-channel ``y = x * a + b`` (``a = scale / sqrt(running_var + epsilon)``,
+  ``b = bias - running_mean * a``), which XLA fuses into the preceding convolution's
+  consumer like a folded BatchNorm.
+
+Linen has no graph to edit in place: rebuild the model with ``normalizers=(name,)`` at each
+layer that chose one normalizer for both (carrying its scale, bias and running averages over;
+with ``use_running_average=True`` and bn it then computes ``(x - mean) * a + bias``), and
+keep the rest (docs/design.md, "Collapse").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from switchnorm import _arguments, _core, _stats
+from switchnorm._cell_graph import GraphConfig
+from switchnorm.inspect import mixing_weights
+from switchnorm.nnx import SwitchNorm
+
+__all__ = ["ChannelAffine", "CollapseReport", "CollapsedLayer", "CollapsedNorm", "LayerChoice", "collapse"]
+
+Array = jax.Array
+
+MIN_WEIGHT = 0.99
+"""The default weight a layer's mean and variance must each give one normalizer to collapse."""
+
+
+# -- the collapsed layers ---------------------------------------------------------------------
+
+
+def _one_hot_logits(normalizers: tuple[str, ...], chosen: str) -> Array:
+    """Logits whose softmax is exactly one-hot on ``chosen``: 0 there, -inf elsewhere."""
+    return jnp.array([0.0 if n == chosen else -jnp.inf for n in normalizers], jnp.float32)
+
+
+def _variable(value: Any, kind: type[nnx.Variable]) -> Any:
+    """``kind(value)`` for an array, ``nnx.data(None)`` for None (an absent scale or bias)."""
+    return kind(jnp.asarray(value)) if value is not None else nnx.data(None)
+
+
+class CollapsedNorm(nnx.Module):
+    """A SwitchNorm with its weights fixed one-hot: only the chosen statistics are computed.
+
+    ::
+
+        y = scale * (x - mean_M) / sqrt(var_V + epsilon) + bias
+
+    with M (``mean_normalizer``) and V (``var_normalizer``) from ("bn", "in", "ln", "gn"),
+    the same or different. The statistics come from the core of
+    :class:`switchnorm.SwitchNorm` restricted to {M, V}, with logits whose softmax is exactly
+    one-hot (0 and -inf), so the output is the SwitchNorm's at those one-hot weights, bit for
+    bit. With bn, training mode updates the running averages as SwitchNorm does.
+    ``model.train()`` / ``model.eval()`` switch it the same way.
+
+    Build one from a layer with :meth:`from_switch_norm`; :func:`collapse` does.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        mean_normalizer: str,
+        var_normalizer: str,
+        scale: Array | None,
+        bias: Array | None,
+        running_mean: Array | None,
+        running_var: Array | None,
+        num_groups: int | None = None,
+        use_running_average: bool = False,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+    ):
+        names = _arguments.validate_normalizers(tuple(dict.fromkeys((mean_normalizer, var_normalizer))))
+        if "bn" in names and (running_mean is None or running_var is None):
+            raise ValueError(f"CollapsedNorm with 'bn' among {names} needs running_mean and running_var.")
+        self.num_features = num_features
+        self.mean_normalizer = mean_normalizer
+        self.var_normalizer = var_normalizer
+        self.normalizers = names
+        self.num_groups = num_groups if "gn" in names else None
+        self.scale = _variable(scale, nnx.Param)
+        self.bias = _variable(bias, nnx.Param)
+        uses_bn = "bn" in names
+        self.mean = _variable(running_mean if uses_bn else None, nnx.BatchStat)
+        self.var = _variable(running_var if uses_bn else None, nnx.BatchStat)
+        self.use_running_average = use_running_average
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+
+    @classmethod
+    def from_switch_norm(cls, layer: SwitchNorm, mean_normalizer: str, var_normalizer: str) -> CollapsedNorm:
+        """The layer with its weights fixed on ``mean_normalizer`` and ``var_normalizer``."""
+        return cls(
+            layer.num_features,
+            mean_normalizer=mean_normalizer,
+            var_normalizer=var_normalizer,
+            scale=layer.scale[...] if layer.scale is not None else None,
+            bias=layer.bias[...] if layer.bias is not None else None,
+            running_mean=layer.mean[...] if layer.mean is not None else None,
+            running_var=layer.var[...] if layer.var is not None else None,
+            num_groups=layer.num_groups,
+            use_running_average=layer.use_running_average,
+            momentum=layer.momentum,
+            epsilon=layer.epsilon,
+            dtype=layer.dtype,
+            axis_name=layer.axis_name,
+            axis_index_groups=layer.axis_index_groups,
+        )
+
+    def _arrays(self) -> _core.LayerArrays:
+        return _core.LayerArrays(
+            mean_logits=_one_hot_logits(self.normalizers, self.mean_normalizer),
+            var_logits=_one_hot_logits(self.normalizers, self.var_normalizer),
+            scale=self.scale[...] if self.scale is not None else None,
+            bias=self.bias[...] if self.bias is not None else None,
+            running_mean=self.mean[...] if self.mean is not None else None,
+            running_var=self.var[...] if self.var is not None else None,
+        )
+
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """Normalizes ``x`` (shape (N, *spatial, C)) with the chosen statistics."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        _arguments.check_input(x, self.normalizers, self.num_features)
+        config = GraphConfig(
+            normalizers=self.normalizers,
+            num_groups=self.num_groups or 1,
+            epsilon=self.epsilon,
+            use_running_average=bool(use_running_average),
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        y, batch_stats = _core.normalize_checked(config, x, self._arrays(), self.dtype)
+        if batch_stats is not None:
+            assert self.mean is not None and self.var is not None  # __init__ keeps them with bn
+            stop = lax.stop_gradient
+            self.mean[...] = _stats.update_running_average(
+                self.mean[...], stop(batch_stats.mean), self.momentum
+            )
+            self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
+        return y
+
+
+class ChannelAffine(nnx.Module):
+    """``y = x * multiplier + offset`` per channel: a BatchNorm folded for inference.
+
+    The same in training and inference mode (it holds no running averages): use it only in a
+    model for inference. :meth:`fold` builds it from a bn/bn SwitchNorm's running averages.
+
+    Attributes:
+      multiplier: (C,) ``scale / sqrt(running_var + epsilon)``.
+      offset: (C,) ``bias - running_mean * multiplier``.
+      dtype: the dtype of the result (default: the input's).
+    """
+
+    def __init__(self, multiplier: Array, offset: Array, *, dtype: Any = None):
+        self.multiplier = nnx.Param(jnp.asarray(multiplier))
+        self.offset = nnx.Param(jnp.asarray(offset))
+        self.num_features = int(self.multiplier[...].shape[-1])
+        self.dtype = dtype
+
+    @classmethod
+    def fold(cls, layer: SwitchNorm | CollapsedNorm) -> ChannelAffine:
+        """The layer's inference-mode bn as one multiply-add: running averages, epsilon, scale, bias."""
+        if layer.mean is None or layer.var is None:
+            raise ValueError("ChannelAffine.fold needs a layer with bn running averages.")
+        running_mean, running_var = layer.mean[...], layer.var[...]
+        multiplier = lax.rsqrt(running_var + layer.epsilon)
+        if layer.scale is not None:
+            multiplier = multiplier * layer.scale[...]
+        offset = -running_mean * multiplier
+        if layer.bias is not None:
+            offset = offset + layer.bias[...]
+        return cls(multiplier, offset, dtype=layer.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """``x * multiplier + offset`` in float32 (or wider), cast to ``dtype`` or ``x``'s dtype."""
+        _arguments.check_input(x, ("bn",), self.num_features)
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        y = x.astype(compute) * self.multiplier[...].astype(compute) + self.offset[...].astype(compute)
+        return y.astype(x.dtype if self.dtype is None else self.dtype)
+
+
+# -- choosing and reporting ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """What one layer becomes: its mean's and variance's normalizers, and whether it folds.
+
+    ``affine`` only for bn/bn in inference mode (:class:`ChannelAffine`); otherwise a
+    :class:`CollapsedNorm`. The JSON form (:meth:`to_dict`) is what a collapsed run records.
+    """
+
+    mean: str
+    var: str
+    affine: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var, "affine": self.affine}
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapsedLayer:
+    """One SwitchNorm layer in a :class:`CollapseReport`.
+
+    Attributes:
+      path: the layer's path in the model, e.g. ``"layers/1/norm2"`` (``""`` for the root).
+      mean: the normalizer with the largest mean weight.
+      var: the normalizer with the largest variance weight.
+      mean_dropped: ``1 - `` that mean weight: the weight the collapse drops.
+      var_dropped: ``1 - `` that variance weight.
+      form: ``"affine"`` (:class:`ChannelAffine`), ``"normalizer"`` (:class:`CollapsedNorm`)
+        or ``"kept"`` (a weight below ``min_weight``: the layer stays a SwitchNorm).
+      max_change: with a ``batch``, the largest absolute change of the model's output on it,
+        in inference mode, when this layer alone is collapsed (None without a batch, or kept).
+    """
+
+    path: str
+    mean: str
+    var: str
+    mean_dropped: float
+    var_dropped: float
+    form: str
+    max_change: float | None = None
+
+    @property
+    def collapsed(self) -> bool:
+        return self.form != "kept"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseReport:
+    """What :func:`collapse` did, layer by layer.
+
+    Attributes:
+      layers: one :class:`CollapsedLayer` per SwitchNorm, in the model's order.
+      min_weight: the threshold it was called with.
+      max_change: with a ``batch``, the largest absolute change of the model's output with
+        every layer collapsed at once, in inference mode (None without a batch).
+    """
+
+    layers: tuple[CollapsedLayer, ...]
+    min_weight: float
+    max_change: float | None = None
+
+    def choices(self) -> dict[str, LayerChoice]:
+        """The collapsed layers' choices by path: what :func:`apply_choices` rebuilds."""
+        return {
+            layer.path: LayerChoice(layer.mean, layer.var, layer.form == "affine")
+            for layer in self.layers
+            if layer.collapsed
+        }
+
+    def format(self) -> str:
+        """A plain-text table: path, mean/var choice, form, dropped weights, output change."""
+        width = max([len("layer")] + [len(layer.path or "(root)") for layer in self.layers])
+        header = f"{'layer':<{width}}  mean/var  {'form':<10} dropped mean/var  max change"
+        lines = [header, "-" * len(header)]
+        for layer in self.layers:
+            change = "-" if layer.max_change is None else f"{layer.max_change:.3g}"
+            dropped = f"{layer.mean_dropped:.2e}/{layer.var_dropped:.2e}"
+            lines.append(
+                f"{layer.path or '(root)':<{width}}  {layer.mean + '/' + layer.var:<8}  "
+                f"{layer.form:<10} {dropped:<17} {change}"
+            )
+        if self.max_change is not None:
+            lines.append(f"all collapsed at once: max change {self.max_change:.3g}")
+        return "\n".join(lines)
+
+
+def _check_min_weight(min_weight: Any) -> float:
+    if isinstance(min_weight, bool) or not isinstance(min_weight, int | float):
+        raise TypeError(f"min_weight must be a number in (0.5, 1], got {min_weight!r}.")
+    if not (math.isfinite(min_weight) and 0.5 < min_weight <= 1.0):
+        raise ValueError(
+            f"min_weight must be in (0.5, 1], got {min_weight}: above 0.5 so that at most one "
+            "normalizer qualifies, at most 1 since weights sum to one; the default is 0.99."
+        )
+    return float(min_weight)
+
+
+def _switch_norms(model: Any) -> list[tuple[tuple[Any, ...], SwitchNorm]]:
+    """Every SwitchNorm of the model with its path; ValueError if there is none."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"collapse expects an NNX module holding switchnorm.SwitchNorm layers, got "
+            f"{type(model).__name__}; for Linen see the docstring of switchnorm.collapse."
+        )
+    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, SwitchNorm)]
+    if not found:
+        raise ValueError(
+            f"collapse found no switchnorm.SwitchNorm in the {type(model).__name__} it was given; "
+            "nothing to collapse."
+        )
+    return found
+
+
+def _top(row: dict[str, float]) -> tuple[str, float]:
+    """The normalizer with the largest weight and that weight."""
+    name = max(row, key=row.__getitem__)
+    return name, row[name]
+
+
+def _describe(path: str, layer: SwitchNorm, min_weight: float) -> CollapsedLayer:
+    """The layer's choice and dropped weights, at the weights it blends now."""
+    weights = mixing_weights(layer)[""]
+    (mean, w_mean), (var, w_var) = _top(weights["mean"]), _top(weights["var"])
+    if min(w_mean, w_var) < min_weight:
+        form = "kept"
+    elif mean == var == "bn" and layer.use_running_average:
+        form = "affine"
+    else:
+        form = "normalizer"
+    return CollapsedLayer(path, mean, var, 1.0 - w_mean, 1.0 - w_var, form)
+
+
+def _replacement(layer: SwitchNorm, choice: LayerChoice) -> nnx.Module:
+    if choice.affine:
+        return ChannelAffine.fold(layer)
+    return CollapsedNorm.from_switch_norm(layer, choice.mean, choice.var)
+
+
+def _copy(model: nnx.Module) -> nnx.Module:
+    """A deep copy: a new graph with its own arrays' references."""
+    return nnx.merge(*nnx.split(model))
+
+
+def apply_choices(model: nnx.Module, choices: dict[str, LayerChoice]) -> nnx.Module:
+    """A copy of ``model`` with the SwitchNorm at each path of ``choices`` replaced as it says.
+
+    The collapsed layers take their arrays from the SwitchNorms they replace. What
+    :func:`collapse` does once it has chosen; also how a collapsed run's model is rebuilt
+    from a fresh one (the arrays then come from its checkpoint).
+    """
+    new = _copy(model)
+    layers = {"/".join(map(str, path)): (path, node) for path, node in _switch_norms(new)}
+    unknown = sorted(set(choices) - set(layers))
+    if unknown:
+        raise ValueError(f"no SwitchNorm at path {unknown[0]!r}; the model's are {sorted(layers)}.")
+    for key, choice in choices.items():
+        path, node = layers[key]
+        replacement = _replacement(node, choice)
+        if not path:
+            return replacement
+        parent: Any = new
+        for step in path[:-1]:
+            parent = parent[step] if isinstance(step, int) else getattr(parent, step)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = replacement
+        else:
+            setattr(parent, path[-1], replacement)
+    return new
+
+
+def _inference_output(model: nnx.Module, batch: Any) -> np.ndarray:
+    """The model's output on ``batch`` in inference mode; ``model`` itself is left as it was."""
+    copy = _copy(model)
+    copy.eval()
+    return np.asarray(copy(batch))
+
+
+def _max_change(reference: np.ndarray, model: nnx.Module, batch: Any) -> float:
+    return float(np.max(np.abs(_inference_output(model, batch) - reference), initial=0.0))
+
+
+def collapse(
+    model: nnx.Module, min_weight: float = MIN_WEIGHT, batch: Any = None
+) -> tuple[nnx.Module, CollapseReport]:
+    """A copy of ``model`` whose SwitchNorm layers that have chosen compute only their choice.
+
+    A layer has chosen when its mean weights and its variance weights each give one
+    normalizer at least ``min_weight`` (as :func:`switchnorm.mixing_weights` reports them:
+    sparsestmax at the layer's radius, or softmax). It becomes
+
+    * a :class:`ChannelAffine` ``y = x * a + b`` if it chose bn for both and is in inference
+      mode (``use_running_average``): ``a = scale / sqrt(running_var + epsilon)``,
+      ``b = bias - running_mean * a``, which XLA fuses like a folded BatchNorm;
+    * a :class:`CollapsedNorm` otherwise: the chosen mean and variance statistics only (they
+      may come from different normalizers), the weights fixed one-hot.
+
+    The other layers stay SwitchNorms. ``model`` is not changed. Collapsing drops the weight
+    ``1 - w`` of every other normalizer: nothing when the weights were one-hot (sparsestmax at
+    the end of :func:`switchnorm.radius_schedule`), where the output is unchanged up to the
+    rounding of the fold (the affine computes ``x * a + b`` rather than ``(x - mean) * a + bias``).
+
+    Linen: the model's structure is code, so rebuild it with ``normalizers=(name,)`` on the
+    layers that chose one normalizer for both and carry their ``scale``, ``bias`` and
+    ``batch_stats`` over (the one-logit softmax is exactly 1); docs/design.md, "Collapse".
+
+    Args:
+      model: an NNX module holding :class:`switchnorm.SwitchNorm` layers, called at least
+        once if it relies on their default normalizers on (N, C) input.
+      min_weight: in (0.5, 1]; a layer collapses when both its largest weights reach it.
+      batch: optional input to measure the change on: each layer alone collapsed, then all,
+        in inference mode (``model.eval()`` on copies).
+
+    Returns:
+      ``(collapsed_model, report)``: a new module, and a :class:`CollapseReport`.
+
+    Raises:
+      TypeError / ValueError: ``min_weight`` outside (0.5, 1], not an NNX module, or no
+        SwitchNorm in it.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> norm = switchnorm.SwitchNorm(4, mixing="sparsestmax", rngs=nnx.Rngs(0))
+      >>> norm.mean_logits[...] = jnp.array([0.0, 0.0, 1.0, 0.0])   # ln
+      >>> _ = switchnorm.set_radius(norm, 1.0)                       # one-hot
+      >>> collapsed, report = switchnorm.collapse(norm)
+      >>> type(collapsed).__name__, report.layers[0].mean, report.layers[0].var
+      ('CollapsedNorm', 'ln', 'bn')
+    """
+    min_weight = _check_min_weight(min_weight)
+    found = _switch_norms(model)
+    layers = [_describe("/".join(map(str, path)), node, min_weight) for path, node in found]
+    report = CollapseReport(tuple(layers), min_weight)
+    collapsed = apply_choices(model, report.choices())
+    if batch is None:
+        return collapsed, report
+    reference = _inference_output(model, batch)
+    choices = report.choices()
+    measured = tuple(
+        dataclasses.replace(
+            layer,
+            max_change=_max_change(reference, apply_choices(model, {layer.path: choices[layer.path]}), batch),
+        )
+        if layer.collapsed
+        else layer
+        for layer in layers
+    )
+    return collapsed, CollapseReport(measured, min_weight, _max_change(reference, collapsed, batch))
