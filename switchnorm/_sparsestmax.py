@@ -145,6 +145,19 @@ def _path_scale(e: jax.Array, active: jax.Array, n: jax.Array, r2: jax.Array):
     return jnp.where(solvable, jnp.sqrt(ratio), 0), squares_k > 0
 
 
+def _tied_face_tangent(s: jax.Array, tied: jax.Array) -> jax.Array:
+    """Exactly zero, with sparsemax's derivative on the tied entries: (I - 11^T / m) ds there.
+
+    Where the answer is the uniform point of m tied top entries it is sparsemax(s) itself, so
+    its derivative is sparsemax's on that support (the ball's constraint does not bind). The
+    uniform point alone is built from comparisons and would have none: logits that start tied
+    (all zeros) would then never move.
+    """
+    moved = jnp.where(tied, s - jax.lax.stop_gradient(s), 0)  # 0 in value, ds in derivative
+    count = jnp.sum(tied, axis=-1, keepdims=True)
+    return jnp.where(tied, moved - jnp.sum(moved, axis=-1, keepdims=True) / count, 0)
+
+
 def _project_sorted(s: jax.Array, n: jax.Array, r2: jax.Array, beta_min: float) -> jax.Array:
     """The projection on the face of the first n entries of s (sorted descending), r2 from its centre.
 
@@ -159,7 +172,7 @@ def _project_sorted(s: jax.Array, n: jax.Array, r2: jax.Array, beta_min: float) 
     gamma, on_path = _path_scale(e, active, n, r2)
     gamma = jnp.maximum(gamma, beta_min * spread[..., 0])
     tied = active & (s == top)
-    tied_uniform = tied / jnp.sum(tied, axis=-1, keepdims=True)
+    tied_uniform = tied / jnp.sum(tied, axis=-1, keepdims=True) + _tied_face_tangent(s, tied)
     at_vertex = r2 >= 1 - 1 / n.astype(s.dtype)
     use_path = on_path & ~at_vertex
     return jnp.where(use_path[..., None], _sparsemax_sorted(gamma[..., None] * e, active), tied_uniform)

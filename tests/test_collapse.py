@@ -208,6 +208,9 @@ def test_an_ssn_run_ends_with_every_layer_one_hot_at_radius_one(ssn_run):
             assert sorted(row.values()) == [0.0, 1.0]
     radii = [float(r[...]) for r in jax.tree.leaves(nnx.state(model, switchnorm.MixingRadius))]
     assert radii == [1.0, 1.0]
+    # The logits were trained: they start tied at zero, where only radius 0 has a gradient.
+    for norm in model.norms:
+        assert np.ptp(np.asarray(norm.mean_logits[...])) > 0 and np.ptp(np.asarray(norm.var_logits[...])) > 0
 
 
 def test_the_radius_rises_linearly_during_an_ssn_run():
@@ -218,10 +221,10 @@ def test_the_radius_rises_linearly_during_an_ssn_run():
     model = build_model("mlp", data.input_shape, data.num_classes, norm="ssn")
     trainer = Trainer(model, TrainConfig(epochs=1, batch_size=128), data)  # 4 steps
     state = trainer.initial_state()
-    for step in (1, 2):
+    for step in (1, 2, 3, 4):  # the step's radius: 0, 1/3, 2/3, 1
         state, _, _ = trainer.train_step(state, data.x_train[:128], data.y_train[:128])
         radii = jax.tree.leaves(nnx.state(trainer.model_at(state), switchnorm.MixingRadius))
-        np.testing.assert_allclose([float(r[...]) for r in radii], [step / 4] * 2, rtol=1e-6)
+        np.testing.assert_allclose([float(r[...]) for r in radii], [(step - 1) / 3] * 2, rtol=1e-6)
 
 
 def test_collapse_command_writes_a_run_that_inspect_reads(ssn_run, tmp_path, capsys):
@@ -233,19 +236,30 @@ def test_collapse_command_writes_a_run_that_inspect_reads(ssn_run, tmp_path, cap
     new = tmp_path / "collapsed"
     assert main(["collapse", str(ssn_run), "--out", str(new)]) == 0
     printed = capsys.readouterr().out
-    assert "norms/0  bn/bn     affine" in printed and "test accuracy before" in printed
+    _, source, _, _ = _restore_model(ssn_run)
+    choices = {  # what each layer learned: its one-hot mean and variance weights
+        path: tuple(max(row, key=row.get) for row in (layer["mean"], layer["var"]))
+        for path, layer in switchnorm.mixing_weights(source).items()
+    }
+    for path, (mean, var) in choices.items():
+        assert f"{path}  {mean}/{var}" in printed, printed
+    assert "test accuracy before" in printed
     assert snapshot(ssn_run) == before
     summary = json.loads((new / "summary.json").read_text())
     assert summary["test_accuracy"] == summary["test_accuracy_before"]
     assert summary["max_change"] <= 1e-5 and summary["collapsed_layers"] == 2
     _, model, step, epoch = _restore_model(new)
     assert (step, epoch) == (16, 2)
-    assert all(isinstance(norm, switchnorm.ChannelAffine) for norm in model.norms)
-    _, source, _, _ = _restore_model(ssn_run)
+    for norm, (mean, var) in zip(model.norms, choices.values(), strict=True):
+        folded = (mean, var) == ("bn", "bn")
+        assert isinstance(norm, switchnorm.ChannelAffine if folded else switchnorm.CollapsedNorm)
     x = jnp.ones((3, 8))
     np.testing.assert_allclose(model(x), source(x), rtol=1e-6, atol=1e-6)
     assert main(["inspect", str(new)]) == 0
-    assert "norms/1: x * a + b (folded bn)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    for path, (mean, var) in choices.items():
+        form = "x * a + b (folded bn)" if (mean, var) == ("bn", "bn") else f"mean {mean}, var {var}"
+        assert f"{path}: {form}" in shown, shown
     assert main(["train", "--out", str(new), "--resume"]) == 2
     assert "cannot be trained further" in capsys.readouterr().err
 

@@ -262,6 +262,35 @@ def test_gradients_match_finite_differences(z, radius, x64):
     )
 
 
+# Tied maxima where the answer is sparsemax(z) itself (radius at most the tied face's distance
+# from the centre): sparsemax is linear near these points, so its central differences are exact.
+TIED_SPARSEMAX_POINTS = [
+    ([0.0, 0.0, 0.0, 0.0], 0.0),  # the layer's initial logits
+    ([0.0, 0.0, 0.0], 0.0),
+    ([0.0, 0.0, -5.0, -5.0], 0.0),
+    ([0.0, 0.0, -5.0, -5.0], 0.3),  # the face of two is sqrt(1/4) from the centre
+    ([2.0, 2.0, 2.0, -3.0], 0.1),
+]
+
+
+@pytest.mark.parametrize("z, radius", TIED_SPARSEMAX_POINTS)
+def test_tied_logits_get_sparsemax_derivative_against_the_reference(z, radius, x64):
+    # The uniform point of a tied face used to come from comparisons alone, with derivative 0:
+    # logits that start tied at zero then never moved and every layer kept the tie rule's pick.
+    z = np.asarray(z)
+    jacobian = np.asarray(jax.jacrev(sparsestmax)(jnp.asarray(z), jnp.float64(radius)))
+    h = 1e-4
+    numeric = np.stack(
+        [
+            (ref.sparsestmax(z + h * e, radius) - ref.sparsestmax(z - h * e, radius)) / (2 * h)
+            for e in np.eye(z.size)
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(jacobian, numeric, atol=1e-8)
+    assert np.abs(jacobian).max() > 0.1
+
+
 KINKS = [
     ([0.0, 0.0, 0.0, 0.0], 0.5),  # constant logits: the tie rule
     ([0.0, 0.0, 0.0, 0.0], 0.0),

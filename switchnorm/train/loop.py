@@ -212,15 +212,17 @@ def train_step(
     ``jax.jit``, so only ``state`` and ``batch`` are traced.
 
     With ``total_steps``, every ``mixing="sparsestmax"`` layer first gets the radius
-    ``radius_schedule(step + 1, total_steps)`` (``step`` the traced count of steps done):
-    rising linearly to 1 at the last step, so that the run ends with every layer on one
-    normalizer; the radius lives in ``rest``, so a checkpoint resumes it. Models without
-    such layers are unchanged.
+    ``radius_schedule(step, total_steps - 1)`` (``step`` the traced count of steps done):
+    0 at the first step, where sparsestmax is sparsemax and logits that start tied get
+    their first gradient (at a positive radius tied logits have none: every point of the
+    sphere is a minimiser), rising linearly to 1 at the last step, so that the run ends
+    with every layer on one normalizer. The radius lives in ``rest``, so a checkpoint
+    resumes it. Models without such layers are unchanged.
     """
     x, y = batch
     model = nnx.merge(graphdef, state.params, state.rest)
     if total_steps is not None:
-        set_radius(model, radius_schedule(state.step + 1, total_steps))
+        set_radius(model, radius_schedule(state.step, max(total_steps - 1, 1)))
 
     def loss_fn(model):
         logits = model(x)
