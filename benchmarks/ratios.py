@@ -35,7 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.layer import SHAPES, ResidualCNN, build, calibrate, parse_shape, shape_str, timed
+from benchmarks.layer import (
+    SHAPES,
+    build,
+    calibrate,
+    parse_shape,
+    shape_str,
+    timed,
+    train_step_fns,
+)
 
 SWEEPS = {  # name -> shapes: one axis varies, the others stay at 32x32x32x64's
     "batch": [(n, 32, 32, 64) for n in (4, 8, 16, 32, 64)],
@@ -119,30 +127,13 @@ def measure_shape(shape: tuple[int, ...], dtype: str, repeats: int, min_sample_s
 
 
 def train_step_peak_memory(batch: int = 32, size: int = 32, features: int = 32) -> dict[str, float]:
-    """Memory (bytes) of one compiled training step of the residual CNN, sn and bn: arguments + outputs + temporaries."""
-    import optax
+    """Memory (bytes) of one compiled training step of the residual CNN, sn and bn: arguments + outputs + temporaries.
 
-    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
-    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
-    tx = optax.sgd(0.1, momentum=0.9)
+    The steps are :func:`benchmarks.layer.train_step_fns`'s, the ones the harness times.
+    """
     peaks = {}
-    for name in ("sn", "bn"):
-        model = ResidualCNN(norm_name=name, features=features)
-        variables = model.init(jax.random.key(0), x)
-
-        def step(variables, opt_state, x, labels, model=model):
-            def loss_fn(params):
-                logits, updates = model.apply(
-                    {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
-                )
-                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-
-            (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-            steps, opt_state = tx.update(grads, opt_state, variables["params"])
-            return optax.apply_updates(variables["params"], steps), updates, opt_state
-
-        args = (variables, tx.init(variables["params"]), x, labels)
-        memory = jax.jit(step).lower(*args).compile().memory_analysis()
+    for name, (step, args) in train_step_fns(batch, size, features, "float32").items():
+        memory = step.lower(*args).compile().memory_analysis()
         # XLA:CPU's peak_memory_in_bytes counts arguments and outputs only (1.25 MiB for both
         # here), so the peak is bounded by all buffers the step holds: arguments, outputs and
         # temporaries, less what outputs reuse of the arguments.
