@@ -40,6 +40,17 @@ def linen_infer(module, variables, x):
     return module.apply(variables, x, use_running_average=True)
 
 
+def train_beside_flax(ours, theirs, x):
+    """One training step of a bn-only Linen SwitchNorm and a Flax BatchNorm from the same variables.
+
+    Returns ``((y, updates), (want, want_updates))``; ours gets the one-normalizer logits added.
+    """
+    variables = theirs.init(jax.random.key(0), x, use_running_average=False)
+    logits = {"mean_logits": jnp.zeros(1), "var_logits": jnp.zeros(1)}
+    ours_variables = {**variables, "params": {**variables["params"], **logits}}
+    return linen_train(ours, ours_variables, x), linen_train(theirs, variables, x)
+
+
 def random_logits(layer, rng):
     k = len(layer.normalizers)
     layer.mean_logits[...] = jnp.asarray(rng.normal(size=k), jnp.float32)
@@ -132,15 +143,7 @@ def test_linen_axis_equals_the_layer_on_channels_last_input_and_flax_batchnorm(r
     )
 
     ours, theirs = snn.SwitchNorm(axis=1, normalizers=("bn",)), nn.BatchNorm(axis=1, use_fast_variance=False)
-    variables = theirs.init(jax.random.key(0), x, use_running_average=False)
-    ours_variables = {
-        **variables,
-        "params": {**variables["params"], "mean_logits": jnp.zeros(1), "var_logits": jnp.zeros(1)},
-    }
-    (y, ours_updates), (want, updates) = (
-        linen_train(ours, ours_variables, x),
-        linen_train(theirs, variables, x),
-    )
+    (y, ours_updates), (want, updates) = train_beside_flax(ours, theirs, x)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours_updates["batch_stats"]["mean"], updates["batch_stats"]["mean"], atol=1e-6)
 
@@ -275,15 +278,7 @@ def test_force_float32_reductions_false_equals_flax_batchnorm_on_float32(rng):
     ours = snn.SwitchNorm(normalizers=("bn",), force_float32_reductions=False)
     theirs = nn.BatchNorm(use_fast_variance=False, force_float32_reductions=False)
     x = data(rng, (4, 3, C))
-    variables = theirs.init(jax.random.key(0), x, use_running_average=False)
-    ours_variables = {
-        **variables,
-        "params": {**variables["params"], "mean_logits": jnp.zeros(1), "var_logits": jnp.zeros(1)},
-    }
-    (y, ours_updates), (want, updates) = (
-        linen_train(ours, ours_variables, x),
-        linen_train(theirs, variables, x),
-    )
+    (y, ours_updates), (want, updates) = train_beside_flax(ours, theirs, x)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours_updates["batch_stats"]["var"], updates["batch_stats"]["var"], rtol=1e-6)
     with pytest.raises(TypeError, match=r"force_float32_reductions must be True or False, got None"):
