@@ -51,6 +51,15 @@ def linen_forward(module, params, x):
 # --------------------------------------------------------------------------
 
 
+def front_end_forward(front_end: str, layer, x, **dtypes):
+    """``layer``'s training-mode output through the NNX layer itself or, for "linen", a Linen
+    SwitchNorm built with ``dtypes`` and given ``layer``'s parameters."""
+    if front_end == "nnx":
+        return nnx.jit(lambda m, x: m(x))(layer, x)
+    params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+    return jax.jit(linen_forward, static_argnums=0)(snn.SwitchNorm(num_groups=2, **dtypes), params, x)
+
+
 @pytest.mark.parametrize("front_end", ["nnx", "linen"])
 def test_bfloat16_parameters_compute_in_float32(rng, front_end):
     # The statistics, blend and normalize step run in float32 whatever the parameters'
@@ -58,13 +67,7 @@ def test_bfloat16_parameters_compute_in_float32(rng, front_end):
     # only float32 round-off remains (a bfloat16 cast anywhere inside costs ~1e-3).
     layer = random_layer(rng, param_dtype=jnp.bfloat16)
     x = data(rng, SHAPES[4])
-    if front_end == "nnx":
-        y = nnx.jit(lambda m, x: m(x))(layer, x)
-    else:
-        params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
-        y = jax.jit(linen_forward, static_argnums=0)(
-            snn.SwitchNorm(num_groups=2, param_dtype=jnp.bfloat16), params, x
-        )
+    y = front_end_forward(front_end, layer, x, param_dtype=jnp.bfloat16)
     assert y.dtype == jnp.float32
     assert_matches(y, reference_y(layer, x))
 
@@ -75,13 +78,7 @@ def test_bfloat16_output_is_the_float32_result_rounded_once(rng, front_end):
     layer16 = random_layer(np.random.default_rng(0), dtype=jnp.bfloat16)
     nnx.update(layer16, nnx.state(layer, nnx.Param))
     x = data(rng, SHAPES[4])
-    if front_end == "nnx":
-        y = nnx.jit(lambda m, x: m(x))(layer16, x)
-    else:
-        params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
-        y = jax.jit(linen_forward, static_argnums=0)(
-            snn.SwitchNorm(num_groups=2, dtype=jnp.bfloat16), params, x
-        )
+    y = front_end_forward(front_end, layer16, x, dtype=jnp.bfloat16)
     assert y.dtype == jnp.bfloat16
     y_ref = reference_y(layer, x)
     error = np.abs(np.asarray(y, np.float64) - y_ref)
