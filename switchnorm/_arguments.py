@@ -30,6 +30,10 @@ MIXINGS: tuple[str, ...] = ("softmax", "sparsestmax")
 """How a layer turns its logits into weights: softmax (Switchable Normalization, the default) or
 sparsestmax at the layer's radius (Sparse Switchable Normalization, docs/design.md section 10)."""
 
+WEIGHTS: tuple[str, ...] = ("layer", "channel", "sample")
+"""How finely a layer blends: one blend per layer (Switchable Normalization, the default), one per
+channel, or one per sample computed from its statistics (docs/design.md, "Finer weights")."""
+
 MAX_DEFAULT_GROUPS = 32
 """Flax GroupNorm's default group count, the most :func:`default_num_groups` picks."""
 
@@ -144,6 +148,17 @@ def check_mixing(mixing: Any) -> str:
             "(Switchable Normalization), 'sparsestmax' selects sparsely (Sparse Switchable Normalization)."
         )
     return mixing
+
+
+def check_weights(weights: Any) -> str:
+    """``weights`` if it is one of :data:`WEIGHTS`, else a ValueError naming it and the choices."""
+    if not isinstance(weights, str) or weights not in WEIGHTS:
+        raise ValueError(
+            f"weights must be one of {WEIGHTS}, got {weights!r}; 'layer' learns one blend per layer "
+            "(Switchable Normalization), 'channel' one per channel, 'sample' one per sample from its "
+            "statistics."
+        )
+    return weights
 
 
 def check_axis(axis: Any) -> int:

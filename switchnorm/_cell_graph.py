@@ -10,7 +10,10 @@ Important details:
 * Both softmaxes are the rows of one (2, K) array: one set of small kernels.
   With ``mixing="sparsestmax"`` the rows go through sparsestmax at the
   layer's radius instead (docs/design.md, "Sparse selection"); plain
-  autodiff differentiates it like the rest of the graph.
+  autodiff differentiates it like the rest of the graph. With
+  ``weights="channel"`` or ``"sample"`` the rows are (K, C) or per sample
+  (:mod:`switchnorm._mixing`, docs/design.md, "Finer weights: per channel
+  and per sample").
 * With ``use_running_average`` only the bn term changes, to the running
   averages; in, ln and gn always use each sample's own statistics ("Running
   averages and inference").
@@ -27,23 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from switchnorm._sparsestmax import sparsestmax
-from switchnorm._stats import BatchStats, ScopeStats, cell_stats, scope_stats
+from switchnorm._mixing import blend_weights, sample_descriptors
+from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats, scope_stats
 
 Array = jax.Array
-
-
-def mixing_weights_from_logits(logits: Array, mixing: str = "softmax", radius: Any = 0.0) -> Array:
-    """The weight of each normalizer from a layer's logits (last axis).
-
-    ``mixing="softmax"``: softmax, as Switchable Normalization. ``"sparsestmax"``: the
-    projection :func:`switchnorm.sparsestmax` at ``radius`` (Sparse Switchable Normalization,
-    docs/design.md section 10): sparsemax at radius 0, one-hot from ``sqrt(1 - 1/K)`` on.
-    """
-    logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
-    if mixing == "sparsestmax":
-        return sparsestmax(logits, jnp.asarray(radius, logits.dtype))
-    return jax.nn.softmax(logits)
 
 
 def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
@@ -62,6 +52,7 @@ class GraphInputs(NamedTuple):
     running_mean: Array | None
     running_var: Array | None
     radius: Array | None = None  # sparsestmax's radius (a scalar); None with softmax
+    sample_map: Array | None = None  # (2, 2K, K) with weights="sample"; None otherwise
 
 
 class GraphConfig(NamedTuple):
@@ -74,6 +65,7 @@ class GraphConfig(NamedTuple):
     axis_name: Any
     axis_index_groups: Any
     mixing: str = "softmax"
+    weights: str = "layer"
 
 
 def batch_stats_of(scope: ScopeStats, shift: Array, config: GraphConfig) -> BatchStats:
@@ -99,15 +91,30 @@ def running_scope(inputs: GraphInputs, shift: Array, compute_dtype: Any) -> Scop
 
 
 def mixed_mean_and_factor(
-    config: GraphConfig, compute_dtype: Any, stats: Sequence[ScopeStats], inputs: GraphInputs
+    config: GraphConfig,
+    compute_dtype: Any,
+    stats: Sequence[ScopeStats],
+    inputs: GraphInputs,
+    cells: CellStats | None = None,
 ) -> tuple[Array, Array]:
     """The blend of the normalizers' statistics: ``(mix_mean, a = scale / sqrt(mix_var + epsilon))``.
 
     ``stats`` may be of any shapes that broadcast together (the (N, C) path
-    hands over (1, C) and (N, 1) statistics); so are the results.
+    hands over (1, C) and (N, 1) statistics); so are the results. ``cells``,
+    the samples' own statistics, are needed with ``weights="sample"`` only
+    (:mod:`switchnorm._mixing`).
     """
-    mean_weights, var_weights = mixing_weights_from_logits(
-        jnp.stack([inputs.mean_logits, inputs.var_logits]), config.mixing, inputs.radius
+    descriptors = None
+    if config.weights == "sample":
+        assert cells is not None
+        descriptors = sample_descriptors(cells, stats, config.epsilon)
+    mean_weights, var_weights = blend_weights(
+        config.weights,
+        config.mixing,
+        jnp.stack([inputs.mean_logits, inputs.var_logits]),
+        inputs.radius,
+        inputs.sample_map,
+        descriptors,
     ).astype(compute_dtype)
     mixed = blend(stats, mean_weights, var_weights)
     a = lax.rsqrt(mixed.var + config.epsilon)
@@ -154,5 +161,5 @@ def cell_graph(
         if name == "bn":
             batch_stats = batch_stats_of(scope, shift, config)
         stats.append(scope)
-    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs)
+    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells)
     return jnp.broadcast_to(mix_mean, shift.shape), jnp.broadcast_to(a, shift.shape), batch_stats

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from switchnorm import _arguments, _passes
+from switchnorm import _arguments, _mixing, _passes
 from switchnorm._arguments import NORMALIZERS
 from switchnorm._cell_graph import GraphConfig, GraphInputs, cell_graph
 from switchnorm._dense import normalize_dense
@@ -56,6 +56,7 @@ class LayerArrays(NamedTuple):
     running_mean: Array | None = None
     running_var: Array | None = None
     radius: Array | float = 0.0  # read only with mixing="sparsestmax"
+    sample_map: Array | None = None  # (2, 2K, K), read only with weights="sample"
 
 
 def radius_schedule(step: Any, total_steps: int, final: float = 1.0) -> Array:
@@ -94,6 +95,7 @@ def normalize_checked(
         running_mean=arrays.running_mean if uses_running else None,
         running_var=arrays.running_var if uses_running else None,
         radius=jnp.asarray(arrays.radius, compute_dtype) if config.mixing == "sparsestmax" else None,
+        sample_map=jnp.asarray(arrays.sample_map) if config.weights == "sample" else None,
     )
     graph = functools.partial(cell_graph, config, compute_dtype)
     normalize = _passes.normalize if use_custom_vjp else _passes.normalize_autodiff
@@ -105,11 +107,20 @@ def normalize_checked(
     return general(x, inputs, arrays.bias)
 
 
-def _check_arrays(arrays: LayerArrays, normalizers: tuple[str, ...], num_channels: int) -> None:
-    """Shapes of the logits, of scale and bias, and of the running averages."""
+def _check_arrays(arrays: LayerArrays, normalizers: tuple[str, ...], num_channels: int, weights: str) -> None:
+    """Shapes of the logits (and the sample map), of scale and bias, and of the running averages."""
     for name in ("mean_logits", "var_logits"):
-        want = (len(normalizers),)
-        _arguments.check_shape(name, getattr(arrays, name), want, f"for normalizers {normalizers}")
+        want = _mixing.logits_shape(weights, len(normalizers), num_channels)
+        why = f"for normalizers {normalizers} with weights={weights!r}"
+        _arguments.check_shape(name, getattr(arrays, name), want, why)
+    if weights == "sample":
+        if arrays.sample_map is None:
+            raise ValueError(
+                "weights='sample' needs sample_map, the (2, 2K, K) map from each sample's descriptors "
+                "to its logits; zeros start every sample at the layer's logits."
+            )
+        want = _mixing.sample_map_shape(len(normalizers))
+        _arguments.check_shape("sample_map", arrays.sample_map, want, f"for normalizers {normalizers}")
     for name in ("scale", "bias", "running_mean", "running_var"):
         want = (num_channels,)
         _arguments.check_shape(name, getattr(arrays, name), want, f"for an input of {num_channels} channels")
@@ -135,6 +146,8 @@ def switch_norm(
     use_custom_vjp: bool = True,
     mixing: str = "softmax",
     radius: Array | float = 0.0,
+    weights: str = "layer",
+    sample_map: Array | None = None,
 ) -> tuple[Array, BatchStats | None]:
     """Switchable Normalization of a channels-last array (Luo et al., ICLR 2019).
 
@@ -181,8 +194,9 @@ def switch_norm(
 
     Args:
       x: input of shape (N, *spatial, C), rank >= 2, floating point, C >= 1.
-      mean_logits: (len(normalizers),) logits of the mean weights.
-      var_logits: (len(normalizers),) logits of the variance weights.
+      mean_logits: (len(normalizers),) logits of the mean weights; (len(normalizers), C)
+        with ``weights="channel"``.
+      var_logits: logits of the variance weights, shaped as ``mean_logits``.
       scale: optional (C,) multiplier (gamma).
       bias: optional (C,) offset (beta).
       normalizers: names from ("bn", "in", "ln", "gn"); their order is the
@@ -204,6 +218,11 @@ def switch_norm(
       mixing: "softmax" (default) or "sparsestmax": how the logits become weights.
       radius: sparsestmax's radius, a scalar >= 0 (float or array, may be traced; see
         :func:`switchnorm.radius_schedule`); ignored with softmax.
+      weights: "layer" (default): one blend per layer, logits of shape (K,). "channel": one
+        per channel, logits of shape (K, C). "sample": one per sample, the (K,) logits plus
+        ``sample_map`` times the sample's descriptors (docs/design.md, "Finer weights").
+      sample_map: (2, 2K, K) map of ``weights="sample"`` (mean, variance); zeros give every
+        sample the layer's logits. Ignored otherwise.
 
     Returns:
       ``(y, batch_stats)``: the normalized array and the bn scope's batch mean
@@ -215,8 +234,9 @@ def switch_norm(
     num_channels = x.shape[-1]
     groups = _arguments.resolve_num_groups(num_channels, num_groups, group_size) if "gn" in normalizers else 1
     mixing = _arguments.check_mixing(mixing)
-    arrays = LayerArrays(mean_logits, var_logits, scale, bias, running_mean, running_var, radius)
-    _check_arrays(arrays, normalizers, num_channels)
+    weights = _arguments.check_weights(weights)
+    arrays = LayerArrays(mean_logits, var_logits, scale, bias, running_mean, running_var, radius, sample_map)
+    _check_arrays(arrays, normalizers, num_channels, weights)
     if mixing == "sparsestmax":
         _arguments.check_shape("radius", radius, (), "(one radius per layer)")
         _checked_radius(radius)
@@ -230,6 +250,7 @@ def switch_norm(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         mixing=mixing,
+        weights=weights,
     )
     return normalize_checked(config, x, arrays, dtype, use_custom_vjp)
 

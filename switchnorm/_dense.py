@@ -38,7 +38,7 @@ from switchnorm._cell_graph import (
     running_scope,
 )
 from switchnorm._passes import normalize_pass, raw_sums_suffice, raw_sums_within_bound
-from switchnorm._stats import BatchStats, ScopeStats, cell_stats
+from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats
 
 Array = jax.Array
 
@@ -93,7 +93,10 @@ def normalize_dense(
                 stats.append(_scope(s1, s2, x.shape))
                 if name == "bn":
                     batch_stats = batch_stats_of(stats[-1], zero, config)
-        mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs)
+        # One element per cell: each sample's own statistics are x itself, with no spread.
+        values = x.astype(compute_dtype)
+        cells = CellStats(zero, values, jnp.zeros_like(values)) if config.weights == "sample" else None
+        mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells)
         shape = x.shape
         y = normalize_pass(
             x,

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from switchnorm._arguments import NORMALIZERS, default_normalizers, validate_normalizers
-from switchnorm._cell_graph import mixing_weights_from_logits
+from switchnorm._mixing import mixing_weights_from_logits
 from switchnorm.nnx import SwitchNorm
 
 __all__ = ["LayerWeights", "format_mixing_weights", "mixing_weights"]

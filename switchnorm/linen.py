@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from switchnorm import _arguments, _core, _stats
+from switchnorm import _arguments, _core, _mixing, _stats
 
 __all__ = ["SwitchNorm"]
 
@@ -95,6 +95,12 @@ class SwitchNorm(nn.Module):
           >>> variables = {**variables, "mixing_radius": jax.tree.map(
           ...     lambda r: jnp.full_like(r, 0.5), variables["mixing_radius"])}
           >>> y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+
+      weights: "layer" (default): one blend per layer, as Switchable Normalization.
+        "channel": every channel blends its own way; the logits have shape (K, C).
+        "sample": every sample's logits are the layer's plus the param ``sample_map``
+        (shape (2, 2K, K), zeros at init) times descriptors of its statistics
+        (docs/design.md, "Finer weights: per channel and per sample").
     """
 
     use_running_average: bool | None = None
@@ -115,6 +121,7 @@ class SwitchNorm(nn.Module):
     num_groups: int | None = None
     group_size: int | None = None
     mixing: str = "softmax"
+    weights: str = "layer"
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
@@ -142,9 +149,14 @@ class SwitchNorm(nn.Module):
         config, momentum = self._checked_config(x, use_running_average)
         num_channels = x.shape[-1]
         feature_shape = (num_channels,)
-        logits_shape = (len(config.normalizers),)
+        num_normalizers = len(config.normalizers)
+        logits_shape = _mixing.logits_shape(config.weights, num_normalizers, num_channels)
         mean_logits = self.param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
         var_logits = self.param("var_logits", initializers.zeros, logits_shape, self.param_dtype)
+        sample_map = None
+        if config.weights == "sample":
+            map_shape = _mixing.sample_map_shape(num_normalizers)
+            sample_map = self.param("sample_map", initializers.zeros, map_shape, self.param_dtype)
         scale = (
             self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
         )
@@ -166,6 +178,7 @@ class SwitchNorm(nn.Module):
             running_mean=ra_mean.value if ra_mean is not None else None,
             running_var=ra_var.value if ra_var is not None else None,
             radius=radius,
+            sample_map=sample_map,
         )
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
         if batch_stats is not None and not self.is_initializing():
@@ -195,6 +208,7 @@ class SwitchNorm(nn.Module):
             axis_name=None if self.is_initializing() else self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mixing=_arguments.check_mixing(self.mixing),
+            weights=_arguments.check_weights(self.weights),
         )
         _arguments.check_flag("use_fast_variance", self.use_fast_variance)
         _arguments.check_flag("force_float32_reductions", self.force_float32_reductions)

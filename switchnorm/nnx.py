@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from switchnorm import _arguments, _core, _stats
+from switchnorm import _arguments, _core, _mixing, _stats
 from switchnorm._sparsestmax import _checked_radius
 
 __all__ = ["MixingRadius", "SwitchNorm", "set_radius"]
@@ -80,7 +80,8 @@ class SwitchNorm(nnx.Module):
       (2, 4, 4, 8)
 
     Arguments are ``nnx.BatchNorm``'s, in its order and with its meaning, then
-    SwitchNorm's own (``normalizers``, ``num_groups``, ``group_size``, ``mixing``).
+    SwitchNorm's own (``normalizers``, ``num_groups``, ``group_size``, ``mixing``,
+    ``weights``).
 
     Attributes:
       num_features: the number of channels C (the size of the feature axis).
@@ -125,6 +126,11 @@ class SwitchNorm(nnx.Module):
       mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
         Switchable Normalization, Shao et al., CVPR 2019): the weights are then
         ``sparsestmax(logits, radius)``, one-hot from ``radius >= sqrt(1 - 1/K)`` on.
+      weights: "layer" (default): one blend per layer, as Switchable Normalization.
+        "channel": every channel blends its own way; the logits have shape (K, C).
+        "sample": every sample's logits are the layer's plus ``sample_map`` times
+        descriptors of its statistics (docs/design.md, "Finer weights: per channel and
+        per sample"); ``sample_map``, of shape (2, 2K, K), starts at zero.
       radius: only with "sparsestmax": a :class:`MixingRadius` holding a float32 scalar,
         0 at construction; set it with :func:`set_radius` (``None`` with softmax).
       last_input_rank: the rank of the input at the last call (``None`` before
@@ -156,6 +162,7 @@ class SwitchNorm(nnx.Module):
         num_groups: int | None = None,
         group_size: int | None = None,
         mixing: str = "softmax",
+        weights: str = "layer",
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
@@ -169,15 +176,19 @@ class SwitchNorm(nnx.Module):
             else None
         )
         self.mixing = _arguments.check_mixing(mixing)
+        self.weights = _arguments.check_weights(weights)
         momentum = _arguments.check_momentum(momentum)
         epsilon = _arguments.check_epsilon(epsilon)
         axis = _arguments.check_axis(axis)
         use_fast_variance = _arguments.check_flag("use_fast_variance", use_fast_variance)
         promote_dtype = _arguments.check_promote_dtype(promote_dtype)
         feature_shape = (num_features,)
-        logits_shape = (len(self.normalizers),)
+        logits_shape = _mixing.logits_shape(self.weights, len(self.normalizers), num_features)
         self.mean_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
         self.var_logits = nnx.Param(jnp.zeros(logits_shape, param_dtype))
+        map_shape = _mixing.sample_map_shape(len(self.normalizers))
+        sample = self.weights == "sample"
+        self.sample_map = nnx.Param(jnp.zeros(map_shape, param_dtype)) if sample else nnx.data(None)
         self.scale = _feature_param(use_scale, scale_init, rngs, feature_shape, param_dtype, scale_metadata)
         self.bias = _feature_param(use_bias, bias_init, rngs, feature_shape, param_dtype, bias_metadata)
         self.mean: nnx.BatchStat[Array] | None
@@ -261,6 +272,7 @@ class SwitchNorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mixing=self.mixing,
+            weights=self.weights,
         )
         x, arrays = self._promoted(x, self._arrays(active, uses_bn))
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
@@ -304,9 +316,12 @@ class SwitchNorm(nnx.Module):
     def _arrays(self, active: tuple[str, ...], uses_bn: bool) -> _core.LayerArrays:
         """The parameters and running averages, with the logits of the ``active`` normalizers."""
         mean_logits, var_logits = self.mean_logits[...], self.var_logits[...]
+        sample_map = self.sample_map[...] if self.sample_map is not None else None
         if active != self.normalizers:
-            index = jnp.array([self.normalizers.index(n) for n in active])
-            mean_logits, var_logits = mean_logits[index], var_logits[index]
+            index = [self.normalizers.index(n) for n in active]
+            mean_logits, var_logits = mean_logits[jnp.array(index)], var_logits[jnp.array(index)]
+            if sample_map is not None:
+                sample_map = _mixing.select_normalizers(sample_map, index)
         return _core.LayerArrays(
             mean_logits=mean_logits,
             var_logits=var_logits,
@@ -315,6 +330,7 @@ class SwitchNorm(nnx.Module):
             running_mean=self.mean[...] if uses_bn and self.mean is not None else None,
             running_var=self.var[...] if uses_bn and self.var is not None else None,
             radius=self.radius[...] if self.radius is not None else 0.0,
+            sample_map=sample_map,
         )
 
 

@@ -19,8 +19,8 @@ from reference import switch_norm as reference_switch_norm
 
 import switchnorm
 from switchnorm import linen as snn
-from switchnorm._cell_graph import mixing_weights_from_logits
 from switchnorm._core import switch_norm_autodiff
+from switchnorm._mixing import mixing_weights_from_logits
 
 SHAPE = (3, 4, 4, 6)
 TOP = float(np.sqrt(1 - 1 / len(ALL)))  # radius from which every output is one-hot

@@ -1,0 +1,125 @@
+"""How a layer's logits become the blend's weights: one blend per layer, per channel or per sample.
+
+``weights="layer"`` is Switchable Normalization's: one (K,) logit vector each
+for the mean and the variance. ``"channel"`` gives every channel its own
+logits, (K, C), as Batch-Instance Normalization gates bn against in per
+channel. ``"sample"`` computes each sample's logits from what the cell
+statistics already say about it, as Exemplar Normalization does
+(docs/design.md, "Finer weights: per channel and per sample"):
+
+    z_n = logits + D_n @ sample_map          D_n: 2K descriptors of sample n
+
+For every normalizer k the two descriptors of sample n are, averaged over
+the channels,
+
+    offset_k = log(1 + mean_c (mean_nc - mu_k,nc)^2 / (var_k,nc + eps))
+    spread_k = mean_c log((var_nc + eps) / (var_k,nc + eps))
+
+with ``mean_nc``, ``var_nc`` the sample's own (cell) statistics and
+``mu_k``, ``var_k`` normalizer k's: both are 0 where k's statistics are the
+sample's own (in always; bn for a sample like the batch's others), and grow
+as the sample departs from them. ``sample_map`` has shape (2, 2K, K) (mean,
+variance) and starts at zero, so training starts from the per-layer logits.
+
+Important details:
+
+* Every mode returns weights of shape (K, ...) whose trailing axes broadcast
+  against the (N, C) statistics: (K,), (K, C) or (K, N, 1).
+* The descriptors are differentiated like the rest of the cell graph: the
+  gradient reaches x through them too.
+* With sparsestmax, each channel's or each sample's logits are projected at
+  the layer's one radius.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from switchnorm._sparsestmax import sparsestmax
+from switchnorm._stats import CellStats, ScopeStats
+
+Array = jax.Array
+
+
+def mixing_weights_from_logits(logits: Array, mixing: str = "softmax", radius: Any = 0.0) -> Array:
+    """The weight of each normalizer from a layer's logits (last axis).
+
+    ``mixing="softmax"``: softmax, as Switchable Normalization. ``"sparsestmax"``: the
+    projection :func:`switchnorm.sparsestmax` at ``radius`` (Sparse Switchable Normalization,
+    docs/design.md section 10): sparsemax at radius 0, one-hot from ``sqrt(1 - 1/K)`` on.
+    """
+    logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
+    if mixing == "sparsestmax":
+        return sparsestmax(logits, jnp.asarray(radius, logits.dtype))
+    return jax.nn.softmax(logits)
+
+
+def num_descriptors(num_normalizers: int) -> int:
+    """How many descriptors of each sample ``weights="sample"`` maps to logits: two per normalizer."""
+    return 2 * num_normalizers
+
+
+def logits_shape(weights: str, num_normalizers: int, num_channels: int) -> tuple[int, ...]:
+    """The shape of each of the mean and variance logits: (K, C) per channel, else (K,)."""
+    return (num_normalizers, num_channels) if weights == "channel" else (num_normalizers,)
+
+
+def sample_map_shape(num_normalizers: int) -> tuple[int, int, int]:
+    """(2, 2K, K): descriptors to the mean's and the variance's logits, ``weights="sample"`` only."""
+    return (2, num_descriptors(num_normalizers), num_normalizers)
+
+
+def select_normalizers(sample_map: Array, index: Sequence[int]) -> Array:
+    """The sample map of a layer restricted to the normalizers at ``index`` (their rows and columns)."""
+    rows = [2 * i + j for i in index for j in (0, 1)]  # each normalizer's offset and spread
+    return sample_map[:, jnp.array(rows)][:, :, jnp.array(list(index))]
+
+
+def sample_descriptors(cells: CellStats, stats: Sequence[ScopeStats], epsilon: float) -> Array:
+    """(N, 2K): each sample's offset and spread against every normalizer (module docstring).
+
+    ``cells`` and ``stats`` are as the cell graph holds them: means relative to
+    each cell's shift, every array broadcasting to (N, C).
+    """
+    shape = jnp.broadcast_shapes(cells.mean.shape, *(jnp.shape(s.mean) for s in stats))
+    columns = []
+    for s in stats:
+        denominator = s.var + epsilon
+        offset = jnp.mean(jnp.broadcast_to((cells.mean - s.mean) ** 2 / denominator, shape), axis=1)
+        spread = jnp.mean(jnp.broadcast_to(jnp.log((cells.var + epsilon) / denominator), shape), axis=1)
+        columns += [jnp.log1p(offset), spread]
+    return jnp.stack(columns, axis=1)
+
+
+def sample_logits(logits: Array, descriptors: Array, sample_map: Array) -> Array:
+    """(2, N, K): the per-layer logits ``(2, K)`` plus each sample's descriptors times the map."""
+    return logits[:, None, :] + jnp.einsum("nd,tdk->tnk", descriptors, sample_map.astype(descriptors.dtype))
+
+
+def blend_weights(
+    weights: str,
+    mixing: str,
+    logits: Array,
+    radius: Any,
+    sample_map: Array | None = None,
+    descriptors: Array | None = None,
+) -> Array:
+    """(2, K, ...): the mean and variance weights, each broadcasting against (N, C) statistics.
+
+    ``logits`` is the (2, K) or, with ``weights="channel"``, (2, K, C) stack of
+    the mean and variance logits; ``"sample"`` also needs ``sample_map`` and the
+    (N, 2K) ``descriptors``.
+    """
+    if weights == "channel":  # project each channel's column: the normalizers on the last axis
+        return jnp.swapaxes(mixing_weights_from_logits(jnp.swapaxes(logits, 1, 2), mixing, radius), 1, 2)
+    if weights == "sample":
+        assert sample_map is not None and descriptors is not None
+        per_sample = mixing_weights_from_logits(
+            sample_logits(logits.astype(descriptors.dtype), descriptors, sample_map), mixing, radius
+        )
+        return jnp.swapaxes(per_sample, 1, 2)[..., None]  # (2, K, N, 1)
+    return mixing_weights_from_logits(logits, mixing, radius)
