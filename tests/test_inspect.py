@@ -532,20 +532,18 @@ def test_format_shows_mean_and_spread_for_channel_and_sample_layers_only(rng):
         [channel_layer(rng, 4), sample_layer(rng, 4), switchnorm.SwitchNorm(4, rngs=nnx.Rngs(0))]
     )
     x = jnp.asarray(reference.channel_input(rng, (5, 3, 3, 4)), jnp.float32)
-    arrays = switchnorm.mixing_weight_arrays(model, batch=x, forward=lambda m, b: m[2](m[1](m[0](b))))
+    forward = lambda m, b: m[2](m[1](m[0](b)))  # noqa: E731
+    arrays = switchnorm.mixing_weight_arrays(model, batch=x, forward=forward)
     lines = switchnorm.format_mixing_weights(arrays).splitlines()
     assert lines[0].split() == ["layer", "kind", "bn", "in", "ln", "gn"]
-    for row, (path, kind) in zip(lines[2:], [(p, k) for p in ("0", "1", "2") for k in ("mean", "var")]):
-        cells = [c.rstrip("*") for c in row.split()[-4:]]
-        layer = arrays[path]
-        if path == "2":
-            assert cells == ["0.250"] * 4  # layer weights: as before, no spread
+    rows = [(path, kind) for path in ("0", "1", "2") for kind in ("mean", "var")]
+    for line, (path, kind) in zip(lines[2:], rows, strict=True):
+        cells = [cell.rstrip("*") for cell in line.split()[-4:]]
+        if path == "2":  # layer weights: as before, no spread
+            assert cells == ["0.250"] * 4
             continue
-        w = getattr(layer, kind).astype(np.float64)
-        assert cells == [f"{m:.3f}±{s:.3f}" for m, s in zip(w.mean(axis=0), w.std(axis=0))]
-    assert (
-        switchnorm.format_mixing_weights(
-            switchnorm.mixing_weights(model, batch=x, forward=lambda m, b: m[2](m[1](m[0](b))))
-        ).count("±")
-        == 0
-    )
+        w = getattr(arrays[path], kind).astype(np.float64)
+        spread = zip(w.mean(axis=0), w.std(axis=0), strict=True)
+        assert cells == [f"{m:.3f}±{s:.3f}" for m, s in spread]
+    summaries = switchnorm.mixing_weights(model, batch=x, forward=forward)
+    assert "±" not in switchnorm.format_mixing_weights(summaries)  # floats alone carry no spread
