@@ -81,7 +81,8 @@ def sample_weights(config: GraphConfig, x: Array, arrays: Any) -> Array:
     """
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     shift, _, inverse_unit, s1, s2, _ = shifted_sums(x, compute_dtype)
-    cells = cell_stats(shift, inverse_unit, s1, s2, x.size // (x.shape[0] * x.shape[-1]))
+    cell_size = x.size // (x.shape[0] * x.shape[-1])
+    cells = cell_stats(shift, inverse_unit, s1, s2, cell_size)
     uses_running = config.use_running_average and "bn" in config.normalizers
     running = arrays._replace(
         running_mean=arrays.running_mean if uses_running else None,
@@ -101,7 +102,7 @@ def sample_weights(config: GraphConfig, x: Array, arrays: Any) -> Array:
     ]
     logits = jnp.stack([jnp.asarray(arrays.mean_logits), jnp.asarray(arrays.var_logits)])
     radius = jnp.asarray(arrays.radius, compute_dtype)
-    descriptors = sample_descriptors(cells, stats, config.epsilon)
+    descriptors = sample_descriptors(cells, stats, config.epsilon, cell_size)
     weights = blend_weights(
         "sample", config.mixing, logits, radius, jnp.asarray(arrays.sample_map), descriptors
     )
