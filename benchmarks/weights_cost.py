@@ -23,6 +23,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 
 import jax
@@ -36,12 +37,12 @@ VARIANTS = ("sn", *WEIGHTS_VARIANTS)  # "sn" is weights="layer", the baseline of
 _NOT_KERNELS = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 
 
-def kernel_count(fn, args: tuple) -> int:
-    """Instructions of the compiled ENTRY computation that run as kernels (fusions, reductions, calls)."""
-    text = fn.lower(*args).compile().as_text()
+def kernel_count(compiled) -> int:
+    """Instructions of a compiled function's ENTRY computation that run as kernels (fusions, reductions, calls)."""
+    text = compiled.as_text()
     entry = text[text.index("\nENTRY ") :].split("\n}\n", 1)[0].splitlines()[1:]
-    ops = [line.split("=", 1)[1].split(")", 1)[-1].strip() for line in entry if " = " in line]
-    return sum(1 for op in ops if op.split("(", 1)[0].split(" ")[-1] not in _NOT_KERNELS)
+    opcodes = [re.search(r"([a-z][\w-]*)\(", line.split(" = ", 1)[1]) for line in entry if " = " in line]
+    return sum(1 for op in opcodes if op and op.group(1) not in _NOT_KERNELS)
 
 
 def measure_shape(shape: tuple[int, ...], dtype: str, mode: str, repeats: int, min_sample_s: float) -> dict:
@@ -57,7 +58,7 @@ def measure_shape(shape: tuple[int, ...], dtype: str, mode: str, repeats: int, m
         "layer_ms": float(np.percentile(samples["sn"], 25) * 1e3),
         "channel": _ratio(samples, "sn_channel", "sn"),
         "sample": _ratio(samples, "sn_sample", "sn"),
-        "kernels": {v: kernel_count(*fns[v]) for v in VARIANTS},
+        "kernels": {v: kernel_count(fn.lower(*args).compile()) for v, (fn, args) in fns.items()},
     }
 
 
