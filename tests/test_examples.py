@@ -71,5 +71,5 @@ def test_sample_weights_example_prints_both_accuracies_and_draws(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert 'weights="sample": test accuracy' in result.stdout
-    assert 'weights="layer": test accuracy' in result.stdout
+    assert "layer 1 mean weights, median clean/altered: bn" in result.stdout
     assert out.stat().st_size > 10_000
