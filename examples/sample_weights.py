@@ -1,6 +1,6 @@
 """Per-sample mixing weights: SwitchNorm(weights="sample") on digits, half of them with altered contrast.
 
-    python examples/sample_weights.py                   # ~1 min on 2 cores; writes docs/figures/sample_weights.png
+    python examples/sample_weights.py                   # writes docs/figures/sample_weights.png
     python examples/sample_weights.py --compare         # also weights="layer" from the same seed
     python examples/sample_weights.py --epochs 2 --out /tmp/weights.png
 
