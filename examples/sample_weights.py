@@ -12,6 +12,11 @@ the gain and offset out. A small NNX CNN with ``SwitchNorm(..., weights=
 "sample")`` gives every image its own blend: the layer's logits plus a
 learned map of how far the image's statistics lie from each normalizer's.
 
+It takes about 2 minutes of CPU time with ``--compare`` (most of it compiling;
+12 minutes of wall time on 2 cores shared at a load average of 15). With seed 0
+and 30 epochs it printed test accuracy 0.926 for "sample" (altered images
+0.878) against 0.890 for "layer" (0.810); both 0.979 on the clean images.
+
 The script prints the test accuracy (clean, altered, all), the median weight
 each normalizer gets on clean and altered test images, and draws, for every
 SwitchNorm layer, the distribution of those per-sample weights over the test
