@@ -58,6 +58,8 @@ SHAPES: tuple[tuple[int, ...], ...] = (
 )
 DTYPES = ("float32", "bfloat16")
 VARIANTS = ("sn", "sn_infer", "bn", "gn", "naive", "probe")
+# SwitchNorm with finer mixing weights, training mode; timed by benchmarks.weights_cost, not the full run.
+WEIGHTS_VARIANTS = {"sn_channel": "channel", "sn_sample": "sample"}
 MODES = ("fwd", "fwdbwd")
 
 TARGETS = (  # (description, variant, mode, what, bound): ratio variant/sn <= or >= bound
@@ -111,6 +113,8 @@ def make_module(variant: str, x: jax.Array) -> tuple[nn.Module, dict]:
         return snn.SwitchNorm(use_running_average=False), {}
     if variant == "sn_infer":
         return snn.SwitchNorm(use_running_average=True), {}
+    if variant in WEIGHTS_VARIANTS:
+        return snn.SwitchNorm(use_running_average=False, weights=WEIGHTS_VARIANTS[variant]), {}
     if variant == "bn":
         return nn.BatchNorm(use_running_average=False, epsilon=1e-5), {}
     if variant == "gn":
@@ -119,7 +123,7 @@ def make_module(variant: str, x: jax.Array) -> tuple[nn.Module, dict]:
         return NaiveSwitchNorm(), {}
     if variant == "probe":
         return Probe(), {}
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}.")
+    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS + tuple(WEIGHTS_VARIANTS)}.")
 
 
 def build(variant: str, mode: str, x: jax.Array, dy: jax.Array):
