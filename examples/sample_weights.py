@@ -22,10 +22,10 @@ each normalizer gets on clean and altered test images, and draws, for every
 SwitchNorm layer, the distribution of those per-sample weights over the test
 set, clean against altered.
 
-The per-sample weights come from ``per_sample_weights`` below, which recomputes
-the layer's descriptors from its input with plain jax.numpy (the formula of
-docs/design.md, "Finer weights: per channel and per sample"); it is a minimal
-stand-in for a library function, not part of switchnorm's API.
+The per-sample weights come from ``switchnorm.mixing_weight_arrays(model,
+batch=...)``, which runs the model once on the batch and reads the weights every
+``weights="sample"`` layer gave each sample (docs/design.md, "Finer weights: per
+channel and per sample").
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import argparse
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -77,56 +76,10 @@ class DigitsCNN(nnx.Module):
         self.norm2 = switchnorm.SwitchNorm(32, weights=weights, rngs=rngs)
         self.head = nnx.Linear(32, 10, rngs=rngs)
 
-    def norm_inputs_and_logits(self, x: jax.Array) -> tuple[list[jax.Array], jax.Array]:
-        """The input of every SwitchNorm layer, in order, and the class logits."""
-        inputs = [self.conv1(x)]
-        h = nnx.avg_pool(nnx.relu(self.norm1(inputs[0])), (2, 2), strides=(2, 2))
-        inputs.append(self.conv2(h))
-        h = nnx.relu(self.norm2(inputs[1]))
-        return inputs, self.head(h.mean(axis=(1, 2)))
-
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm_inputs_and_logits(x)[1]
-
-    def norms(self) -> list[switchnorm.SwitchNorm]:
-        return [self.norm1, self.norm2]
-
-
-def _normalizer_stats(layer: switchnorm.SwitchNorm, mean: jax.Array, var: jax.Array, name: str):
-    """Normalizer ``name``'s mean and variance, broadcasting to the (N, C) cell statistics."""
-    if name == "bn":  # inference: the running averages, as the layer blends them in eval mode
-        return layer.mean[...][None, :], layer.var[...][None, :]
-    if name == "in":
-        return mean, var
-    groups = 1 if name == "ln" else layer.num_groups
-    n, c = mean.shape
-    m, v = mean.reshape(n, groups, c // groups), var.reshape(n, groups, c // groups)
-    group_mean = m.mean(axis=2, keepdims=True)
-    group_var = (v + (m - group_mean) ** 2).mean(axis=2, keepdims=True)
-    shape = (n, groups, c // groups)
-    return jnp.broadcast_to(group_mean, shape).reshape(n, c), jnp.broadcast_to(group_var, shape).reshape(n, c)
-
-
-def per_sample_weights(layer: switchnorm.SwitchNorm, x: jax.Array) -> dict[str, np.ndarray]:
-    """``{"mean": (N, K), "var": (N, K)}``: the weights an eval-mode ``weights="sample"`` layer gives each sample of x.
-
-    For every normalizer k the sample's two descriptors, averaged over the channels, are
-    ``log(1 + mean_c (mean_nc - mu_k)^2 / (var_k + eps))`` and
-    ``mean_c log((var_nc + eps) / (var_k + eps))``; the logits are the layer's plus the
-    descriptors times ``sample_map``.
-    """
-    axes = tuple(range(1, x.ndim - 1))
-    mean, var = x.mean(axis=axes), x.var(axis=axes)  # (N, C): each sample's own cell statistics
-    eps = layer.epsilon
-    descriptors = []
-    for name in layer.blended_normalizers:
-        mu, sigma2 = _normalizer_stats(layer, mean, var, name)
-        descriptors.append(jnp.log1p(jnp.mean((mean - mu) ** 2 / (sigma2 + eps), axis=1)))
-        descriptors.append(jnp.mean(jnp.log((var + eps) / (sigma2 + eps)), axis=1))
-    logits = jnp.stack([layer.mean_logits[...], layer.var_logits[...]])  # (2, K)
-    z = logits[:, None, :] + jnp.einsum("nd,tdk->tnk", jnp.stack(descriptors, axis=1), layer.sample_map[...])
-    weights = np.asarray(jax.nn.softmax(z, axis=-1))
-    return {"mean": weights[0], "var": weights[1]}
+        h = nnx.avg_pool(nnx.relu(self.norm1(self.conv1(x))), (2, 2), strides=(2, 2))
+        h = nnx.relu(self.norm2(self.conv2(h)))
+        return self.head(h.mean(axis=(1, 2)))
 
 
 @nnx.jit
@@ -221,9 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     _report("sample", accuracies(model, data))
     if args.compare:
         _report("layer", accuracies(train(data, "layer", args.epochs, args.seed), data))
-    inputs, _ = model.norm_inputs_and_logits(data["x_test"])
-    layers_weights = [per_sample_weights(norm, h) for norm, h in zip(model.norms(), inputs, strict=True)]
-    names = model.norm1.blended_normalizers
+    # One eager forward pass over the test set; every weights="sample" layer reports each sample's
+    # weights: {path: arrays}, mean and var of shape (N, K).
+    arrays = switchnorm.mixing_weight_arrays(model, batch=data["x_test"])
+    layers_weights = [{"mean": a.mean, "var": a.var} for a in arrays.values()]
+    names = next(iter(arrays.values())).names
     altered = data["altered_test"]
     for i, layer_weights in enumerate(layers_weights):
         for kind, w in layer_weights.items():
