@@ -1,4 +1,10 @@
-"""Reading the mixing weights a model learned, from either Flax front end."""
+"""Reading the mixing weights a model learned, from either Flax front end.
+
+:func:`mixing_weights` gives one float per layer, kind and normalizer (the mean
+over the channels or samples of a ``weights="channel"`` or ``"sample"`` layer);
+:func:`mixing_weight_arrays` gives the weights themselves, per channel or per
+sample of a batch; :func:`format_mixing_weights` prints either as a table.
+"""
 
 from __future__ import annotations
 
