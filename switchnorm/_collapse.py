@@ -34,7 +34,7 @@ from jax import lax
 
 from switchnorm import _arguments, _core, _stats
 from switchnorm._cell_graph import GraphConfig
-from switchnorm.inspect import mixing_weights
+from switchnorm.inspect import mixing_weight_arrays
 from switchnorm.nnx import SwitchNorm
 
 __all__ = ["ChannelAffine", "CollapseReport", "CollapsedLayer", "CollapsedNorm", "LayerChoice", "collapse"]
@@ -328,9 +328,30 @@ def _top(row: dict[str, float]) -> tuple[str, float]:
     return name, row[name]
 
 
+def _least_weights(path: str, layer: SwitchNorm) -> dict[str, dict[str, float]]:
+    """Per kind and normalizer, the least weight any channel gives it (a layer: its weights).
+
+    A ``weights="channel"`` layer has chosen a normalizer only where every channel has: its
+    least weight then reaches ``min_weight`` (> 0.5), and the collapse drops at most
+    ``1 - `` that from any channel. A ``"sample"`` layer's weights change with every input,
+    so no fixed choice replaces it: a ValueError.
+    """
+    if layer.weights == "sample":
+        raise ValueError(
+            f"collapse: layer {path!r} has weights='sample': each sample's weights depend on its "
+            "input, so no fixed choice can replace the layer; collapse handles weights='layer' "
+            "and weights='channel' layers."
+        )
+    arrays = mixing_weight_arrays(layer)[""]
+    return {
+        kind: dict(zip(arrays.names, np.min(np.atleast_2d(w), axis=0).tolist(), strict=True))
+        for kind, w in (("mean", arrays.mean), ("var", arrays.var))
+    }
+
+
 def _describe(path: str, layer: SwitchNorm, min_weight: float) -> CollapsedLayer:
     """The layer's choice and dropped weights, at the weights it blends now."""
-    weights = mixing_weights(layer)[""]
+    weights = _least_weights(path, layer)
     (mean, w_mean), (var, w_var) = _top(weights["mean"]), _top(weights["var"])
     if min(w_mean, w_var) < min_weight:
         form = "kept"
@@ -397,7 +418,9 @@ def collapse(
 
     A layer has chosen when its mean weights and its variance weights each give one
     normalizer at least ``min_weight`` (as :func:`switchnorm.mixing_weights` reports them:
-    sparsestmax at the layer's radius, or softmax). It becomes
+    sparsestmax at the layer's radius, or softmax); a ``weights="channel"`` layer, when
+    every channel gives the same normalizer at least that (the report's dropped weights are
+    then the largest any channel drops). It becomes
 
     * a :class:`ChannelAffine` ``y = x * a + b`` if it chose bn for both and is in inference
       mode (``use_running_average``): ``a = scale / sqrt(running_var + epsilon)``,
@@ -425,8 +448,8 @@ def collapse(
       ``(collapsed_model, report)``: a new module, and a :class:`CollapseReport`.
 
     Raises:
-      TypeError / ValueError: ``min_weight`` outside (0.5, 1], not an NNX module, or no
-        SwitchNorm in it.
+      TypeError / ValueError: ``min_weight`` outside (0.5, 1], not an NNX module, no
+        SwitchNorm in it, or a ``weights="sample"`` layer (its weights follow each input).
 
     Example::
 

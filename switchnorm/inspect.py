@@ -1,4 +1,10 @@
-"""Reading the mixing weights a model learned, from either Flax front end."""
+"""Reading the mixing weights a model learned, from either Flax front end.
+
+:func:`mixing_weights` gives one float per layer, kind and normalizer (the mean
+over the channels or samples of a ``weights="channel"`` or ``"sample"`` layer);
+:func:`mixing_weight_arrays` gives the weights themselves, per channel or per
+sample of a batch; :func:`format_mixing_weights` prints either as a table.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +52,22 @@ class LayerWeightArrays(NamedTuple):
     names: tuple[str, ...]
     mean: np.ndarray
     var: np.ndarray
+
+    def summary(self) -> LayerWeights:
+        """What :func:`mixing_weights` reports: the weights, or their mean over the rows."""
+        return self._per_kind(lambda w: w if w.ndim == 1 else np.mean(w.astype(np.float64), axis=0))
+
+    def spread(self) -> LayerWeights | None:
+        """The standard deviation of each weight over the channels or samples; None for "layer"."""
+        if self.mean.ndim == 1:
+            return None
+        return self._per_kind(lambda w: np.std(w.astype(np.float64), axis=0))
+
+    def _per_kind(self, reduce: Callable[[np.ndarray], np.ndarray]) -> LayerWeights:
+        return {
+            kind: dict(zip(self.names, reduce(weights).tolist(), strict=True))
+            for kind, weights in (("mean", self.mean), ("var", self.var))
+        }
 
 
 def _copy_suffix(index: tuple[int, ...]) -> str:
@@ -324,19 +346,6 @@ def mixing_weight_arrays(
     return out
 
 
-def _summary(arrays: LayerWeightArrays) -> LayerWeights:
-    """One layer's floats: its weights, or their mean over channels or samples."""
-    return {
-        kind: dict(zip(arrays.names, _mean_rows(weights).tolist(), strict=True))
-        for kind, weights in (("mean", arrays.mean), ("var", arrays.var))
-    }
-
-
-def _mean_rows(weights: np.ndarray) -> np.ndarray:
-    """(K,) weights as they are; (C, K) or (N, K) averaged over the rows (in float64)."""
-    return weights if weights.ndim == 1 else np.mean(weights.astype(np.float64), axis=0)
-
-
 def mixing_weights(
     model_or_variables: Any,
     normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
@@ -413,7 +422,7 @@ def mixing_weights(
       0.25
     """
     arrays = mixing_weight_arrays(model_or_variables, normalizers, batch=batch, forward=forward)
-    return {path: _summary(layer) for path, layer in arrays.items()}
+    return {path: layer.summary() for path, layer in arrays.items()}
 
 
 TIE_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
@@ -428,16 +437,10 @@ def _dominant(row: Mapping[str, float]) -> str | None:
 
 
 def _spreads(layer: LayerWeights | LayerWeightArrays) -> tuple[LayerWeights, LayerWeights | None]:
-    """A layer's mean weights and, for per-channel or per-sample arrays, their std over the rows."""
-    if not isinstance(layer, LayerWeightArrays):
-        return layer, None
-    spread = None
-    if layer.mean.ndim > 1:
-        spread = {
-            kind: dict(zip(layer.names, np.std(w.astype(np.float64), axis=0).tolist(), strict=True))
-            for kind, w in (("mean", layer.mean), ("var", layer.var))
-        }
-    return _summary(layer), spread
+    """A layer's (mean) weights and, for per-channel or per-sample arrays, their spread."""
+    if isinstance(layer, LayerWeightArrays):
+        return layer.summary(), layer.spread()
+    return layer, None
 
 
 def format_mixing_weights(weights: Mapping[str, LayerWeights | LayerWeightArrays]) -> str:

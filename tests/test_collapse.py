@@ -155,6 +155,50 @@ def test_a_root_switch_norm_collapses_to_a_layer(x):
     np.testing.assert_allclose(collapsed(x), norm(x), rtol=0, atol=1e-6)
 
 
+def _channel_norm(chosen_per_channel, mixing="sparsestmax") -> switchnorm.SwitchNorm:
+    """A weights="channel" layer whose channel c favours ``chosen_per_channel[c]`` (one-hot at radius 1)."""
+    c = len(chosen_per_channel)
+    norm = switchnorm.SwitchNorm(c, mixing=mixing, weights="channel", epsilon=EPSILON, rngs=nnx.Rngs(0))
+    gains = np.random.default_rng(4).uniform(1.0, 2.0, c)  # every channel's logits differ
+    logits = jnp.stack([_logits(n) * g for n, g in zip(chosen_per_channel, gains, strict=True)], axis=1)
+    norm.mean_logits[...], norm.var_logits[...] = logits, logits
+    if mixing == "sparsestmax":
+        switchnorm.set_radius(norm, 1.0)
+    return norm
+
+
+def test_a_channel_layer_whose_every_channel_chose_one_normalizer_collapses_to_it(x):
+    norm = _channel_norm(["ln"] * SHAPE[-1])
+    collapsed, report = switchnorm.collapse(norm)
+    assert isinstance(collapsed, switchnorm.CollapsedNorm)
+    assert (report.layers[0].mean, report.layers[0].var, report.layers[0].mean_dropped) == ("ln", "ln", 0.0)
+    np.testing.assert_allclose(collapsed(x), norm(x), rtol=0, atol=1e-6)
+
+
+def test_a_channel_layer_collapses_only_where_every_channel_chose_alike():
+    # 7 of 8 channels put 0.99 on ln, one puts it on bn: 0.87 on ln on average, 0.0 at the least.
+    norm = _channel_norm(["ln"] * 7 + ["bn"], mixing="softmax")
+    norm.mean_logits[...] = norm.mean_logits[...] * 3
+    norm.var_logits[...] = norm.var_logits[...] * 3
+    assert switchnorm.mixing_weights(norm)[""]["mean"]["ln"] > 0.85
+    collapsed, report = switchnorm.collapse(norm, min_weight=0.85)
+    assert report.layers[0].form == "kept" and isinstance(collapsed, switchnorm.SwitchNorm)
+    alike = _channel_norm(["ln"] * 8, mixing="softmax")
+    alike.mean_logits[...] = alike.mean_logits[...] * 3
+    alike.var_logits[...] = alike.var_logits[...] * 3
+    least = float(jax.nn.softmax(alike.mean_logits[...], axis=0)[2].min())  # the channel ln is weakest in
+    _, report = switchnorm.collapse(alike)
+    assert report.layers[0].form == "normalizer"
+    np.testing.assert_allclose(report.layers[0].mean_dropped, 1.0 - least, rtol=1e-5)
+
+
+def test_a_sample_layer_is_refused_naming_it_and_its_weights():
+    net = Net("softmax")
+    net.norm2 = switchnorm.SwitchNorm(SHAPE[-1], weights="sample", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"layer 'norm2' has weights='sample'.*no fixed choice"):
+        switchnorm.collapse(net)
+
+
 @pytest.mark.parametrize("bad", [0.5, 0.2, 1.01, float("nan")])
 def test_min_weight_outside_half_to_one_is_refused(bad):
     with pytest.raises(ValueError, match=r"min_weight must be in \(0.5, 1\], got"):

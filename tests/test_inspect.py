@@ -547,3 +547,82 @@ def test_format_shows_mean_and_spread_for_channel_and_sample_layers_only(rng):
         assert cells == [f"{m:.3f}±{s:.3f}" for m, s in spread]
     summaries = switchnorm.mixing_weights(model, batch=x, forward=forward)
     assert "±" not in switchnorm.format_mixing_weights(summaries)  # floats alone carry no spread
+
+
+# --------------------------------------------------------------------------
+# switchnorm inspect / plot of a run whose layers blend per sample.
+# --------------------------------------------------------------------------
+
+
+class SampleRunConfig:
+    """A run's config as config.json says it for ``weights="sample"`` layers."""
+
+    weights = "sample"
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+@pytest.fixture
+def sample_run(run, monkeypatch, rng):
+    """The finished synthetic run, read as if its two layers blended per sample (random maps)."""
+    from switchnorm.train import cli
+    from switchnorm.train.rundir import RunDir
+
+    config, model, step, epoch = cli._restore_model(run)
+    for i, norm in enumerate(model.norms):
+        layer = sample_layer(rng, norm.num_features, normalizers=("bn", "ln"))
+        layer.mean[...], layer.var[...] = norm.mean[...], norm.var[...]
+        layer.eval()
+        model.norms[i] = layer
+    read_config = RunDir.read_config
+    monkeypatch.setattr(RunDir, "read_config", lambda self: SampleRunConfig(read_config(self)))
+    monkeypatch.setattr(cli, "_restore_model", lambda out: (SampleRunConfig(config), model, step, epoch))
+    return model
+
+
+def test_inspect_shows_a_sample_runs_weights_over_its_test_set(run, sample_run, capsys):
+    from switchnorm.train import data, report
+    from switchnorm.train.cli import main
+
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    test_set = jnp.asarray(data.load_dataset("synthetic", 0).x_test)
+    want = switchnorm.mixing_weight_arrays(sample_run, batch=test_set)
+    assert want["norms/0"].mean.shape == (256, 2)
+    assert switchnorm.format_mixing_weights(report.learned(want)) in out
+    assert "±" in out and "mean±std" in out
+
+
+def test_plot_draws_a_sample_runs_spread_and_its_per_sample_distribution(workspace, sample_run, capsys):
+    from switchnorm.train import report
+    from switchnorm.train.cli import main
+
+    tiny = workspace / "tiny"
+    (tiny / "final_weights.png").unlink()
+    assert main(["plot", str(tiny)]) == 0
+    for name in ("final_weights.png", report.DISTRIBUTION_FIGURE):
+        assert (tiny / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(tiny / report.DISTRIBUTION_FIGURE) in capsys.readouterr().out
+
+
+def test_the_distribution_figure_splits_samples_by_group_and_checks_the_labels(rng, tmp_path):
+    from switchnorm.train import plots
+
+    layer = sample_layer(rng, 4)
+    arrays = switchnorm.mixing_weight_arrays(
+        layer, batch=jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
+    )
+    path = plots.plot_weight_distribution(arrays, tmp_path / "d.png", groups=["clean"] * 3 + ["altered"] * 3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="groups has 5 labels for a batch of 6 samples"):
+        plots.plot_weight_distribution(arrays, tmp_path / "e.png", groups=["clean"] * 5)
+    assert (
+        plots.plot_weight_distribution(
+            switchnorm.mixing_weight_arrays(channel_layer(rng)), tmp_path / "f.png"
+        )
+        is None
+    )

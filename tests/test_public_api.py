@@ -22,7 +22,15 @@ def test_star_import_brings_the_public_names_and_not_the_front_end_modules():
     namespace: dict = {}
     exec("from flax import nnx, linen\nfrom switchnorm import *", namespace)
     assert namespace["nnx"] is nnx and namespace["linen"] is nn  # not shadowed by switchnorm's
-    for name in ("SwitchNorm", "switch_norm", "BatchStats", "mixing_weights", "NORMALIZERS"):
+    names = (
+        "SwitchNorm",
+        "switch_norm",
+        "BatchStats",
+        "mixing_weights",
+        "mixing_weight_arrays",
+        "NORMALIZERS",
+    )
+    for name in names:
         assert name in namespace
     assert set(switchnorm.__all__) <= set(namespace)
 

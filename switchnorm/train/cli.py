@@ -446,9 +446,37 @@ def _status_line(run, summary: dict[str, Any] | None) -> str | None:
     return None
 
 
+def _final_weights(config, model) -> dict[str, Any]:
+    """The model's weights as inspect and plot show them; per-sample ones read on the test set.
+
+    config.json's "weights" (absent in runs made before it: "layer") says how the layers
+    blend. "layer": :func:`switchnorm.mixing_weights`'s floats, as the training loop records
+    them. "channel" and "sample": :func:`switchnorm.mixing_weight_arrays`, whose spread the
+    table and figures show; per-sample weights need inputs, so the model (in evaluation
+    mode, as restored) runs once on the run's whole test split.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import switchnorm
+    from switchnorm.train import data, loop
+
+    mode = getattr(config, "weights", "layer")
+    layers = [n for _, n in nnx.iter_graph(model) if isinstance(n, switchnorm.SwitchNorm)]
+    if mode == "layer" and all(n.weights == "layer" for n in layers):
+        return loop.model_weights(model)
+    batch = None
+    if mode == "sample" or any(n.weights == "sample" for n in layers):
+        batch = jnp.asarray(data.load_dataset(config.dataset, config.seed).x_test)
+    try:
+        return switchnorm.mixing_weight_arrays(model, batch=batch) or loop.model_weights(model)
+    except ValueError as error:
+        raise UsageError(" ".join(str(error).rstrip(".").split())) from None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import switchnorm
-    from switchnorm.train import loop, report
+    from switchnorm.train import report
     from switchnorm.train.rundir import RunDir
 
     run = RunDir(args.run)
@@ -469,9 +497,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     evals = [r for r in records if isinstance(r.get("test_accuracy"), float) and r["step"] <= step]
     if evals:
         print(f"test accuracy {evals[-1]['test_accuracy']:.4f} (epoch {evals[-1]['epoch']})")
-    weights = report.learned(loop.model_weights(model))
+    weights = report.learned(_final_weights(config, model))
     if weights:
         print(switchnorm.format_mixing_weights(weights))
+        if any(getattr(layer, "weights", "layer") != "layer" for layer in weights.values()):
+            print("mean±std: over each layer's channels (weights='channel') or test examples ('sample')")
     elif not config.collapsed:
         print(f"norm={config.norm}: the model has no learned mixing weights.")
     if config.collapsed:
@@ -503,9 +533,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not records:
         raise UsageError(f"{args.run} has no metrics to plot yet")
     links = [name for name in run.links() if name.endswith(".png")]
+    if (args.run / report.DISTRIBUTION_FIGURE).is_symlink():
+        links.append(report.DISTRIBUTION_FIGURE)
     if links:
         raise UsageError(f"{args.run / links[0]} is a symbolic link; switchnorm never writes through links")
-    written = report.write_figures(run, config, records)
+    arrays = None
+    if getattr(config, "weights", "layer") != "layer" and run.latest_step() is not None:
+        arrays = _final_weights(*_restore_model(args.run)[:2])
+    written = report.write_figures(run, config, records, arrays)
     if not written:
         print(f"{args.run}: norm={config.norm} learns no mixing weights; no figures.")
     for path in written:

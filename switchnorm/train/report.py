@@ -32,8 +32,17 @@ class Diverged(Exception):
 
 
 def learned(weights: dict[str, Any] | None) -> dict[str, Any]:
-    """The layers whose weights are learned: those that blend more than one normalizer."""
-    return {path: layer for path, layer in (weights or {}).items() if len(layer["mean"]) > 1}
+    """The layers whose weights are learned: those that blend more than one normalizer.
+
+    ``weights`` is :func:`switchnorm.mixing_weights`'s floats or
+    :func:`switchnorm.mixing_weight_arrays`'s arrays.
+    """
+    from switchnorm.inspect import LayerWeightArrays
+
+    def size(layer: Any) -> int:
+        return len(layer.names) if isinstance(layer, LayerWeightArrays) else len(layer["mean"])
+
+    return {path: layer for path, layer in (weights or {}).items() if size(layer) > 1}
 
 
 def nonfinite_part(state: Any) -> str | None:
@@ -162,19 +171,35 @@ class Reporter(Callback):
 # -- the end of a run ------------------------------------------------------------------------------
 
 
-def write_figures(run: RunDir, config: RunConfig, records: list[dict[str, Any]]) -> list[Any]:
-    """The two figures of the run's weights (none when nothing was learned); their paths."""
+DISTRIBUTION_FIGURE = "sample_weights.png"
+"""The figure of a ``weights="sample"`` run's per-sample weights over its test set."""
+
+
+def write_figures(
+    run: RunDir, config: RunConfig, records: list[dict[str, Any]], arrays: dict[str, Any] | None = None
+) -> list[Any]:
+    """The figures of the run's weights (none when nothing was learned); their paths.
+
+    ``arrays``, :func:`switchnorm.mixing_weight_arrays` of the final model (on the
+    test set for per-sample weights), gives the final-weights figure its
+    spread over channels or samples, and a ``weights="sample"`` run a third
+    figure, :data:`DISTRIBUTION_FIGURE`, of the per-sample weights' distribution.
+    """
     from switchnorm.train import plots
 
     if not records or not learned(records[-1].get("weights")):
         return []  # norm=none or a single normalizer: nothing was learned
     name = f"{config.dataset}, {config.model}, norm={config.norm}"
+    final = learned(arrays) or records[-1]["weights"]
     written = [
         plots.plot_weights_over_training(
             records, run.path / FIGURES[0], f"Mixing weights over training ({name})"
         ),
-        plots.plot_final_weights(
-            records[-1]["weights"], run.path / FIGURES[1], f"Final mixing weights ({name})"
+        plots.plot_final_weights(final, run.path / FIGURES[1], f"Final mixing weights ({name})"),
+        plots.plot_weight_distribution(
+            learned(arrays),
+            run.path / DISTRIBUTION_FIGURE,
+            f"Per-sample mixing weights over the test set ({name})",
         ),
     ]
     return [p for p in written if p is not None]
