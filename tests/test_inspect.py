@@ -598,15 +598,15 @@ def test_inspect_shows_a_sample_runs_weights_over_its_test_set(run, sample_run, 
 
 
 def test_plot_draws_a_sample_runs_spread_and_its_per_sample_distribution(workspace, sample_run, capsys):
-    from switchnorm.train import report
+    from switchnorm.train import rundir
     from switchnorm.train.cli import main
 
     tiny = workspace / "tiny"
     (tiny / "final_weights.png").unlink()
     assert main(["plot", str(tiny)]) == 0
-    for name in ("final_weights.png", report.DISTRIBUTION_FIGURE):
+    for name in ("final_weights.png", rundir.DISTRIBUTION_FIGURE):
         assert (tiny / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert str(tiny / report.DISTRIBUTION_FIGURE) in capsys.readouterr().out
+    assert str(tiny / rundir.DISTRIBUTION_FIGURE) in capsys.readouterr().out
 
 
 def test_the_distribution_figure_splits_samples_by_group_and_checks_the_labels(rng, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 
 from switchnorm.train.config import RunConfig
 from switchnorm.train.loop import Callback
-from switchnorm.train.rundir import FIGURES, RunDir
+from switchnorm.train.rundir import DISTRIBUTION_FIGURE, FIGURES, RunDir
 
 
 class Diverged(Exception):
@@ -169,10 +169,6 @@ class Reporter(Callback):
 
 
 # -- the end of a run ------------------------------------------------------------------------------
-
-
-DISTRIBUTION_FIGURE = "sample_weights.png"
-"""The figure of a ``weights="sample"`` run's per-sample weights over its test set."""
 
 
 def write_figures(

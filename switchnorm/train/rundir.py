@@ -65,9 +65,13 @@ MANIFESTS = "manifests"
 MARKER = ".switchnorm-run"
 LOCK = ".lock"
 FIGURES = ("weights_over_training.png", "final_weights.png")
+DISTRIBUTION_FIGURE = "sample_weights.png"
+"""The figure of a ``weights="sample"`` run's per-sample weights over its test set."""
 TENSORBOARD = "tensorboard"
 KEEP_CHECKPOINTS = 2
-_ENTRIES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, MANIFESTS, MARKER, LOCK, *FIGURES, TENSORBOARD)
+_ENTRIES = (
+    CONFIG, METRICS, SUMMARY, CHECKPOINTS, MANIFESTS, MARKER, LOCK, *FIGURES, DISTRIBUTION_FIGURE, TENSORBOARD
+)  # fmt: skip
 _MARKER_TEXT = '{"switchnorm_run": 1}\n'
 
 
