@@ -8,7 +8,6 @@ sample of a batch; :func:`format_mixing_weights` prints either as a table.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -425,14 +424,19 @@ def mixing_weights(
     return {path: layer.summary() for path, layer in arrays.items()}
 
 
-TIE_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
-"""Relative difference under which two weights tie: float32 rounding of a softmax."""
+def _printed(weight: float) -> str:
+    """A weight as the table prints it: three decimals."""
+    return f"{weight:.3f}"
 
 
 def _dominant(row: Mapping[str, float]) -> str | None:
-    """The name of the largest weight, or None when another ties with it (e.g. four 0.25)."""
+    """The name of the largest weight, or None when another prints the same (e.g. four 0.250).
+
+    A mark on one of several equal printed values would single out a normalizer on a
+    difference the reader cannot see (a freshly built layer, or one a few steps in).
+    """
     top = max(row, key=row.__getitem__)
-    tied = [n for n, w in row.items() if math.isclose(w, row[top], rel_tol=TIE_TOLERANCE)]
+    tied = [n for n, w in row.items() if _printed(w) == _printed(row[top])]
     return top if len(tied) == 1 else None
 
 
@@ -450,8 +454,8 @@ def format_mixing_weights(weights: Mapping[str, LayerWeights | LayerWeightArrays
     :func:`mixing_weight_arrays` returns: a ``"channel"`` or ``"sample"`` layer's
     cells then read ``mean±std``, the mean weight and its standard deviation
     over the channels or samples (``0.412±0.080``), and the dominant weight is
-    the largest mean. No weight is marked where the largest ones tie within
-    float32 rounding, as the four 0.250 of a freshly built layer do.
+    the largest mean. No weight is marked where the largest ones print the
+    same, as the four 0.250 of a freshly built layer do.
     """
     rows = {path: _spreads(layer) for path, layer in weights.items()}
     names: list[str] = []
@@ -468,7 +472,7 @@ def format_mixing_weights(weights: Mapping[str, LayerWeights | LayerWeightArrays
             row, top = summary[kind], _dominant(summary[kind])
             cells = ""
             for n in names:
-                text = "-" if n not in row else f"{row[n]:.3f}"
+                text = "-" if n not in row else _printed(row[n])
                 if spread is not None and n in row:
                     text += f"±{spread[kind][n]:.3f}"
                 cells += f"{text:>{width - 1}}{'*' if n == top else ' '}"

@@ -250,6 +250,12 @@ def test_format_mixing_weights_marks_no_dominant_weight_when_the_largest_tie():
     lines = switchnorm.format_mixing_weights(nearly).splitlines()
     assert "*" not in lines[2]  # mean: equal up to float32 rounding
     assert lines[3].split() == ["var", "0.700*", "0.300"]
+    a_few_steps_in = {
+        "": {"mean": {"bn": 0.2502, "ln": 0.2499, "in": 0.2499}, "var": {"bn": 0.2506, "ln": 0.2494}}
+    }
+    lines = switchnorm.format_mixing_weights(a_few_steps_in).splitlines()
+    assert "*" not in lines[2]  # 0.250 0.250 0.250: no visible lead, no mark
+    assert lines[3].split() == ["var", "0.251*", "0.249", "-"]
 
 
 def test_nnx_layer_can_be_called_in_eval_mode_under_a_transform_that_closes_over_it():
