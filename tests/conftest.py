@@ -51,6 +51,28 @@ def _share_compilation_cache() -> str | None:
 _OWN_CACHE = _share_compilation_cache()
 
 
+def pytest_configure(config) -> None:
+    """Makes xdist hand out files in the collection order below, not by their number of tests.
+
+    By default ``--dist loadfile`` starts the files with the most tests first, so
+    the one-test files that run for minutes (SIGKILL at every write point,
+    kill-and-resume) were handed out last and ran alone while the other worker idled.
+    """
+    if hasattr(config.option, "loadscopereorder"):  # xdist is loaded
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Puts the files holding slow tests (training subprocesses) first, in their own order.
+
+    xdist hands out whole files in this order (see ``pytest_configure``): the
+    long subprocess files start at once, and the short files fill the other
+    worker around them.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within stays
+
+
 def pytest_unconfigure(config) -> None:
     """Removes the session's compilation cache, in the process that made it."""
     if _OWN_CACHE is not None:
