@@ -21,6 +21,7 @@ def load_example(name: str):
     """An example script as a module (its ``main`` does not run on import)."""
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (Linen modules) look their module up there
     spec.loader.exec_module(module)
     return module
 
