@@ -86,23 +86,8 @@ def _copies_weights(
     }
 
 
-def _channel_mean_weights(path: str, layer: SwitchNorm) -> dict[str, LayerWeights]:
-    """TEMPORARY (branch train-fine only, until the inspection change lands): a
-    ``weights="channel"`` layer's (K, C) weights averaged over the channels; unstacked only."""
-    names = layer.blended_normalizers
-    index = np.array([layer.normalizers.index(n) for n in names])
-    radius = jnp.asarray(layer.radius[...]) if layer.radius is not None else 0.0
-    out = {}
-    for kind, logits in (("mean", layer.mean_logits[...]), ("var", layer.var_logits[...])):
-        per_channel = mixing_weights_from_logits(jnp.asarray(logits)[index].T, layer.mixing, radius)
-        out[kind] = dict(zip(names, np.asarray(per_channel).mean(0).tolist(), strict=True))
-    return {path: out}
-
-
 def _nnx_layer_weights(path: str, layer: SwitchNorm) -> dict[str, LayerWeights]:
     """The weights an NNX layer blends, of the normalizers its last call used; one entry per copy."""
-    if layer.weights == "channel":
-        return _channel_mean_weights(path, layer)
     mean_logits, var_logits = _stacked_logits(path, layer.mean_logits[...], layer.var_logits[...])
     if mean_logits.shape[-1] != len(layer.normalizers):
         raise ValueError(
@@ -165,10 +150,7 @@ def _from_tree(
 
 
 def mixing_weights(
-    model_or_variables: Any,
-    normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-    *,
-    batch: Any = None,  # TEMPORARY (train-fine only): accepted, unused; "sample" layers report their base logits
+    model_or_variables: Any, normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, LayerWeights]:
     """The weights every SwitchNorm layer blends, by path and normalizer.
 
