@@ -19,7 +19,7 @@ from switchnorm._core import radius_schedule, switch_norm
 from switchnorm._recalibrate import recalibrate, recalibrate_variables
 from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import BatchStats
-from switchnorm.inspect import format_mixing_weights, mixing_weights
+from switchnorm.inspect import LayerWeightArrays, format_mixing_weights, mixing_weight_arrays, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
 
 __version__ = "0.1.0"
@@ -31,12 +31,14 @@ __all__ = [
     "ChannelAffine",
     "CollapseReport",
     "CollapsedNorm",
+    "LayerWeightArrays",
     "MixingRadius",
     "SwitchNorm",
     "collapse",
     "default_normalizers",
     "default_num_groups",
     "format_mixing_weights",
+    "mixing_weight_arrays",
     "mixing_weights",
     "radius_schedule",
     "recalibrate",

@@ -96,18 +96,19 @@ def mixed_mean_and_factor(
     stats: Sequence[ScopeStats],
     inputs: GraphInputs,
     cells: CellStats | None = None,
+    cell_size: int = 1,
 ) -> tuple[Array, Array]:
     """The blend of the normalizers' statistics: ``(mix_mean, a = scale / sqrt(mix_var + epsilon))``.
 
     ``stats`` may be of any shapes that broadcast together (the (N, C) path
     hands over (1, C) and (N, 1) statistics); so are the results. ``cells``,
-    the samples' own statistics, are needed with ``weights="sample"`` only
-    (:mod:`switchnorm._mixing`).
+    the samples' own statistics, and ``cell_size``, the elements per cell, are
+    needed with ``weights="sample"`` only (:mod:`switchnorm._mixing`).
     """
     descriptors = None
     if config.weights == "sample":
         assert cells is not None
-        descriptors = sample_descriptors(cells, stats, config.epsilon)
+        descriptors = sample_descriptors(cells, stats, config.epsilon, cell_size)
     mean_weights, var_weights = blend_weights(
         config.weights,
         config.mixing,
@@ -161,5 +162,5 @@ def cell_graph(
         if name == "bn":
             batch_stats = batch_stats_of(scope, shift, config)
         stats.append(scope)
-    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells)
+    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, count)
     return jnp.broadcast_to(mix_mean, shift.shape), jnp.broadcast_to(a, shift.shape), batch_stats

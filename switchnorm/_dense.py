@@ -96,7 +96,7 @@ def normalize_dense(
         # One element per cell: each sample's own statistics are x itself, with no spread.
         values = x.astype(compute_dtype)
         cells = CellStats(zero, values, jnp.zeros_like(values)) if config.weights == "sample" else None
-        mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells)
+        mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, cell_size=1)
         shape = x.shape
         y = normalize_pass(
             x,

@@ -18,7 +18,9 @@ the channels,
 with ``mean_nc``, ``var_nc`` the sample's own (cell) statistics and
 ``mu_k``, ``var_k`` normalizer k's: both are 0 where k's statistics are the
 sample's own (in always; bn for a sample like the batch's others), and grow
-as the sample departs from them. ``sample_map`` has shape (2, 2K, K) (mean,
+as the sample departs from them. A cell of one element ((N, C) input, or a
+spatial size of 1) has no spread of its own: there ``spread_k`` is 0 (it
+would be ``log(eps)``, a constant that only conditions the map badly). ``sample_map`` has shape (2, 2K, K) (mean,
 variance) and starts at zero, so training starts from the per-layer logits.
 
 Important details:
@@ -79,11 +81,14 @@ def select_normalizers(sample_map: Array, index: Sequence[int]) -> Array:
     return sample_map[:, jnp.array(rows)][:, :, jnp.array(list(index))]
 
 
-def sample_descriptors(cells: CellStats, stats: Sequence[ScopeStats], epsilon: float) -> Array:
+def sample_descriptors(
+    cells: CellStats, stats: Sequence[ScopeStats], epsilon: float, cell_size: int
+) -> Array:
     """(N, 2K): each sample's offset and spread against every normalizer (module docstring).
 
     ``cells`` and ``stats`` are as the cell graph holds them: means relative to
-    each cell's shift, every array broadcasting to (N, C).
+    each cell's shift, every array broadcasting to (N, C); ``cell_size`` is the
+    number of elements of a cell (spreads are 0 for one).
     """
     shape = jnp.broadcast_shapes(cells.mean.shape, *(jnp.shape(s.mean) for s in stats))
     columns = []
@@ -91,7 +96,7 @@ def sample_descriptors(cells: CellStats, stats: Sequence[ScopeStats], epsilon: f
         denominator = s.var + epsilon
         offset = jnp.mean(jnp.broadcast_to((cells.mean - s.mean) ** 2 / denominator, shape), axis=1)
         spread = jnp.mean(jnp.broadcast_to(jnp.log((cells.var + epsilon) / denominator), shape), axis=1)
-        columns += [jnp.log1p(offset), spread]
+        columns += [jnp.log1p(offset), spread if cell_size > 1 else jnp.zeros_like(spread)]
     return jnp.stack(columns, axis=1)
 
 

@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from switchnorm import _sample_weights
 from switchnorm._arguments import NORMALIZERS, default_normalizers, validate_normalizers
 from switchnorm._mixing import mixing_weights_from_logits
+from switchnorm._sample_weights import CapturedWeights
 from switchnorm.nnx import SwitchNorm
 
-__all__ = ["LayerWeights", "format_mixing_weights", "mixing_weights"]
+__all__ = [
+    "LayerWeightArrays",
+    "LayerWeights",
+    "format_mixing_weights",
+    "mixing_weight_arrays",
+    "mixing_weights",
+]
 
 LayerWeights = dict[str, dict[str, float]]
 """One layer's weights: ``{"mean": {name: w}, "var": {name: w}}``."""
+
+Forward = Callable[[Any, Any], Any]
+"""``forward(model_or_variables, batch)``: one forward pass, for reading per-sample weights."""
+
+
+class LayerWeightArrays(NamedTuple):
+    """Every weight one layer (or one copy of a stack) blends, the normalizers on the last axis.
+
+    Attributes:
+      weights: the layer's ``weights`` mode: "layer", "channel" or "sample".
+      names: the normalizers, in the order of the last axis.
+      mean: the mean's weights: (K,) for "layer", (C, K) for "channel", (N, K) for
+        "sample" (one row per sample of the batch the model ran on).
+      var: the variance's weights, of the same shape.
+    """
+
+    weights: str
+    names: tuple[str, ...]
+    mean: np.ndarray
+    var: np.ndarray
 
 
 def _copy_suffix(index: tuple[int, ...]) -> str:
@@ -37,40 +65,31 @@ def _stacked_logits(path: str, mean_logits: Any, var_logits: Any) -> tuple[np.nd
     return mean_logits, var_logits
 
 
-def _weights(
-    mean_logits: Any, var_logits: Any, names: Sequence[str], mixing: str = "softmax", radius: Any = 0.0
-) -> LayerWeights:
-    """The weights one layer blends: softmax, or sparsestmax at the layer's radius."""
-    return {
-        # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
-        # then become float32 quietly when x64 is off, instead of warning.
-        kind: dict(
-            zip(
-                names,
-                np.asarray(mixing_weights_from_logits(jnp.asarray(logits), mixing, radius)).tolist(),
-                strict=True,
-            )
-        )
-        for kind, logits in (("mean", mean_logits), ("var", var_logits))
-    }
+def _rows(logits: np.ndarray, mixing: str, radius: Any) -> np.ndarray:
+    """The weights of every row of ``logits`` (normalizers on the last axis), as NumPy."""
+    # jnp.asarray, not a dtype request: float64 logits (a NumPy checkpoint)
+    # then become float32 quietly when x64 is off, instead of warning.
+    return np.asarray(mixing_weights_from_logits(jnp.asarray(logits), mixing, radius))
 
 
-def _copies_weights(
+def _copies_arrays(
     path: str,
+    mode: str,
     mean_logits: np.ndarray,
     var_logits: np.ndarray,
     names: Sequence[str],
     mixing: str = "softmax",
     radius: Any = 0.0,
-) -> dict[str, LayerWeights]:
-    """One entry per copy of a layer whose logits are (copies..., K), ``path[i]`` for copy i.
+) -> dict[str, LayerWeightArrays]:
+    """One entry per copy of a layer, ``path[i]`` for copy i, from its logits.
 
-    Stacking transforms (``nn.scan``, ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``) put the copies on
-    the leading axes of every variable, so the normalizers stay on the last axis. An unstacked
-    layer, logits (K,), is one entry under ``path`` itself. ``radius`` is one scalar for every
-    copy or one per copy.
+    The logits have the normalizers on the last axis: (copies..., K), or
+    (copies..., C, K) for ``mode="channel"``. Stacking transforms (``nn.scan``,
+    ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``) put the copies on the leading axes of
+    every variable. An unstacked layer is one entry under ``path`` itself.
+    ``radius`` is one scalar for every copy or one per copy.
     """
-    copies = mean_logits.shape[:-1]
+    copies = mean_logits.shape[: mean_logits.ndim - (2 if mode == "channel" else 1)]
     radius = np.asarray(radius)
     if radius.shape not in ((), copies):
         raise ValueError(
@@ -79,26 +98,69 @@ def _copies_weights(
         )
     radius = np.broadcast_to(radius, copies)
     return {
-        path + _copy_suffix(index): _weights(
-            mean_logits[index], var_logits[index], names, mixing, radius[index]
+        path + _copy_suffix(index): LayerWeightArrays(
+            mode,
+            tuple(names),
+            _rows(mean_logits[index], mixing, radius[index]),
+            _rows(var_logits[index], mixing, radius[index]),
         )
         for index in np.ndindex(copies)
     }
 
 
-def _nnx_layer_weights(path: str, layer: SwitchNorm) -> dict[str, LayerWeights]:
-    """The weights an NNX layer blends, of the normalizers its last call used; one entry per copy."""
-    mean_logits, var_logits = _stacked_logits(path, layer.mean_logits[...], layer.var_logits[...])
-    if mean_logits.shape[-1] != len(layer.normalizers):
+def _captured_arrays(path: str, records: Sequence[CapturedWeights]) -> LayerWeightArrays:
+    """A ``"sample"`` layer's weights over every sample it saw in the forward pass."""
+    if not records:
         raise ValueError(
-            f"layer {path!r} holds logits of shape {mean_logits.shape} for normalizers "
-            f"{layer.normalizers}: the normalizers must be the last axis; stack copies of a layer "
+            f"layer {path!r} has weights='sample' but was not called by the forward pass on batch=; "
+            "pass forward=... that runs the model through it."
+        )
+    names = records[0].names
+    if any(r.names != names for r in records):
+        raise ValueError(f"layer {path!r} blended {[r.names for r in records]} in one forward pass.")
+    weights = np.concatenate([r.weights for r in records], axis=1)  # (2, N, K) over every call
+    return LayerWeightArrays("sample", names, weights[0], weights[1])
+
+
+def _sample_needs_batch(path: str, linen: bool = False) -> ValueError:
+    """The error for a ``"sample"`` layer read without a batch to run the model on."""
+    how = (
+        "batch= and forward=lambda variables, batch: module.apply(variables, batch) "
+        "(a variables dict cannot run itself)"
+        if linen
+        else "batch= (a batch of inputs; forward=... if the model is not called as model(batch))"
+    )
+    return ValueError(
+        f"layer {path!r} has weights='sample': its weights depend on its input, so reading them "
+        f"needs a forward pass; pass {how}."
+    )
+
+
+def _nnx_layer_arrays(
+    path: str, layer: SwitchNorm, captured: Mapping[int, list[CapturedWeights]] | None
+) -> dict[str, LayerWeightArrays]:
+    """The weights an NNX layer blends, of the normalizers its last call used; one entry per copy."""
+    mode = layer.weights
+    if mode == "sample":
+        if captured is None:
+            raise _sample_needs_batch(path)
+        return {path: _captured_arrays(path, captured.get(id(layer), []))}
+    mean_logits, var_logits = _stacked_logits(path, layer.mean_logits[...], layer.var_logits[...])
+    if mode == "channel":  # (copies..., K, C): the normalizers to the last axis
+        mean_logits, var_logits = np.swapaxes(mean_logits, -1, -2), np.swapaxes(var_logits, -1, -2)
+    if mean_logits.shape[-1] != len(layer.normalizers):
+        where = "the next to last axis, channels last" if mode == "channel" else "the last axis"
+        raise ValueError(
+            f"layer {path!r} holds logits of shape {layer.mean_logits.shape} for normalizers "
+            f"{layer.normalizers}: the normalizers must be {where}; stack copies of a layer "
             "on a leading axis (nnx.vmap / nnx.scan with the default axis 0)."
         )
     names = layer.blended_normalizers
     index = np.array([layer.normalizers.index(n) for n in names])
     radius = np.asarray(layer.radius[...]) if layer.radius is not None else 0.0
-    return _copies_weights(path, mean_logits[..., index], var_logits[..., index], names, layer.mixing, radius)
+    return _copies_arrays(
+        path, mode, mean_logits[..., index], var_logits[..., index], names, layer.mixing, radius
+    )
 
 
 def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
@@ -122,35 +184,165 @@ def _names_for(path: str, size: int, normalizers: Any) -> tuple[str, ...]:
     return names
 
 
+def _tree_mode(tree: Mapping[str, Any], logits: np.ndarray) -> str:
+    """A params tree layer's mode: "sample" with a ``sample_map``; "channel" when its logits
+    have one axis more than its ``scale`` or ``bias`` (C,), or (copies..., C) for a stack."""
+    if "sample_map" in tree:
+        return "sample"
+    features = [np.shape(tree[k]) for k in ("scale", "bias") if k in tree]
+    return "channel" if features and logits.ndim == len(features[0]) + 1 else "layer"
+
+
+def _tree_layer_arrays(
+    path: str,
+    tree: Mapping[str, Any],
+    normalizers: Any,
+    radii: Mapping[str, Any],
+    captured: Mapping[str, list[CapturedWeights]] | None,
+) -> dict[str, LayerWeightArrays]:
+    """One Linen layer's (or params tree layer's) entries, one per copy of a stack."""
+    mean_logits, var_logits = _stacked_logits(path, tree["mean_logits"], tree["var_logits"])
+    mode = _tree_mode(tree, mean_logits)
+    if mode == "sample":
+        if captured is None:
+            raise _sample_needs_batch(path, linen=True)
+        return {path: _captured_arrays(path, captured.get(path, []))}
+    if mode == "channel":
+        mean_logits, var_logits = np.swapaxes(mean_logits, -1, -2), np.swapaxes(var_logits, -1, -2)
+    names = _names_for(path, mean_logits.shape[-1], normalizers)
+    if "radius" in radii:
+        return _copies_arrays(path, mode, mean_logits, var_logits, names, "sparsestmax", radii["radius"])
+    return _copies_arrays(path, mode, mean_logits, var_logits, names)
+
+
 def _from_tree(
-    tree: Mapping[str, Any], path: tuple[str, ...], normalizers: Any, out: dict, radii: Mapping[str, Any]
+    tree: Mapping[str, Any],
+    path: tuple[str, ...],
+    normalizers: Any,
+    out: dict,
+    radii: Mapping[str, Any],
+    captured: Mapping[str, list[CapturedWeights]] | None,
 ) -> None:
     """Walks a params tree; ``radii`` is the parallel "mixing_radius" subtree (a Linen
     sparsestmax layer holds a ``radius`` there, so its weights are sparsestmax at that radius)."""
     if "mean_logits" in tree and "var_logits" in tree:
-        name = "/".join(path)
-        mean_logits, var_logits = _stacked_logits(name, tree["mean_logits"], tree["var_logits"])
-        names = _names_for(name, mean_logits.shape[-1], normalizers)
-        if "radius" in radii:
-            sparse = _copies_weights(name, mean_logits, var_logits, names, "sparsestmax", radii["radius"])
-            out.update(sparse)
-        else:
-            out.update(_copies_weights(name, mean_logits, var_logits, names))
+        out.update(_tree_layer_arrays("/".join(path), tree, normalizers, radii, captured))
         return
     for key, child in tree.items():
         if isinstance(child, Mapping):
             child_radii = radii.get(key, {})
-            _from_tree(
-                child,
-                (*path, str(key)),
-                normalizers,
-                out,
-                child_radii if isinstance(child_radii, Mapping) else {},
-            )
+            child_radii = child_radii if isinstance(child_radii, Mapping) else {}
+            _from_tree(child, (*path, str(key)), normalizers, out, child_radii, captured)
+
+
+def _sample_layer_paths(tree: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[str]:
+    """The paths of a params tree's ``weights="sample"`` layers (those holding a ``sample_map``)."""
+    if "mean_logits" in tree and "sample_map" in tree:
+        return ["/".join(path)]
+    return [
+        p
+        for key, child in tree.items()
+        if isinstance(child, Mapping)
+        for p in _sample_layer_paths(child, (*path, str(key)))
+    ]
+
+
+def _run_capturing(model: Any, batch: Any, forward: Forward) -> dict[Any, list[CapturedWeights]]:
+    """Runs ``forward(model, batch)`` and returns each sample layer's calls, by layer key."""
+    with _sample_weights.capturing() as records:
+        forward(model, batch)
+    by_layer: dict[Any, list[CapturedWeights]] = {}
+    for record in records:
+        key = record.layer if isinstance(record.layer, str) else id(record.layer)
+        by_layer.setdefault(key, []).append(record)
+    return by_layer
+
+
+def _nnx_arrays(model: nnx.Module, batch: Any, forward: Forward | None) -> dict[str, LayerWeightArrays]:
+    """Every NNX SwitchNorm's entries; the forward pass, if needed, runs on a clone of ``model``."""
+    layers = [("/".join(str(p) for p in path), n) for path, n in nnx.iter_graph(model)]
+    layers = [(path, n) for path, n in layers if isinstance(n, SwitchNorm)]
+    sample = [path for path, n in layers if n.weights == "sample"]
+    captured = None
+    if sample:
+        if batch is None:
+            raise _sample_needs_batch(sample[0])
+        model = nnx.clone(model)  # the forward pass updates no running average of the model's
+        captured = _run_capturing(model, batch, forward or (lambda m, b: m(b)))
+        layers = [("/".join(str(p) for p in path), n) for path, n in nnx.iter_graph(model)]
+        layers = [(path, n) for path, n in layers if isinstance(n, SwitchNorm)]
+    out: dict[str, LayerWeightArrays] = {}
+    for path, layer in layers:
+        out.update(_nnx_layer_arrays(path, layer, captured))
+    return out
+
+
+def mixing_weight_arrays(
+    model_or_variables: Any,
+    normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    *,
+    batch: Any = None,
+    forward: Forward | None = None,
+) -> dict[str, LayerWeightArrays]:
+    """Every weight every SwitchNorm layer blends, as arrays: per layer, channel or sample.
+
+    Arguments, paths and stacks are those of :func:`mixing_weights`, which
+    summarises these arrays. Each entry is a :class:`LayerWeightArrays`, the
+    normalizers on the last axis: (K,) for a ``weights="layer"`` layer, (C, K)
+    for ``"channel"`` (row c: channel c's weights), (N, K) for ``"sample"``
+    (row n: the weights sample n of ``batch`` got; a layer called more than
+    once in the forward pass has the rows of every call, in call order).
+
+    Example::
+
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> layer = switchnorm.SwitchNorm(8, weights="channel", rngs=nnx.Rngs(0))
+      >>> switchnorm.mixing_weight_arrays(layer)[""].mean.shape
+      (8, 4)
+    """
+    if isinstance(model_or_variables, nnx.Module):
+        return _nnx_arrays(model_or_variables, batch, forward)
+    variables = model_or_variables
+    if isinstance(variables, nnx.State):
+        variables = nnx.to_pure_dict(variables)
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "mixing_weights expects an NNX module, a Linen variables dict or a params "
+            f"tree, got {type(variables).__name__}."
+        )
+    tree = variables.get("params", variables)
+    radii = variables.get("mixing_radius", {}) if "params" in variables else {}
+    captured = None
+    sample = _sample_layer_paths(tree)
+    if sample:
+        if batch is None or forward is None:
+            raise _sample_needs_batch(sample[0], linen=True)
+        captured = _run_capturing(model_or_variables, batch, forward)
+    out: dict[str, LayerWeightArrays] = {}
+    _from_tree(tree, (), normalizers, out, radii, captured)
+    return out
+
+
+def _summary(arrays: LayerWeightArrays) -> LayerWeights:
+    """One layer's floats: its weights, or their mean over channels or samples."""
+    return {
+        kind: dict(zip(arrays.names, _mean_rows(weights).tolist(), strict=True))
+        for kind, weights in (("mean", arrays.mean), ("var", arrays.var))
+    }
+
+
+def _mean_rows(weights: np.ndarray) -> np.ndarray:
+    """(K,) weights as they are; (C, K) or (N, K) averaged over the rows (in float64)."""
+    return weights if weights.ndim == 1 else np.mean(weights.astype(np.float64), axis=0)
 
 
 def mixing_weights(
-    model_or_variables: Any, normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None
+    model_or_variables: Any,
+    normalizers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    *,
+    batch: Any = None,
+    forward: Forward | None = None,
 ) -> dict[str, LayerWeights]:
     """The weights every SwitchNorm layer blends, by path and normalizer.
 
@@ -158,6 +350,29 @@ def mixing_weights(
     layer's radius (an NNX layer's :class:`switchnorm.MixingRadius`; for Linen, the
     ``"mixing_radius"`` collection of the variables dict): one-hot rows at the end of a
     :func:`switchnorm.radius_schedule`.
+
+    Finer weights (``SwitchNorm(..., weights=...)``) are summarised by their mean:
+
+    * ``weights="channel"``: the mean over the channels of each channel's weights.
+      In a params tree such a layer is recognised by logits (K, C), one axis
+      more than its ``scale`` or ``bias``; one with neither reads as a stack.
+    * ``weights="sample"``: the mean over the samples of ``batch`` of the weights
+      each sample gets. These depend on the layer's input, so the model runs once
+      on ``batch``: ``forward(model, batch)``, by default ``model(batch)``, in the
+      mode the model is in (``model.eval()``: bn's term is the running averages;
+      ``model.train()``: the batch's statistics). An NNX model runs as a clone
+      (``nnx.clone``), so its running averages stay as they are. While that pass
+      runs, every ``"sample"`` layer hands its input to a context-local list
+      (:mod:`switchnorm._sample_weights`), which computes the weights from it
+      with the core's own functions; outside this function the layers record
+      nothing. The pass must be eager: a sample layer called under ``jit``,
+      ``vmap`` or ``scan`` (a stack of sample layers too) raises a ValueError.
+      A Linen variables dict cannot run itself: pass ``forward=lambda variables,
+      batch: module.apply(variables, batch, ...)``. A sample layer and no batch
+      (or, for Linen, no forward) is a ValueError naming the layer.
+
+    :func:`mixing_weight_arrays` gives the weights themselves, per channel or
+    sample; :func:`format_mixing_weights` of those shows their spread.
 
     Args:
       model_or_variables: an NNX module (or any NNX graph holding SwitchNorm
@@ -167,6 +382,10 @@ def mixing_weights(
         names of every layer's logits, or a dict from layer path to names. By
         default a layer with 4 logits is read as ("bn", "in", "ln", "gn") and
         one with 2 as ("bn", "ln"), the layer's own defaults.
+      batch: the input the model runs on, needed only with ``weights="sample"``
+        layers (ignored otherwise: no forward pass is taken).
+      forward: ``forward(model_or_variables, batch)``, the forward pass, for a
+        model not called as ``model(batch)`` and for Linen variables.
 
     An NNX layer built with the default normalizers keeps logits for all four
     but blends only "bn" and "ln" on (N, C) features; once it has been called
@@ -174,10 +393,11 @@ def mixing_weights(
     Linen layer does (which creates only those two logits).
 
     A stack of layers (``nn.scan``, ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``) holds
-    logits of shape (L, K), the copies on the leading axis; each copy is read as a
-    layer of its own, at the stack's path suffixed with its index (``"blocks/norm[0]"``,
-    ``"blocks/norm[1]"``, ...; ``[i][j]`` for two stacking axes), with the radius of that
-    copy. The normalizers are always the last axis, so L == K is read correctly.
+    logits of shape (L, K) ((L, K, C) for ``"channel"``), the copies on the leading
+    axis; each copy is read as a layer of its own, at the stack's path suffixed with
+    its index (``"blocks/norm[0]"``, ``"blocks/norm[1]"``, ...; ``[i][j]`` for two
+    stacking axes), with the radius of that copy. The normalizers' axis is known,
+    so L == K is read correctly.
 
     Returns:
       ``{path: {"mean": {name: weight}, "var": {name: weight}}}`` in the order
@@ -192,24 +412,8 @@ def mixing_weights(
       >>> w[""]["mean"]["bn"]
       0.25
     """
-    if isinstance(model_or_variables, nnx.Module):
-        out: dict[str, LayerWeights] = {}
-        for path, node in nnx.iter_graph(model_or_variables):
-            if isinstance(node, SwitchNorm):
-                out.update(_nnx_layer_weights("/".join(str(p) for p in path), node))
-        return out
-    if isinstance(model_or_variables, nnx.State):
-        model_or_variables = nnx.to_pure_dict(model_or_variables)
-    if not isinstance(model_or_variables, Mapping):
-        raise TypeError(
-            "mixing_weights expects an NNX module, a Linen variables dict or a params "
-            f"tree, got {type(model_or_variables).__name__}."
-        )
-    tree = model_or_variables.get("params", model_or_variables)
-    radii = model_or_variables.get("mixing_radius", {}) if "params" in model_or_variables else {}
-    out = {}
-    _from_tree(tree, (), normalizers, out, radii)
-    return out
+    arrays = mixing_weight_arrays(model_or_variables, normalizers, batch=batch, forward=forward)
+    return {path: _summary(layer) for path, layer in arrays.items()}
 
 
 TIE_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
@@ -223,26 +427,47 @@ def _dominant(row: Mapping[str, float]) -> str | None:
     return top if len(tied) == 1 else None
 
 
-def format_mixing_weights(weights: Mapping[str, LayerWeights]) -> str:
+def _spreads(layer: LayerWeights | LayerWeightArrays) -> tuple[LayerWeights, LayerWeights | None]:
+    """A layer's mean weights and, for per-channel or per-sample arrays, their std over the rows."""
+    if not isinstance(layer, LayerWeightArrays):
+        return layer, None
+    spread = None
+    if layer.mean.ndim > 1:
+        spread = {
+            kind: dict(zip(layer.names, np.std(w.astype(np.float64), axis=0).tolist(), strict=True))
+            for kind, w in (("mean", layer.mean), ("var", layer.var))
+        }
+    return _summary(layer), spread
+
+
+def format_mixing_weights(weights: Mapping[str, LayerWeights | LayerWeightArrays]) -> str:
     """A plain-text table: one row per layer and kind, the dominant weight marked ``*``.
 
-    No weight is marked where the largest ones tie within float32 rounding,
-    as the four 0.250 of a freshly built layer do.
+    ``weights`` is what :func:`mixing_weights` returns, or what
+    :func:`mixing_weight_arrays` returns: a ``"channel"`` or ``"sample"`` layer's
+    cells then read ``mean±std``, the mean weight and its standard deviation
+    over the channels or samples (``0.412±0.080``), and the dominant weight is
+    the largest mean. No weight is marked where the largest ones tie within
+    float32 rounding, as the four 0.250 of a freshly built layer do.
     """
+    rows = {path: _spreads(layer) for path, layer in weights.items()}
     names: list[str] = []
-    for layer in weights.values():
-        for name in layer["mean"]:
+    for summary, _ in rows.values():
+        for name in summary["mean"]:
             if name not in names:
                 names.append(name)
+    width = 14 if any(spread is not None for _, spread in rows.values()) else 8
     layer_width = max([len("layer")] + [len(p or "(root)") for p in weights])
-    header = f"{'layer':<{layer_width}}  kind " + "".join(f"{n:>8}" for n in names)
+    header = f"{'layer':<{layer_width}}  kind " + "".join(f"{n:>{width}}" for n in names)
     lines = [header, "-" * len(header)]
-    for path, layer in weights.items():
+    for path, (summary, spread) in rows.items():
         for kind in ("mean", "var"):
-            top = _dominant(layer[kind])
-            row = layer[kind]
-            cells = "".join(
-                f"{row[n]:>7.3f}{'*' if n == top else ' '}" if n in row else f"{'-':>7} " for n in names
-            )
+            row, top = summary[kind], _dominant(summary[kind])
+            cells = ""
+            for n in names:
+                text = "-" if n not in row else f"{row[n]:.3f}"
+                if spread is not None and n in row:
+                    text += f"±{spread[kind][n]:.3f}"
+                cells += f"{text:>{width - 1}}{'*' if n == top else ' '}"
             lines.append(f"{(path or '(root)') if kind == 'mean' else '':<{layer_width}}  {kind:<4} {cells}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from switchnorm import _arguments, _core, _mixing, _stats
+from switchnorm import _arguments, _core, _mixing, _sample_weights, _stats
 
 __all__ = ["SwitchNorm"]
 
@@ -180,6 +180,7 @@ class SwitchNorm(nn.Module):
             radius=radius,
             sample_map=sample_map,
         )
+        _sample_weights.record("/".join(self.path), config, x, arrays)  # only while mixing_weights reads them
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
         if batch_stats is not None and not self.is_initializing():
             # Batch statistics come only from the "bn" term, which created both running averages above.

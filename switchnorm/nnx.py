@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from switchnorm import _arguments, _core, _mixing, _stats
+from switchnorm import _arguments, _core, _mixing, _sample_weights, _stats
 from switchnorm._sparsestmax import _checked_radius
 
 __all__ = ["MixingRadius", "SwitchNorm", "set_radius"]
@@ -275,6 +275,7 @@ class SwitchNorm(nnx.Module):
             weights=self.weights,
         )
         x, arrays = self._promoted(x, self._arrays(active, uses_bn))
+        _sample_weights.record(self, config, x, arrays)  # only while mixing_weights reads them
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
         if batch_stats is not None:
             stop = jax.lax.stop_gradient

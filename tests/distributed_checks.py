@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -53,6 +54,9 @@ CONFIGS = {  # name -> normalizers
     "gn": ("gn",),
     "sn": ("bn", "in", "ln", "gn"),
 }
+
+WEIGHTED = {"sn-channel": "channel", "sn-sample": "sample"}
+"""Layers blending all four normalizers with per-channel or per-sample weights: name -> weights."""
 
 Results = dict[str, float]
 """One scenario's comparisons: name -> largest absolute difference."""
@@ -78,15 +82,23 @@ def batch(seed: int = 0, shape=(BATCH, 5, 5, CHANNELS)) -> np.ndarray:
 
 
 def layer(normalizers, **kwargs) -> switchnorm.SwitchNorm:
-    """A layer with random logits, scale and bias (so every term matters)."""
+    """A layer with random logits, scale, bias and sample map (so every term matters)."""
     norm = switchnorm.SwitchNorm(CHANNELS, normalizers=normalizers, num_groups=4, rngs=nnx.Rngs(0), **kwargs)
-    keys = jax.random.split(jax.random.key(1), 4)
-    k = len(normalizers)
-    norm.mean_logits[...] = jax.random.normal(keys[0], (k,))
-    norm.var_logits[...] = jax.random.normal(keys[1], (k,))
+    keys = jax.random.split(jax.random.key(1), 5)
+    norm.mean_logits[...] = jax.random.normal(keys[0], norm.mean_logits.shape)
+    norm.var_logits[...] = jax.random.normal(keys[1], norm.var_logits.shape)
     norm.scale[...] = 1.0 + 0.1 * jax.random.normal(keys[2], (CHANNELS,))
     norm.bias[...] = 0.1 * jax.random.normal(keys[3], (CHANNELS,))
+    if norm.sample_map is not None:
+        norm.sample_map[...] = 0.5 * jax.random.normal(keys[4], norm.sample_map.shape)
     return norm
+
+
+def named_layer(name: str, **kwargs) -> switchnorm.SwitchNorm:
+    """:func:`layer` for a scenario name: a key of CONFIGS, or of WEIGHTED (all four normalizers)."""
+    if name in WEIGHTED:
+        return layer(CONFIGS["sn"], weights=WEIGHTED[name], **kwargs)
+    return layer(CONFIGS[name], **kwargs)
 
 
 def forward(graphdef, state, x):
@@ -108,6 +120,8 @@ def functional(norm: switchnorm.SwitchNorm, **kwargs):
             bias=norm.bias[...],
             normalizers=norm.normalizers,
             num_groups=4,
+            weights=norm.weights,
+            sample_map=norm.sample_map[...] if norm.sample_map is not None else None,
             **kwargs,
         )
 
@@ -120,13 +134,13 @@ def functional(norm: switchnorm.SwitchNorm, **kwargs):
 
 
 def check_jit(mesh: Mesh, name: str) -> Results:
-    normalizers = CONFIGS[name]
     x = batch()
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     x_sharded = jax.device_put(x, data)
     assert len(x_sharded.sharding.device_set) == DEVICES
-    norm = layer(normalizers)
+    norm = named_layer(name)
+    normalizers = norm.normalizers
     graphdef, state = nnx.split(norm)
     step = jax.jit(forward, static_argnums=0)
     y1, s1 = step(graphdef, state, jax.device_put(x, jax.devices()[0]))
@@ -152,7 +166,7 @@ def check_jit(mesh: Mesh, name: str) -> Results:
 
 def _shard_map_without_axis_name(mesh: Mesh, name: str, x: np.ndarray) -> Results:
     """Each shard normalized on its own: equal to the layer applied to each shard."""
-    norm = layer(CONFIGS[name])
+    norm = named_layer(name)
     full = jax.jit(functional(norm))
     y_full, b_full = full(x)
     local = jax.jit(
@@ -176,8 +190,8 @@ def _shard_map_without_axis_name(mesh: Mesh, name: str, x: np.ndarray) -> Result
 
 def _shard_map_nnx(mesh: Mesh, name: str, x: np.ndarray, y_full: jax.Array) -> Results:
     """The NNX module under shard_map with axis_name: state replicated in and out."""
-    normalizers = CONFIGS[name]
-    graphdef, state = nnx.split(layer(normalizers, axis_name="data"))
+    norm = named_layer(name, axis_name="data")
+    graphdef, state = nnx.split(norm)
     y, new_state = jax.jit(
         jax.shard_map(
             lambda s, x, g=graphdef: forward(g, s, x),
@@ -186,9 +200,9 @@ def _shard_map_nnx(mesh: Mesh, name: str, x: np.ndarray, y_full: jax.Array) -> R
             out_specs=(P("data"), P()),
         )
     )(state, x)
-    _, ref_state = jax.jit(forward, static_argnums=0)(*nnx.split(layer(normalizers)), x)
+    _, ref_state = jax.jit(forward, static_argnums=0)(*nnx.split(named_layer(name)), x)
     results = {f"shard_map/axis_name/nnx/{name}/output": largest_difference((y_full, y))}
-    if "bn" in normalizers:
+    if "bn" in norm.normalizers:
         results[f"shard_map/axis_name/nnx/{name}/running_stats"] = largest_difference(
             ((ref_state["mean"], ref_state["var"]), (new_state["mean"], new_state["var"]))
         )
@@ -197,7 +211,7 @@ def _shard_map_nnx(mesh: Mesh, name: str, x: np.ndarray, y_full: jax.Array) -> R
 
 def check_shard_map(mesh: Mesh, name: str) -> Results:
     x = batch(1)
-    norm = layer(CONFIGS[name])
+    norm = named_layer(name)
     y_full, b_full = jax.jit(functional(norm))(x)
     synced = jax.jit(
         jax.shard_map(
@@ -246,10 +260,45 @@ def check_groups(mesh2d: Mesh) -> Results:
     return results
 
 
+def check_gradients(mesh: Mesh, name: str) -> Results:
+    """d(loss)/d(x, logits, sample map) under shard_map with axis_name, against one device.
+
+    Each shard's loss is its part of the full batch's sum; the gradient of the replicated
+    parameters (``in_specs=P()``) is summed over the devices by shard_map's own transpose.
+    """
+    x = batch(5)
+    norm = named_layer(name)
+    params = {"mean_logits": norm.mean_logits[...], "var_logits": norm.var_logits[...]}
+    if norm.sample_map is not None:
+        params["sample_map"] = norm.sample_map[...]
+
+    def loss(params, x, axis_name=None):
+        y, _ = switchnorm.switch_norm(
+            x, normalizers=norm.normalizers, num_groups=4, weights=norm.weights, axis_name=axis_name, **params
+        )
+        total = jnp.sum(jnp.sin(y))
+        return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+    full = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    sharded = jax.shard_map(
+        lambda p, x: loss(p, x, "data"), mesh=mesh, in_specs=(P(), P("data")), out_specs=P()
+    )
+    g_params, g_x = jax.jit(jax.grad(lambda p, x: jnp.sum(sharded(p, x)), argnums=(0, 1)))(params, x)
+
+    def scale(tree) -> float:  # the largest entry: gradients of logits sum over the whole batch
+        return max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(tree))
+
+    return {
+        f"gradients/{name}/params_relative": largest_difference((full[0], g_params)) / scale(full[0]),
+        f"gradients/{name}/x_relative": largest_difference((full[1], g_x)) / scale(full[1]),
+    }
+
+
 def check_pmap(name: str) -> Results:
     x = batch(3)
     shards = x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])
-    norm = layer(CONFIGS[name])
+    norm = named_layer(name)
     y_full, b_full = jax.jit(functional(norm))(x)
     y, b = jax.pmap(functional(norm, axis_name="data"), axis_name="data")(shards)
     pairs = [(y_full, np.asarray(y).reshape(x.shape))]
@@ -384,6 +433,14 @@ def scenarios(devices: list[jax.Device]) -> dict[str, Callable[[], Results]]:
         table[f"shard_map/{name}"] = functools.partial(check_shard_map, mesh, name)
     table["groups"] = functools.partial(check_groups, mesh2d)
     for name in CONFIGS:
+        table[f"pmap/{name}"] = functools.partial(check_pmap, name)
+    for name in WEIGHTED:
+        for prefix, check in (
+            ("jit", check_jit),
+            ("shard_map", check_shard_map),
+            ("gradients", check_gradients),
+        ):
+            table[f"{prefix}/{name}"] = functools.partial(check, mesh, name)
         table[f"pmap/{name}"] = functools.partial(check_pmap, name)
     for name in ("bn", "sn"):
         table[f"train/{name}"] = functools.partial(check_train, mesh, name)

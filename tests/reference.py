@@ -54,6 +54,34 @@ def scope_stats(x: np.ndarray, name: str, num_groups: int = 1):
     return x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
 
 
+def sample_weights(x, stats, logits, sample_map, epsilon: float) -> np.ndarray:
+    """(2, K, N) per-sample weights of ``weights="sample"``, from the definition.
+
+    ``stats`` holds each normalizer's (mean, var) broadcast to x. A sample's
+    descriptors against normalizer k, averaged over its channels c: the log of 1
+    plus the squared distance of its channel mean from k's mean in k's standard
+    deviations, and the log of its channel variance over k's (each plus epsilon).
+    Its logits are the layer's plus the descriptors times ``sample_map``; softmax.
+    A sample of one element per channel has no spread of its own: 0 there.
+    """
+    spatial = tuple(range(1, x.ndim - 1))
+    own_mean, own_var = x.mean(axis=spatial), x.var(axis=spatial)  # (N, C)
+    columns = []
+    for m, v in stats:
+        m = np.broadcast_to(m, x.shape).mean(axis=spatial)  # constant over space: (N, C)
+        v = np.broadcast_to(v, x.shape).mean(axis=spatial)
+        columns.append(np.log1p(np.mean((own_mean - m) ** 2 / (v + epsilon), axis=1)))
+        spread = np.mean(np.log((own_var + epsilon) / (v + epsilon)), axis=1)
+        columns.append(spread if x[0, ..., 0].size > 1 else np.zeros_like(spread))
+    descriptors = np.stack(columns, axis=1)  # (N, 2K)
+    out = []
+    for t in range(2):
+        z = np.asarray(logits[t], np.float64)[None, :] + descriptors @ np.asarray(sample_map[t], np.float64)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        out.append((e / e.sum(axis=1, keepdims=True)).T)  # (K, N)
+    return np.stack(out)
+
+
 def switch_norm(
     x,
     mean_logits,
@@ -66,23 +94,36 @@ def switch_norm(
     epsilon: float = 1e-5,
     running_mean=None,
     running_var=None,
+    weights: str = "layer",
+    sample_map=None,
 ):
     """y = scale * (x - sum_k w_k mu_k) / sqrt(sum_k v_k var_k + eps) + bias.
 
     With ``running_mean``/``running_var`` given, the bn term uses them
     (inference); otherwise bn uses the batch. Returns (y, bn_mean, bn_var),
-    the last two the per-channel batch statistics of the bn scope.
+    the last two the per-channel batch statistics of the bn scope. The weights
+    w_k, v_k are per layer (softmax of (K,) logits), per channel (softmax over
+    the K rows of (K, C) logits) or per sample (:func:`sample_weights`).
     """
     x = np.asarray(x, np.float64)
-    w_mean, w_var = softmax(mean_logits), softmax(var_logits)
+    stats = []
+    for name in normalizers:
+        if name == "bn" and running_mean is not None:
+            stats.append((np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)))
+        else:
+            stats.append(scope_stats(x, name, num_groups))
+    logits = np.stack([np.asarray(mean_logits, np.float64), np.asarray(var_logits, np.float64)])
+    if weights == "sample":
+        per_sample = sample_weights(x, stats, logits, sample_map, epsilon)  # (2, K, N)
+        w_mean, w_var = per_sample.reshape(2, len(normalizers), -1, *(1,) * (x.ndim - 1))
+    elif weights == "channel":  # (2, K, C): softmax down each channel's column
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        w_mean, w_var = e / e.sum(axis=1, keepdims=True)
+    else:
+        w_mean, w_var = softmax(logits[0]), softmax(logits[1])
     mu = np.zeros(x.shape)
     var = np.zeros(x.shape)
-    for k, name in enumerate(normalizers):
-        if name == "bn" and running_mean is not None:
-            m = np.asarray(running_mean, np.float64)
-            v = np.asarray(running_var, np.float64)
-        else:
-            m, v = scope_stats(x, name, num_groups)
+    for k, (m, v) in enumerate(stats):
         mu = mu + w_mean[k] * m
         var = var + w_var[k] * v
     y = (x - mu) / np.sqrt(var + epsilon)
@@ -116,7 +157,7 @@ NON_DEFAULT_EPSILONS = (0.1, 1.0)
 root, changes y by far more than float32 round-off."""
 
 
-TENSOR_ARGUMENTS = ("scale", "bias", "running_mean", "running_var")
+TENSOR_ARGUMENTS = ("scale", "bias", "running_mean", "running_var", "sample_map")
 
 
 def call(fn, args: dict, **options):

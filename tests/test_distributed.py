@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # subprocesses: training runs, several devices or
 
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 NORMS = ["bn", "in", "ln", "gn", "sn"]  # sn: all four with random logits
+WEIGHTED = ["sn-channel", "sn-sample"]  # all four, per-channel or per-sample weights
 TOL = 1e-5
 
 
@@ -147,3 +148,25 @@ def test_pmap_with_axis_name_equals_full_batch(report, norm):
 def test_training_steps_batch_sharded_equal_single_device(report, how, norm):
     # 3 SGD-momentum steps of a conv net: parameters, running stats, losses
     assert report.results(f"train/{norm}")[f"train/{how}/{norm}/params_and_stats"] < TOL
+
+
+@pytest.mark.parametrize("norm", WEIGHTED)
+def test_per_channel_and_per_sample_weights_sharded_equal_single_device(report, norm):
+    jit = report.results(f"jit/{norm}")
+    assert jit[f"jit/nnx/{norm}/output"] < TOL
+    assert jit[f"jit/nnx/{norm}/running_stats"] < TOL
+    assert jit[f"jit/functional/{norm}/output"] < TOL
+    shard_map = report.results(f"shard_map/{norm}")
+    assert shard_map[f"shard_map/axis_name/{norm}/output"] < TOL  # output and batch stats
+    assert shard_map[f"shard_map/axis_name/nnx/{norm}/output"] < TOL
+    assert shard_map[f"shard_map/axis_name/nnx/{norm}/running_stats"] < TOL
+    assert shard_map[f"shard_map/no_axis_name/{norm}/output"] < TOL
+    assert report.results(f"pmap/{norm}")[f"pmap/axis_name/{norm}/output"] < TOL
+
+
+@pytest.mark.parametrize("norm", WEIGHTED)
+def test_per_channel_and_per_sample_gradients_under_shard_map_equal_single_device(report, norm):
+    # the per-sample descriptors read bn's global statistics, so their gradient crosses devices
+    diff = report.results(f"gradients/{norm}")
+    assert diff[f"gradients/{norm}/params_relative"] < 2e-6
+    assert diff[f"gradients/{norm}/x_relative"] < 2e-6

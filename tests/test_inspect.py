@@ -311,3 +311,239 @@ def test_logits_with_the_normalizers_off_the_last_axis_are_refused_naming_the_sh
     tree["mixing_radius"] = {"norm": {"radius": np.zeros(2)}}
     with pytest.raises(ValueError, match=r"radius of shape \(2,\).*one per copy \(3,\)"):
         switchnorm.mixing_weights(tree)
+
+
+# --------------------------------------------------------------------------
+# Finer weights: weights="channel" (per channel) and "sample" (per sample).
+# --------------------------------------------------------------------------
+
+
+def per_channel_softmax(logits):
+    """(K, C) logits -> (C, K): each channel's softmax over the normalizers, in NumPy."""
+    return np.stack([reference.softmax(column) for column in np.asarray(logits, np.float64).T])
+
+
+def per_sample_weights(x, logits, sample_map, normalizers, num_groups=1, epsilon=1e-5):
+    """(2, N, K): the weights of each sample from the definition in switchnorm._mixing, in NumPy.
+
+    ``logits`` is the (2, K) stack of the mean and variance logits; bn's statistics are the batch's.
+    """
+    x = np.asarray(x, np.float64)
+    spatial = tuple(range(1, x.ndim - 1))
+    cell_mean, cell_var = x.mean(axis=spatial), x.var(axis=spatial)  # (N, C)
+    descriptors = []
+    for name in normalizers:
+        mean, var = (
+            np.broadcast_to(a, x.shape).mean(axis=spatial) for a in reference.scope_stats(x, name, num_groups)
+        )
+        descriptors.append(np.log1p(np.mean((cell_mean - mean) ** 2 / (var + epsilon), axis=1)))
+        descriptors.append(np.mean(np.log((cell_var + epsilon) / (var + epsilon)), axis=1))
+    d = np.stack(descriptors, axis=1)  # (N, 2K)
+    z = np.asarray(logits, np.float64)[:, None, :] + np.einsum(
+        "nd,tdk->tnk", d, np.asarray(sample_map, np.float64)
+    )
+    return np.stack([[reference.softmax(row) for row in z[t]] for t in range(2)])
+
+
+def channel_layer(rng, channels=6, **kwargs):
+    layer = switchnorm.SwitchNorm(channels, weights="channel", rngs=nnx.Rngs(0), **kwargs)
+    k = len(layer.normalizers)
+    layer.mean_logits[...] = jnp.asarray(rng.normal(size=(k, channels)), jnp.float32)
+    layer.var_logits[...] = jnp.asarray(rng.normal(size=(k, channels)), jnp.float32)
+    return layer
+
+
+def test_a_channel_layer_reports_the_mean_of_its_channels_softmaxes(rng):
+    layer = channel_layer(rng)
+    arrays = switchnorm.mixing_weight_arrays(layer)[""]
+    weights = switchnorm.mixing_weights(layer)[""]
+    for kind, logits in (("mean", layer.mean_logits[...]), ("var", layer.var_logits[...])):
+        want = per_channel_softmax(logits)
+        np.testing.assert_allclose(getattr(arrays, kind), want, rtol=1e-6)
+        assert list(weights[kind]) == list(switchnorm.NORMALIZERS)
+        np.testing.assert_allclose(list(weights[kind].values()), want.mean(axis=0), rtol=1e-6)
+    assert arrays.weights == "channel" and arrays.names == switchnorm.NORMALIZERS
+
+
+def test_a_linen_channel_layer_reads_from_its_variables_as_the_nnx_one(rng):
+    x = jnp.asarray(rng.normal(size=(2, 3, 3, 6)), jnp.float32)
+    variables = snn.SwitchNorm(weights="channel").init(jax.random.key(0), x, use_running_average=False)
+    nnx_layer = channel_layer(rng)
+    params = {
+        **variables["params"],
+        "mean_logits": nnx_layer.mean_logits[...],
+        "var_logits": nnx_layer.var_logits[...],
+    }
+    linen = switchnorm.mixing_weights({**variables, "params": params})
+    assert linen == switchnorm.mixing_weights(nnx_layer)
+
+
+class ChannelStack(nnx.Module):
+    """``copies`` channel layers of 4 channels built by nnx.vmap: logits (copies, K, C)."""
+
+    def __init__(self, copies, rngs):
+        @nnx.split_rngs(splits=copies)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NormBlock(rngs, weights="channel")
+
+        self.blocks = create(rngs)
+
+
+@pytest.mark.parametrize("copies", [3, 4])  # 4 == K == C: a transposed read keeps every shape
+def test_a_stack_of_channel_layers_reads_one_entry_per_copy(rng, copies):
+    model = ChannelStack(copies, nnx.Rngs(0))
+    mean_logits = rng.normal(size=(copies, 4, 4))
+    var_logits = rng.normal(size=(copies, 4, 4))
+    model.blocks.norm.mean_logits[...] = jnp.asarray(mean_logits, jnp.float32)
+    model.blocks.norm.var_logits[...] = jnp.asarray(var_logits, jnp.float32)
+    arrays = switchnorm.mixing_weight_arrays(model)
+    assert list(arrays) == [f"blocks/norm[{i}]" for i in range(copies)]
+    for i in range(copies):
+        np.testing.assert_allclose(
+            arrays[f"blocks/norm[{i}]"].mean, per_channel_softmax(mean_logits[i]), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            arrays[f"blocks/norm[{i}]"].var, per_channel_softmax(var_logits[i]), rtol=1e-6
+        )
+
+
+def sample_layer(rng, channels=6, **kwargs):
+    layer = switchnorm.SwitchNorm(channels, weights="sample", rngs=nnx.Rngs(0), **kwargs)
+    k = len(layer.normalizers)
+    layer.mean_logits[...] = jnp.asarray(rng.normal(size=k), jnp.float32)
+    layer.var_logits[...] = jnp.asarray(rng.normal(size=k), jnp.float32)
+    layer.sample_map[...] = jnp.asarray(rng.normal(size=(2, 2 * k, k)) * 0.5, jnp.float32)
+    return layer
+
+
+class SampleModel(nnx.Module):
+    """A convolution, then one weights="sample" layer: its input is not the model's."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.norm = switchnorm.SwitchNorm(6, weights="sample", num_groups=3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_a_sample_layer_reports_the_mean_over_the_batch_of_each_samples_weights(rng):
+    model = SampleModel(nnx.Rngs(0))
+    randomized = sample_layer(rng, num_groups=3)
+    model.norm.mean_logits[...], model.norm.var_logits[...] = (
+        randomized.mean_logits[...],
+        randomized.var_logits[...],
+    )
+    model.norm.sample_map[...] = randomized.sample_map[...]
+    x = reference.channel_input(rng, (5, 4, 4, 3)).astype(np.float32)
+    want = per_sample_weights(
+        model.conv(x),  # the layer's own input
+        np.stack([model.norm.mean_logits[...], model.norm.var_logits[...]]),
+        model.norm.sample_map[...],
+        switchnorm.NORMALIZERS,
+        num_groups=3,
+    )
+    arrays = switchnorm.mixing_weight_arrays(model, batch=x)["norm"]
+    assert arrays.weights == "sample" and arrays.mean.shape == (5, 4)
+    np.testing.assert_allclose(arrays.mean, want[0], rtol=1e-4)
+    np.testing.assert_allclose(arrays.var, want[1], rtol=1e-4)
+    assert np.ptp(want[0], axis=0).max() > 0.05  # the samples do differ
+    weights = switchnorm.mixing_weights(model, batch=x)["norm"]
+    np.testing.assert_allclose(list(weights["mean"].values()), want[0].mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(list(weights["var"].values()), want[1].mean(axis=0), rtol=1e-4)
+
+
+def test_reading_sample_weights_in_training_mode_leaves_the_running_averages(rng):
+    layer = sample_layer(rng)
+    before = np.asarray(layer.mean[...])
+    switchnorm.mixing_weights(
+        layer, batch=jnp.asarray(reference.channel_input(rng, (4, 3, 3, 6)), jnp.float32)
+    )
+    np.testing.assert_array_equal(layer.mean[...], before)
+
+
+def test_sample_weights_in_evaluation_mode_use_the_running_averages_for_bn(rng):
+    layer = sample_layer(rng, normalizers=("bn", "in"))
+    layer.mean[...] = jnp.asarray(rng.normal(size=6), jnp.float32)
+    layer.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=6), jnp.float32)
+    layer.eval()
+    x = reference.channel_input(rng, (4, 3, 3, 6))
+    got = switchnorm.mixing_weight_arrays(layer, batch=jnp.asarray(x, jnp.float32))[""]
+    cell_mean, cell_var = x.mean(axis=(1, 2)), x.var(axis=(1, 2))
+    running_mean, running_var = (
+        np.asarray(layer.mean[...], np.float64),
+        np.asarray(layer.var[...], np.float64),
+    )
+    d = np.stack(
+        [
+            np.log1p(np.mean((cell_mean - running_mean) ** 2 / (running_var + 1e-5), axis=1)),
+            np.mean(np.log((cell_var + 1e-5) / (running_var + 1e-5)), axis=1),
+            np.zeros(4),  # in: each sample's own statistics
+            np.zeros(4),
+        ],
+        axis=1,
+    )
+    logits = np.stack([layer.mean_logits[...], layer.var_logits[...]]).astype(np.float64)
+    z = logits[:, None, :] + np.einsum("nd,tdk->tnk", d, np.asarray(layer.sample_map[...], np.float64))
+    np.testing.assert_allclose(got.mean, [reference.softmax(row) for row in z[0]], rtol=1e-4)
+    np.testing.assert_allclose(got.var, [reference.softmax(row) for row in z[1]], rtol=1e-4)
+
+
+def test_a_sample_layer_without_a_batch_is_an_error_naming_it_and_batch():
+    model = SampleModel(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"layer 'norm' has weights='sample'.*pass batch="):
+        switchnorm.mixing_weights(model)
+    with pytest.raises(ValueError, match=r"layer 'norm' has weights='sample'.*pass batch="):
+        switchnorm.mixing_weight_arrays(model)
+
+
+def test_a_linen_sample_layer_reads_through_forward_as_the_nnx_one(rng):
+    layer = sample_layer(rng)
+    x = jnp.asarray(reference.channel_input(rng, (4, 3, 3, 6)), jnp.float32)
+    module = snn.SwitchNorm(weights="sample")
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    params = {
+        **variables["params"],
+        **{k: getattr(layer, k)[...] for k in ("mean_logits", "var_logits", "sample_map")},
+    }
+    variables = {**variables, "params": params}
+    with pytest.raises(ValueError, match=r"layer '' has weights='sample'.*forward="):
+        switchnorm.mixing_weights(variables, batch=x)
+
+    def forward(v, batch):
+        return module.apply(v, batch, use_running_average=False, mutable=["batch_stats"])
+
+    linen = switchnorm.mixing_weight_arrays(variables, batch=x, forward=forward)[""]
+    nnx_arrays = switchnorm.mixing_weight_arrays(layer, batch=x)[""]
+    np.testing.assert_allclose(linen.mean, nnx_arrays.mean, rtol=1e-6)
+    np.testing.assert_allclose(linen.var, nnx_arrays.var, rtol=1e-6)
+
+
+def test_a_sample_layer_called_under_a_transform_is_refused(rng):
+    model = ScannedStack(2, nnx.Rngs(0), weights="sample")
+    x = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
+    with pytest.raises(ValueError, match="eager forward pass.*under a JAX transform"):
+        switchnorm.mixing_weights(model, batch=x)
+
+
+def test_format_shows_mean_and_spread_for_channel_and_sample_layers_only(rng):
+    model = nnx.List(
+        [channel_layer(rng, 4), sample_layer(rng, 4), switchnorm.SwitchNorm(4, rngs=nnx.Rngs(0))]
+    )
+    x = jnp.asarray(reference.channel_input(rng, (5, 3, 3, 4)), jnp.float32)
+    forward = lambda m, b: m[2](m[1](m[0](b)))  # noqa: E731
+    arrays = switchnorm.mixing_weight_arrays(model, batch=x, forward=forward)
+    lines = switchnorm.format_mixing_weights(arrays).splitlines()
+    assert lines[0].split() == ["layer", "kind", "bn", "in", "ln", "gn"]
+    rows = [(path, kind) for path in ("0", "1", "2") for kind in ("mean", "var")]
+    for line, (path, kind) in zip(lines[2:], rows, strict=True):
+        cells = [cell.rstrip("*") for cell in line.split()[-4:]]
+        if path == "2":  # layer weights: as before, no spread
+            assert cells == ["0.250"] * 4
+            continue
+        w = getattr(arrays[path], kind).astype(np.float64)
+        spread = zip(w.mean(axis=0), w.std(axis=0), strict=True)
+        assert cells == [f"{m:.3f}±{s:.3f}" for m, s in spread]
+    summaries = switchnorm.mixing_weights(model, batch=x, forward=forward)
+    assert "±" not in switchnorm.format_mixing_weights(summaries)  # floats alone carry no spread
