@@ -160,14 +160,20 @@ def model_weights(model: nnx.Module, batch: Any = None) -> dict[str, Any]:
 
     NNX SwitchNorm layers are found as modules; a ``weights="channel"`` layer is
     reported as its mean over the channels, a ``weights="sample"`` one as its mean
-    over ``batch`` (model inputs; required for such a layer). Linen layers inside an
-    adapter are found in its parameter tree, which holds no model to run ``batch``
-    through.
+    over ``batch`` (model inputs; required for such a layer), which runs through a
+    copy of the model. Linen layers inside a :class:`LinenAdapter` are found in its
+    parameter tree (paths ``inner/...``); those of another NNX module holding Linen
+    parameters too, except ``"sample"`` ones, which need the adapter's forward pass.
     """
     weights = mixing_weights(model, batch=batch)
-    if not weights:
-        weights = mixing_weights(nnx.state(model, nnx.Param))
-    return weights
+    if weights:
+        return weights
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if not isinstance(model, LinenAdapter):
+        return mixing_weights(params)
+    # The forward pass names Linen layers from the wrapped module's root, so read its own tree.
+    inner = mixing_weights(params["inner"], batch=batch, forward=lambda _, x: model(x))
+    return {f"inner/{path}": layer for path, layer in inner.items()}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
