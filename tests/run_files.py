@@ -35,6 +35,7 @@ def build(config: dict[str, Any]) -> nnx.Module:
         config["num_classes"],
         norm=config["norm"],
         dtype=dtype,
+        weights=config.get("weights", "layer"),  # absent from runs made before the flag
         seed=config["seed"],
     )
 

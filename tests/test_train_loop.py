@@ -129,7 +129,7 @@ def test_in_and_gn_are_refused_on_dense_features():
         build_model("mlp", (8,), 4, norm="gn")
 
 
-def _linen_net():
+def _linen_net(weights: str = "layer"):
     """A Linen MLP with a SwitchNorm (bn + ln) layer, as users write one."""
     import flax.linen as nn
 
@@ -139,7 +139,7 @@ def _linen_net():
         @nn.compact
         def __call__(self, x, use_running_average):
             x = nn.Dense(32, use_bias=False)(x)
-            x = nn.relu(snn.SwitchNorm(use_running_average=use_running_average)(x))
+            x = nn.relu(snn.SwitchNorm(use_running_average=use_running_average, weights=weights)(x))
             return nn.Dense(4)(x)
 
     return Net()
@@ -151,6 +151,25 @@ def test_linen_model_trains_through_the_adapter(synthetic):
     state, record = trainer.fit()
     assert record["test_accuracy"] > 0.6
     assert list(record["weights"]) == ["inner/SwitchNorm_0"]
+
+
+def test_a_linen_sample_layer_records_its_weights_on_the_fixed_batch_in_eval_mode(synthetic):
+    net = _linen_net("sample")
+    trainer = Trainer(LinenAdapter(net, jnp.zeros((1, 8))), TrainConfig(epochs=1, batch_size=64), synthetic)
+    state, record = trainer.fit()
+    inner = trainer.model_at(state).inner
+    params = nnx.to_pure_dict(nnx.state(inner, nnx.Param))
+    stats = nnx.to_pure_dict(nnx.state(inner, nnx.BatchStat))
+    assert np.abs(params["SwitchNorm_0"]["sample_map"]).max() > 0  # trained: not the base logits' blend
+    expected = switchnorm.mixing_weights(  # Flax's own eval-mode call runs the layer
+        {"params": params, "batch_stats": stats},
+        batch=synthetic.x_test[:256],
+        forward=lambda v, x: net.apply(v, x, use_running_average=True),
+    )
+    assert record["weights"].keys() == {"inner/SwitchNorm_0"}
+    for kind in ("mean", "var"):
+        got, want = record["weights"]["inner/SwitchNorm_0"][kind], expected["SwitchNorm_0"][kind]
+        assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_linen_adapter_evaluates_with_the_running_averages(synthetic):

@@ -75,6 +75,11 @@ def _add_run_flags(train: argparse.ArgumentParser) -> None:
     add("--dataset", default=S, help="digits, mnist1d (default) or synthetic")
     add("--model", default=S, help="resnet2d, resnet1d or mlp (default: the dataset's)")
     add("--norm", default=S, help="sn (default), ssn (Sparse SN: ends one-hot), bn, in, ln, gn or none")
+    add(
+        "--weights",
+        default=S,
+        help="how finely sn and ssn layers blend: layer (default: one blend per layer), channel or sample",
+    )
     add("--epochs", type=_int, default=S, help="default: 20 mnist1d, 30 digits, 10 synthetic")
     add("--batch-size", type=_int, default=S, help="default: 64 mnist1d, 32 otherwise")
     add("--optimizer", default=S, help="adamw (default) or sgd (Nesterov momentum)")
@@ -295,7 +300,13 @@ def _model(config):
 
     dtype = None if config.dtype == "float32" else jnp.dtype(config.dtype)
     model = models.build_model(
-        config.model, config.input_shape, config.num_classes, norm=config.norm, dtype=dtype, seed=config.seed
+        config.model,
+        config.input_shape,
+        config.num_classes,
+        norm=config.norm,
+        dtype=dtype,
+        weights=config.weights,
+        seed=config.seed,
     )
     if not config.collapsed:
         return model

@@ -22,6 +22,7 @@ from typing import Any
 
 DATASET = "mnist1d"
 NORM = "sn"
+WEIGHTS = "layer"  # one blend per layer (Switchable Normalization); "channel" and "sample" are finer
 OPTIMIZER = "adamw"
 LEARNING_RATE = 3e-3
 MOMENTUM = 0.9
@@ -81,6 +82,7 @@ class ConfigError(ValueError):
 
 
 def _choices(field: str) -> tuple[str, ...]:
+    from switchnorm import _arguments
     from switchnorm.train import data, models, optim
 
     return {
@@ -89,6 +91,7 @@ def _choices(field: str) -> tuple[str, ...]:
         "norm": tuple(models.NORMS),
         "optimizer": tuple(optim.OPTIMIZERS),
         "dtype": DTYPES,
+        "weights": _arguments.WEIGHTS,
     }[field]
 
 
@@ -160,7 +163,9 @@ class RunConfig:
     on; they are filled in from the loaded dataset and let ``inspect`` rebuild
     the model without loading it. ``mixing_clip`` is ``None`` (no clipping) by
     choice, not for want of a value; a ``config.json`` written before
-    ``mixing_lr_scale`` and ``mixing_clip`` existed loads with their defaults.
+    ``mixing_lr_scale``, ``mixing_clip`` or ``weights`` existed loads with their defaults
+    (``weights="layer"``: one blend per layer, the only kind there was). ``weights`` other than
+    "layer" needs a norm that learns mixing weights (sn or ssn).
     ``collapsed`` is set only in a run made by ``switchnorm collapse``: the layers that
     compute only their chosen normalizers (``switchnorm.collapse``), by path.
     """
@@ -168,6 +173,7 @@ class RunConfig:
     dataset: str = DATASET
     model: str | None = None
     norm: str = NORM
+    weights: str = WEIGHTS
     optimizer: str = OPTIMIZER
     epochs: int | None = None
     batch_size: int | None = None
@@ -187,8 +193,9 @@ class RunConfig:
     collapsed: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        for field in ("dataset", "norm", "optimizer", "dtype"):
+        for field in ("dataset", "norm", "optimizer", "dtype", "weights"):
             _check_choice(field, getattr(self, field))
+        self._check_weights_fit_norm()
         if self.model is not None:
             _check_choice("model", self.model)
         self._check_numbers()
@@ -197,6 +204,15 @@ class RunConfig:
             _check_collapsed(self.collapsed)
         if self.model is not None:
             self._check_model_fits()
+
+    def _check_weights_fit_norm(self) -> None:
+        from switchnorm.train import models
+
+        try:
+            models.check_weights(self.norm, self.weights)
+        except ValueError as error:
+            # "weights 'channel' needs ...": the field name goes, so that the command line names its flag
+            raise ConfigError("weights", str(error).rstrip(".").removeprefix("weights ")) from None
 
     def _check_numbers(self) -> None:
         if self.epochs is not None:

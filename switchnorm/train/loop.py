@@ -117,24 +117,31 @@ class Callback:
         """After the last epoch, with its record."""
 
 
+WEIGHTS_BATCH = 256
+"""Test examples (the first ones) the loop summarises each epoch's mixing weights on."""
+
+
 class WeightHistory(Callback):
     """Records every SwitchNorm layer's mixing weights: one call per point.
 
-    In this loop, pass it as a callback (one point per epoch). In your own
-    loop, call ``history.record(step, model)`` whenever you like.
+    In this loop, pass it as a callback (one point per epoch; the loop's records
+    use :attr:`Trainer.weights_batch`). In your own loop, call
+    ``history.record(step, model, batch)`` whenever you like; ``batch`` (model
+    inputs) is needed only by ``weights="sample"`` layers, whose weights are
+    reported as their mean over it. Keep it fixed, so the points compare.
 
     Attributes:
       steps: the steps recorded.
-      weights: for each step, ``switchnorm.mixing_weights(model)``.
+      weights: for each step, ``switchnorm.mixing_weights(model, batch=batch)``.
     """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.weights: list[dict[str, Any]] = []
 
-    def record(self, step: int, model: Any) -> dict[str, Any]:
-        """Appends ``mixing_weights(model)`` at ``step`` and returns it."""
-        weights = model_weights(model)
+    def record(self, step: int, model: Any, batch: Any = None) -> dict[str, Any]:
+        """Appends ``mixing_weights(model, batch=batch)`` at ``step`` and returns it."""
+        weights = model_weights(model, batch)
         self.steps.append(int(step))
         self.weights.append(weights)
         return weights
@@ -148,16 +155,25 @@ class WeightHistory(Callback):
         return np.array([w[layer][kind][normalizer] for w in self.weights])
 
 
-def model_weights(model: nnx.Module) -> dict[str, Any]:
+def model_weights(model: nnx.Module, batch: Any = None) -> dict[str, Any]:
     """``switchnorm.mixing_weights`` of an NNX model, also through :class:`LinenAdapter`.
 
-    NNX SwitchNorm layers are found as modules; Linen ones inside an adapter
-    are found in its parameter tree.
+    NNX SwitchNorm layers are found as modules; a ``weights="channel"`` layer is
+    reported as its mean over the channels, a ``weights="sample"`` one as its mean
+    over ``batch`` (model inputs; required for such a layer), which runs through a
+    copy of the model. Linen layers inside a :class:`LinenAdapter` are found in its
+    parameter tree (paths ``inner/...``); those of another NNX module holding Linen
+    parameters too, except ``"sample"`` ones, which need the adapter's forward pass.
     """
-    weights = mixing_weights(model)
-    if not weights:
-        weights = mixing_weights(nnx.state(model, nnx.Param))
-    return weights
+    weights = mixing_weights(model, batch=batch)
+    if weights:
+        return weights
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if not isinstance(model, LinenAdapter):
+        return mixing_weights(params)
+    # The forward pass names Linen layers from the wrapped module's root, so read its own tree.
+    inner = mixing_weights(params["inner"], batch=batch, forward=lambda _, x: model(x))
+    return {f"inner/{path}": layer for path, layer in inner.items()}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -284,6 +300,11 @@ def _check_batch_size(batch_size: int, num_train: int) -> None:
 class Trainer:
     """Trains an NNX classifier on a :class:`~switchnorm.train.data.Dataset`.
 
+    The record of every epoch holds the model's mixing weights
+    (:func:`model_weights`), summarised on :attr:`weights_batch`, the first
+    :data:`WEIGHTS_BATCH` test examples: a ``weights="sample"`` layer's are its
+    mean over them, in eval mode (running averages), as the model predicts.
+
     Args:
       model: the NNX module; it is split once, and :meth:`model_at` puts any
         state back into it. ``model.train()``/``model.eval()`` choose the graph
@@ -322,6 +343,8 @@ class Trainer:
         model.train()
         self.train_graph = nnx.graphdef(model)
         self._initial = self._place_state(initial_state(model, self.tx))
+        # Fixed for the whole run, so that per-sample weights compare from epoch to epoch.
+        self.weights_batch = dataset.x_test[:WEIGHTS_BATCH]
         devices = 1 if plan is None else plan.num_devices
         # One eval shape for every batch, split evenly over the devices.
         self.eval_batch_size = math.ceil(min(1000, len(dataset.x_test)) / devices) * devices
@@ -409,7 +432,7 @@ class Trainer:
             state = self.recalibrated(state, epoch)
         if (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs:
             record["test_loss"], record["test_accuracy"] = self.evaluate(state)
-        record["weights"] = model_weights(self.model_at(state))
+        record["weights"] = model_weights(self.model_at(state), self.weights_batch)
         return state, record
 
     def fit(

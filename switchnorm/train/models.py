@@ -8,7 +8,10 @@ layer ends on one normalizer); ``"bn"``, ``"in"``, ``"ln"`` or ``"gn"`` puts the
 restricted to that single normalizer (which computes exactly Flax's own
 BatchNorm, InstanceNorm, LayerNorm or GroupNorm); ``"none"`` puts no layer and
 gives the preceding convolution a bias instead. Everything else is identical,
-so comparisons are one flag apart.
+so comparisons are one flag apart. ``weights`` ("layer", "channel" or "sample",
+:class:`switchnorm.SwitchNorm`'s argument) chooses how finely the sn and ssn
+layers blend: one blend per layer (the default, the paper's), per channel, or
+per sample.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from switchnorm._arguments import WEIGHTS
 from switchnorm.nnx import SwitchNorm
 
 NORMS = ("sn", "ssn", "bn", "in", "ln", "gn", "none")
 """The choices of ``norm``."""
+
+LEARNED_NORMS = ("sn", "ssn")
+"""The norms whose layers learn mixing weights: the only ones ``weights`` other than "layer" fits."""
 
 
 def check_norm(norm: str, spatial: bool) -> None:
@@ -37,11 +44,23 @@ def check_norm(norm: str, spatial: bool) -> None:
         )
 
 
+def check_weights(norm: str, weights: str) -> None:
+    """Raises ValueError unless ``weights`` is a choice that ``norm``'s layers can take."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}.")
+    if weights != "layer" and norm not in LEARNED_NORMS:
+        raise ValueError(
+            f"weights {weights!r} needs learned mixing weights, which only norm sn and ssn have, "
+            f"but norm is {norm!r}; choose norm sn or ssn, or weights 'layer'."
+        )
+
+
 def make_norm(
-    norm: str, features: int, *, spatial: bool, dtype: Any = None, rngs: nnx.Rngs
+    norm: str, features: int, *, spatial: bool, dtype: Any = None, weights: str = "layer", rngs: nnx.Rngs
 ) -> nnx.Module | None:
-    """The normalization layer for ``norm``, or None for ``"none"``."""
+    """The normalization layer for ``norm``, or None for ``"none"``; ``weights`` as SwitchNorm's."""
     check_norm(norm, spatial)
+    check_weights(norm, weights)
     if norm == "none":
         return None
     learned = norm in ("sn", "ssn")
@@ -49,7 +68,9 @@ def make_norm(
     if learned and not spatial:
         normalizers = ("bn", "ln")
     mixing = "sparsestmax" if norm == "ssn" else "softmax"
-    return SwitchNorm(features, normalizers=normalizers, dtype=dtype, mixing=mixing, rngs=rngs)
+    return SwitchNorm(
+        features, normalizers=normalizers, dtype=dtype, mixing=mixing, weights=weights, rngs=rngs
+    )
 
 
 def _apply(norm: nnx.Module | None, x: jax.Array) -> jax.Array:
@@ -69,6 +90,7 @@ class ResidualBlock(nnx.Module):
         stride: int,
         norm: str,
         dtype: Any,
+        weights: str = "layer",
         rngs: nnx.Rngs,
     ):
         bias = norm == "none"
@@ -76,13 +98,15 @@ class ResidualBlock(nnx.Module):
             i, o, (k,) * ndim, strides=(s,) * ndim, use_bias=bias, dtype=dtype, rngs=rngs
         )
         self.conv1 = conv(in_features, out_features, kernel, stride)
-        self.norm1 = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        self.norm1 = make_norm(norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
         self.conv2 = conv(out_features, out_features, kernel, 1)
-        self.norm2 = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        self.norm2 = make_norm(norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
         self.shortcut: nnx.Conv | None
         if stride != 1 or in_features != out_features:
             self.shortcut = conv(in_features, out_features, 1, stride)
-            self.shortcut_norm = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+            self.shortcut_norm = make_norm(
+                norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs
+            )
         else:
             self.shortcut = nnx.data(None)
             self.shortcut_norm = nnx.data(None)
@@ -98,11 +122,11 @@ class ResidualBlock(nnx.Module):
 class Stem(nnx.Module):
     """conv -> norm -> relu, the first layer of :class:`ResNet`."""
 
-    def __init__(self, in_features, out_features, *, ndim, kernel, norm, dtype, rngs):
+    def __init__(self, in_features, out_features, *, ndim, kernel, norm, dtype, weights="layer", rngs):
         self.conv = nnx.Conv(
             in_features, out_features, (kernel,) * ndim, use_bias=norm == "none", dtype=dtype, rngs=rngs
         )
-        self.norm = make_norm(norm, out_features, spatial=True, dtype=dtype, rngs=rngs)
+        self.norm = make_norm(norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(_apply(self.norm, self.conv(x)))
@@ -124,15 +148,26 @@ class ResNet(nnx.Module):
         kernel: int,
         norm: str = "sn",
         dtype: Any = None,
+        weights: str = "layer",
         rngs: nnx.Rngs,
     ):
         ndim = len(input_shape) - 1
         check_norm(norm, spatial=True)
+        check_weights(norm, weights)
         self.dtype = dtype
         # One list, stem first, so that layer paths ("layers/0/norm",
         # "layers/1/norm1", ...) sort in the order the data flows.
         blocks: list[nnx.Module] = [
-            Stem(input_shape[-1], widths[0], ndim=ndim, kernel=kernel, norm=norm, dtype=dtype, rngs=rngs)
+            Stem(
+                input_shape[-1],
+                widths[0],
+                ndim=ndim,
+                kernel=kernel,
+                norm=norm,
+                dtype=dtype,
+                weights=weights,
+                rngs=rngs,
+            )
         ]
         for i, width in enumerate(widths):
             previous = widths[max(i - 1, 0)]
@@ -145,6 +180,7 @@ class ResNet(nnx.Module):
                     stride=2 if width > previous else 1,
                     norm=norm,
                     dtype=dtype,
+                    weights=weights,
                     rngs=rngs,
                 )
             )
@@ -171,9 +207,11 @@ class MLP(nnx.Module):
         widths: tuple[int, ...] = (64, 64),
         norm: str = "sn",
         dtype: Any = None,
+        weights: str = "layer",
         rngs: nnx.Rngs,
     ):
         check_norm(norm, spatial=False)
+        check_weights(norm, weights)
         self.dtype = dtype
         sizes = (int(jnp.prod(jnp.array(input_shape))), *widths)
         self.layers = nnx.List(
@@ -182,7 +220,9 @@ class MLP(nnx.Module):
                 for a, b in zip(sizes[:-1], sizes[1:], strict=True)
             ]
         )
-        self.norms = nnx.List([make_norm(norm, b, spatial=False, dtype=dtype, rngs=rngs) for b in widths])
+        self.norms = nnx.List(
+            [make_norm(norm, b, spatial=False, dtype=dtype, weights=weights, rngs=rngs) for b in widths]
+        )
         self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -194,19 +234,37 @@ class MLP(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def resnet2d(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
+def resnet2d(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
     """The image model: a residual CNN with widths (32, 64), 3x3 kernels."""
-    return ResNet(input_shape, num_classes, widths=(32, 64), kernel=3, norm=norm, dtype=dtype, rngs=rngs)
+    return ResNet(
+        input_shape,
+        num_classes,
+        widths=(32, 64),
+        kernel=3,
+        norm=norm,
+        dtype=dtype,
+        weights=weights,
+        rngs=rngs,
+    )
 
 
-def resnet1d(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
+def resnet1d(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
     """The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
-    return ResNet(input_shape, num_classes, widths=(32, 64, 128), kernel=5, norm=norm, dtype=dtype, rngs=rngs)
+    return ResNet(
+        input_shape,
+        num_classes,
+        widths=(32, 64, 128),
+        kernel=5,
+        norm=norm,
+        dtype=dtype,
+        weights=weights,
+        rngs=rngs,
+    )
 
 
-def mlp(input_shape, num_classes, *, norm="sn", dtype=None, rngs):
+def mlp(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
     """The feature model: an MLP with two hidden layers of 64."""
-    return MLP(input_shape, num_classes, widths=(64, 64), norm=norm, dtype=dtype, rngs=rngs)
+    return MLP(input_shape, num_classes, widths=(64, 64), norm=norm, dtype=dtype, weights=weights, rngs=rngs)
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -214,7 +272,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet1d": resnet1d,
     "mlp": mlp,
 }
-"""Model constructor by name: ``MODELS[name](input_shape, num_classes, norm=..., rngs=...)``."""
+"""Model constructor by name: ``MODELS[name](input_shape, num_classes, norm=..., weights=..., rngs=...)``."""
 
 DEFAULT_MODEL = {"digits": "resnet2d", "mnist1d": "resnet1d", "synthetic": "mlp"}
 """The model each dataset trains by default."""
@@ -224,9 +282,17 @@ INPUT_RANK = {"resnet2d": 3, "resnet1d": 2, "mlp": None}
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, *, norm: str, dtype: Any = None, seed: int = 0
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    norm: str,
+    dtype: Any = None,
+    weights: str = "layer",
+    seed: int = 0,
 ) -> nnx.Module:
-    """``MODELS[name]`` for this input shape, parameters initialized from ``seed``."""
+    """``MODELS[name]`` for this input shape, parameters initialized from ``seed``;
+    ``weights`` (sn and ssn only) how finely its layers blend, as :class:`switchnorm.SwitchNorm`'s."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     rank = INPUT_RANK[name]
@@ -234,7 +300,9 @@ def build_model(
         raise ValueError(
             f"model {name!r} expects examples of rank {rank}, but the dataset's are {input_shape}."
         )
-    return MODELS[name](input_shape, num_classes, norm=norm, dtype=dtype, rngs=nnx.Rngs(seed))
+    return MODELS[name](
+        input_shape, num_classes, norm=norm, dtype=dtype, weights=weights, rngs=nnx.Rngs(seed)
+    )
 
 
 def collapsed_model(model: nnx.Module, choices: dict[str, dict[str, Any]]) -> nnx.Module:
