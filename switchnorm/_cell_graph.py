@@ -90,6 +90,51 @@ def running_scope(inputs: GraphInputs, shift: Array, compute_dtype: Any) -> Scop
     )
 
 
+def normalizer_stats(
+    config: GraphConfig, compute_dtype: Any, cells: CellStats, inputs: GraphInputs
+) -> list[ScopeStats]:
+    """Every normalizer's statistics on the cells; bn's are the running averages in inference."""
+    return [
+        running_scope(inputs, cells.shift, compute_dtype)
+        if name == "bn" and config.use_running_average
+        else scope_stats(
+            cells,
+            name,
+            num_groups=config.num_groups,
+            axis_name=config.axis_name,
+            axis_index_groups=config.axis_index_groups,
+        )
+        for name in config.normalizers
+    ]
+
+
+def blend_weights_of(
+    config: GraphConfig,
+    compute_dtype: Any,
+    stats: Sequence[ScopeStats],
+    inputs: GraphInputs,
+    cells: CellStats | None = None,
+    cell_size: int = 1,
+) -> Array:
+    """(2, K, ...): the mean and variance weights, per layer, channel or sample (:mod:`switchnorm._mixing`).
+
+    ``cells``, the samples' own statistics, and ``cell_size``, the elements per
+    cell, are needed with ``weights="sample"`` only.
+    """
+    descriptors = None
+    if config.weights == "sample":
+        assert cells is not None
+        descriptors = sample_descriptors(cells, stats, config.epsilon, cell_size)
+    return blend_weights(
+        config.weights,
+        config.mixing,
+        jnp.stack([inputs.mean_logits, inputs.var_logits]),
+        inputs.radius,
+        inputs.sample_map,
+        descriptors,
+    ).astype(compute_dtype)
+
+
 def mixed_mean_and_factor(
     config: GraphConfig,
     compute_dtype: Any,
@@ -101,22 +146,10 @@ def mixed_mean_and_factor(
     """The blend of the normalizers' statistics: ``(mix_mean, a = scale / sqrt(mix_var + epsilon))``.
 
     ``stats`` may be of any shapes that broadcast together (the (N, C) path
-    hands over (1, C) and (N, 1) statistics); so are the results. ``cells``,
-    the samples' own statistics, and ``cell_size``, the elements per cell, are
-    needed with ``weights="sample"`` only (:mod:`switchnorm._mixing`).
+    hands over (1, C) and (N, 1) statistics); so are the results. ``cells`` and
+    ``cell_size`` as :func:`blend_weights_of`.
     """
-    descriptors = None
-    if config.weights == "sample":
-        assert cells is not None
-        descriptors = sample_descriptors(cells, stats, config.epsilon, cell_size)
-    mean_weights, var_weights = blend_weights(
-        config.weights,
-        config.mixing,
-        jnp.stack([inputs.mean_logits, inputs.var_logits]),
-        inputs.radius,
-        inputs.sample_map,
-        descriptors,
-    ).astype(compute_dtype)
+    mean_weights, var_weights = blend_weights_of(config, compute_dtype, stats, inputs, cells, cell_size)
     mixed = blend(stats, mean_weights, var_weights)
     a = lax.rsqrt(mixed.var + config.epsilon)
     if inputs.scale is not None:
@@ -147,20 +180,9 @@ def cell_graph(
     averages (``None`` without "bn" or with ``use_running_average``).
     """
     cells = cell_stats(shift, inverse_unit, s1, s2, count)
-    stats, batch_stats = [], None
-    for name in config.normalizers:
-        if name == "bn" and config.use_running_average:
-            stats.append(running_scope(inputs, shift, compute_dtype))
-            continue
-        scope = scope_stats(
-            cells,
-            name,
-            num_groups=config.num_groups,
-            axis_name=config.axis_name,
-            axis_index_groups=config.axis_index_groups,
-        )
-        if name == "bn":
-            batch_stats = batch_stats_of(scope, shift, config)
-        stats.append(scope)
+    stats = normalizer_stats(config, compute_dtype, cells, inputs)
+    batch_stats = None
+    if "bn" in config.normalizers and not config.use_running_average:
+        batch_stats = batch_stats_of(stats[config.normalizers.index("bn")], shift, config)
     mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, count)
     return jnp.broadcast_to(mix_mean, shift.shape), jnp.broadcast_to(a, shift.shape), batch_stats

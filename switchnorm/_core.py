@@ -79,16 +79,10 @@ def radius_schedule(step: Any, total_steps: int, final: float = 1.0) -> Array:
     return final * fraction
 
 
-def normalize_checked(
-    config: GraphConfig, x: Array, arrays: LayerArrays, dtype: Any = None, use_custom_vjp: bool = True
-) -> tuple[Array, BatchStats | None]:
-    """:func:`switch_norm` on arguments already checked (``config`` and the shapes)."""
-    out_dtype = x.dtype if dtype is None else dtype
-    if x.size == 0:  # nothing to normalize, and no batch statistics to report
-        return jnp.zeros(x.shape, out_dtype), None
-    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+def graph_inputs(config: GraphConfig, arrays: LayerArrays, compute_dtype: Any) -> GraphInputs:
+    """The cell graph's inputs from the layer's arrays: only those ``config`` reads."""
     uses_running = config.use_running_average and "bn" in config.normalizers
-    inputs = GraphInputs(
+    return GraphInputs(
         mean_logits=jnp.asarray(arrays.mean_logits),
         var_logits=jnp.asarray(arrays.var_logits),
         scale=arrays.scale,
@@ -97,6 +91,17 @@ def normalize_checked(
         radius=jnp.asarray(arrays.radius, compute_dtype) if config.mixing == "sparsestmax" else None,
         sample_map=jnp.asarray(arrays.sample_map) if config.weights == "sample" else None,
     )
+
+
+def normalize_checked(
+    config: GraphConfig, x: Array, arrays: LayerArrays, dtype: Any = None, use_custom_vjp: bool = True
+) -> tuple[Array, BatchStats | None]:
+    """:func:`switch_norm` on arguments already checked (``config`` and the shapes)."""
+    out_dtype = x.dtype if dtype is None else dtype
+    if x.size == 0:  # nothing to normalize, and no batch statistics to report
+        return jnp.zeros(x.shape, out_dtype), None
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    inputs = graph_inputs(config, arrays, compute_dtype)
     graph = functools.partial(cell_graph, config, compute_dtype)
     normalize = _passes.normalize if use_custom_vjp else _passes.normalize_autodiff
     general = functools.partial(normalize, graph, compute_dtype, out_dtype)

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchnorm._cell_graph import GraphConfig, running_scope
-from switchnorm._mixing import blend_weights, sample_descriptors
+from switchnorm import _core
+from switchnorm._cell_graph import GraphConfig, blend_weights_of, normalizer_stats
 from switchnorm._passes import shifted_sums
-from switchnorm._stats import cell_stats, scope_stats
+from switchnorm._stats import cell_stats
 
 Array = jax.Array
 
@@ -75,37 +75,17 @@ def sample_weights(config: GraphConfig, x: Array, arrays: Any) -> Array:
     """(2, N, K): the weights a ``weights="sample"`` layer gives each sample of channels-last ``x``.
 
     ``arrays`` is the layer's :class:`switchnorm._core.LayerArrays` of the ``config``'s
-    normalizers. The scope statistics come from the cell statistics as in
-    :func:`switchnorm._cell_graph.cell_graph`; for (N, C) input they equal the
-    direct sums the core takes there, up to rounding.
+    normalizers. The statistics and the weights are the cell graph's own
+    (:func:`switchnorm._cell_graph.normalizer_stats`, ``blend_weights_of``); for (N, C)
+    input they equal the direct sums the core takes there, up to rounding.
     """
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    inputs = _core.graph_inputs(config, arrays, compute_dtype)
     shift, _, inverse_unit, s1, s2, _ = shifted_sums(x, compute_dtype)
     cell_size = x.size // (x.shape[0] * x.shape[-1])
     cells = cell_stats(shift, inverse_unit, s1, s2, cell_size)
-    uses_running = config.use_running_average and "bn" in config.normalizers
-    running = arrays._replace(
-        running_mean=arrays.running_mean if uses_running else None,
-        running_var=arrays.running_var if uses_running else None,
-    )
-    stats = [
-        running_scope(running, shift, compute_dtype)
-        if name == "bn" and config.use_running_average
-        else scope_stats(
-            cells,
-            name,
-            num_groups=config.num_groups,
-            axis_name=config.axis_name,
-            axis_index_groups=config.axis_index_groups,
-        )
-        for name in config.normalizers
-    ]
-    logits = jnp.stack([jnp.asarray(arrays.mean_logits), jnp.asarray(arrays.var_logits)])
-    radius = jnp.asarray(arrays.radius, compute_dtype)
-    descriptors = sample_descriptors(cells, stats, config.epsilon, cell_size)
-    weights = blend_weights(
-        "sample", config.mixing, logits, radius, jnp.asarray(arrays.sample_map), descriptors
-    )
+    stats = normalizer_stats(config, compute_dtype, cells, inputs)
+    weights = blend_weights_of(config, compute_dtype, stats, inputs, cells, cell_size)
     return jnp.swapaxes(weights[..., 0], 1, 2)  # (2, K, N, 1) -> (2, N, K)
 
 
