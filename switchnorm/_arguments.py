@@ -193,6 +193,20 @@ def feature_axis(axis: int, rank: int) -> int:
     return axis % rank
 
 
+def channels_last(x: Any, mask: Any, feature: int) -> tuple[Any, Any]:
+    """``x`` and its call-time ``mask`` (checked, broadcast to x) with axis ``feature`` moved last.
+
+    The front ends' first step; ``x`` itself is checked after, by :func:`check_input`.
+    """
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        mask = check_mask(mask, tuple(shape))
+    if shape is None or feature == len(shape) - 1:
+        return x, mask
+    moved = None if mask is None else jnp.moveaxis(mask, feature, -1)
+    return jnp.moveaxis(x, feature, -1), moved
+
+
 def check_flag(name: str, value: Any) -> bool:
     """``value`` if it is a bool, else a TypeError naming ``name``."""
     if not isinstance(value, (bool, jnp.bool_)):
@@ -250,3 +264,33 @@ def check_shape(name: str, value: Any, shape: tuple[int, ...], why: str) -> None
     """Raises a ValueError naming ``name`` unless ``value`` is None or has ``shape``."""
     if value is not None and tuple(jnp.shape(value)) != shape:
         raise ValueError(f"{name} has shape {tuple(jnp.shape(value))}, expected {shape} {why}.")
+
+
+def check_mask(mask: Any, shape: tuple[int, ...]) -> Any:
+    """A call-time ``mask`` broadcast to the input's ``shape``, or None; raises if it cannot be one.
+
+    As for Flax's BatchNorm, LayerNorm and GroupNorm: booleans, True where an
+    element counts towards the statistics, of a shape that broadcasts to the
+    input's (e.g. (N, L, 1) for padded sequences of shape (N, L, C)). Other
+    dtypes are refused, not thresholded: 0.5 has no meaning as a mask.
+    """
+    if mask is None:
+        return None
+    mask_shape, dtype = getattr(mask, "shape", None), getattr(mask, "dtype", None)
+    if mask_shape is None or dtype is None:
+        raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}.")
+    if dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be a boolean array (True where an element counts towards the statistics), "
+            f"got dtype {dtype}; pass e.g. mask=(m > 0)."
+        )
+    try:
+        jnp.broadcast_shapes(tuple(mask_shape), shape)
+        fits = jnp.broadcast_shapes(tuple(mask_shape), shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask_shape)}, which does not broadcast to the input's {shape}."
+        )
+    return jnp.broadcast_to(mask, shape)

@@ -114,12 +114,12 @@ def blend_weights_of(
     stats: Sequence[ScopeStats],
     inputs: GraphInputs,
     cells: CellStats | None = None,
-    cell_size: int = 1,
+    cell_size: Array | int = 1,
 ) -> Array:
     """(2, K, ...): the mean and variance weights, per layer, channel or sample (:mod:`switchnorm._mixing`).
 
     ``cells``, the samples' own statistics, and ``cell_size``, the elements per
-    cell, are needed with ``weights="sample"`` only.
+    cell (an (N, C) array of counts under a mask), are needed with ``weights="sample"`` only.
     """
     descriptors = None
     if config.weights == "sample":
@@ -141,7 +141,7 @@ def mixed_mean_and_factor(
     stats: Sequence[ScopeStats],
     inputs: GraphInputs,
     cells: CellStats | None = None,
-    cell_size: int = 1,
+    cell_size: Array | int = 1,
 ) -> tuple[Array, Array]:
     """The blend of the normalizers' statistics: ``(mix_mean, a = scale / sqrt(mix_var + epsilon))``.
 
@@ -164,7 +164,7 @@ def cell_graph(
     inverse_unit: Array,
     s1: Array,
     s2: Array,
-    count: int,
+    count: Array | int,
     inputs: GraphInputs,
 ) -> tuple[Array, Array, BatchStats | None]:
     """From the cell sums to ``(mix_mean, a, batch_stats)``.
@@ -178,6 +178,8 @@ def cell_graph(
 
     ``batch_stats`` is the bn scope's batch mean and variance for the running
     averages (``None`` without "bn" or with ``use_running_average``).
+    ``count`` is the elements per cell, or with a call-time mask each cell's
+    (N, C) count of masked-in elements (:func:`switchnorm._stats.cell_stats`).
     """
     cells = cell_stats(shift, inverse_unit, s1, s2, count)
     stats = normalizer_stats(config, compute_dtype, cells, inputs)

@@ -92,6 +92,7 @@ class CollapsedNorm(nnx.Module):
         dtype: Any = None,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        axis: int = -1,
     ):
         names = _arguments.validate_normalizers(tuple(dict.fromkeys((mean_normalizer, var_normalizer))))
         if "bn" in names and (running_mean is None or running_var is None):
@@ -112,6 +113,7 @@ class CollapsedNorm(nnx.Module):
         self.dtype = dtype
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
+        self.axis = axis
 
     @classmethod
     def from_switch_norm(cls, layer: SwitchNorm, mean_normalizer: str, var_normalizer: str) -> CollapsedNorm:
@@ -131,6 +133,7 @@ class CollapsedNorm(nnx.Module):
             dtype=layer.dtype,
             axis_name=layer.axis_name,
             axis_index_groups=layer.axis_index_groups,
+            axis=layer.axis,
         )
 
     def _arrays(self) -> _core.LayerArrays:
@@ -143,10 +146,15 @@ class CollapsedNorm(nnx.Module):
             running_var=self.var[...] if self.var is not None else None,
         )
 
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Normalizes ``x`` (shape (N, *spatial, C)) with the chosen statistics."""
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Normalizes ``x`` (features on ``axis``) with the chosen statistics; ``mask`` as SwitchNorm's."""
         if use_running_average is None:
             use_running_average = self.use_running_average
+        rank = len(getattr(x, "shape", ()))
+        feature = _arguments.feature_axis(self.axis, rank)
+        x, mask = _arguments.channels_last(x, mask, feature)
         _arguments.check_input(x, self.normalizers, self.num_features)
         config = GraphConfig(
             normalizers=self.normalizers,
@@ -156,7 +164,7 @@ class CollapsedNorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
         )
-        y, batch_stats = _core.normalize_checked(config, x, self._arrays(), self.dtype)
+        y, batch_stats = _core.normalize_checked(config, x, self._arrays(), self.dtype, mask=mask)
         if batch_stats is not None:
             assert self.mean is not None and self.var is not None  # __init__ keeps them with bn
             stop = lax.stop_gradient
@@ -164,7 +172,7 @@ class CollapsedNorm(nnx.Module):
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
             self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
-        return y
+        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
 
 
 class ChannelAffine(nnx.Module):
@@ -177,13 +185,15 @@ class ChannelAffine(nnx.Module):
       multiplier: (C,) ``scale / sqrt(running_var + epsilon)``.
       offset: (C,) ``bias - running_mean * multiplier``.
       dtype: the dtype of the result (default: the input's).
+      axis: the feature axis, as the folded layer's.
     """
 
-    def __init__(self, multiplier: Array, offset: Array, *, dtype: Any = None):
+    def __init__(self, multiplier: Array, offset: Array, *, dtype: Any = None, axis: int = -1):
         self.multiplier = nnx.Param(jnp.asarray(multiplier))
         self.offset = nnx.Param(jnp.asarray(offset))
         self.num_features = int(self.multiplier[...].shape[-1])
         self.dtype = dtype
+        self.axis = axis
 
     @classmethod
     def fold(cls, layer: SwitchNorm | CollapsedNorm) -> ChannelAffine:
@@ -197,14 +207,26 @@ class ChannelAffine(nnx.Module):
         offset = -running_mean * multiplier
         if layer.bias is not None:
             offset = offset + layer.bias[...]
-        return cls(multiplier, offset, dtype=layer.dtype)
+        return cls(multiplier, offset, dtype=layer.dtype, axis=layer.axis)
 
-    def __call__(self, x: Array) -> Array:
-        """``x * multiplier + offset`` in float32 (or wider), cast to ``dtype`` or ``x``'s dtype."""
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """``x * multiplier + offset`` in float32 (or wider), cast to ``dtype`` or ``x``'s dtype.
+
+        ``use_running_average`` and ``mask`` are accepted, so that calls written for the layer it
+        replaces still work, and change nothing: the fold is BatchNorm in inference, which reads
+        no batch statistics (as ``nnx.BatchNorm`` ignores ``mask`` there).
+        """
+        del use_running_average
+        rank = len(getattr(x, "shape", ()))
+        feature = _arguments.feature_axis(self.axis, rank)
+        x, _ = _arguments.channels_last(x, mask, feature)
         _arguments.check_input(x, ("bn",), self.num_features)
         compute = jnp.promote_types(x.dtype, jnp.float32)
         y = x.astype(compute) * self.multiplier[...].astype(compute) + self.offset[...].astype(compute)
-        return y.astype(x.dtype if self.dtype is None else self.dtype)
+        y = y.astype(x.dtype if self.dtype is None else self.dtype)
+        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
 
 
 # -- choosing and reporting ----------------------------------------------------------------------

@@ -94,9 +94,14 @@ def graph_inputs(config: GraphConfig, arrays: LayerArrays, compute_dtype: Any) -
 
 
 def normalize_checked(
-    config: GraphConfig, x: Array, arrays: LayerArrays, dtype: Any = None, use_custom_vjp: bool = True
+    config: GraphConfig,
+    x: Array,
+    arrays: LayerArrays,
+    dtype: Any = None,
+    use_custom_vjp: bool = True,
+    mask: Array | None = None,
 ) -> tuple[Array, BatchStats | None]:
-    """:func:`switch_norm` on arguments already checked (``config`` and the shapes)."""
+    """:func:`switch_norm` on arguments already checked (``config``, the shapes, ``mask``)."""
     out_dtype = x.dtype if dtype is None else dtype
     if x.size == 0:  # nothing to normalize, and no batch statistics to report
         return jnp.zeros(x.shape, out_dtype), None
@@ -105,11 +110,13 @@ def normalize_checked(
     graph = functools.partial(cell_graph, config, compute_dtype)
     normalize = _passes.normalize if use_custom_vjp else _passes.normalize_autodiff
     general = functools.partial(normalize, graph, compute_dtype, out_dtype)
+    if mask is not None:  # cells of unequal counts: the general path's weighted merges
+        return general(x, inputs, arrays.bias, mask)
     if x.ndim == 2 and config.axis_name is None:  # one element per cell: no cell graph needed
         return normalize_dense(
             config, compute_dtype, out_dtype, x, inputs, arrays.bias, general, use_custom_vjp
         )
-    return general(x, inputs, arrays.bias)
+    return general(x, inputs, arrays.bias, None)
 
 
 def _check_arrays(arrays: LayerArrays, normalizers: tuple[str, ...], num_channels: int, weights: str) -> None:
@@ -153,6 +160,7 @@ def switch_norm(
     radius: Array | float = 0.0,
     weights: str = "layer",
     sample_map: Array | None = None,
+    mask: Array | None = None,
 ) -> tuple[Array, BatchStats | None]:
     """Switchable Normalization of a channels-last array (Luo et al., ICLR 2019).
 
@@ -196,6 +204,12 @@ def switch_norm(
       (``jax.jvp``, ``jax.jacfwd``) needs ``use_custom_vjp=False``.
     * Empty input (N = 0 or a spatial size of 0) gives an empty output and
       ``batch_stats=None``.
+    * ``mask``, as in Flax's BatchNorm, LayerNorm and GroupNorm, restricts
+      every normalizer's statistics to the masked-in elements (padded
+      sequences); every element is still normalized. Cells are then merged
+      weighted by their counts; a scope with no masked-in element gets mean 0
+      and variance 0, and under ``axis_name`` bn's statistics are those of the
+      masked-in elements of the whole batch (docs/design.md, "Masks").
 
     Args:
       x: input of shape (N, *spatial, C), rank >= 2, floating point, C >= 1.
@@ -228,6 +242,8 @@ def switch_norm(
         ``sample_map`` times the sample's descriptors (docs/design.md, "Finer weights").
       sample_map: (2, 2K, K) map of ``weights="sample"`` (mean, variance); zeros give every
         sample the layer's logits. Ignored otherwise.
+      mask: optional booleans of a shape that broadcasts to x's: True where an
+        element counts towards the statistics.
 
     Returns:
       ``(y, batch_stats)``: the normalized array and the bn scope's batch mean
@@ -257,7 +273,8 @@ def switch_norm(
         mixing=mixing,
         weights=weights,
     )
-    return normalize_checked(config, x, arrays, dtype, use_custom_vjp)
+    mask = _arguments.check_mask(mask, x.shape)
+    return normalize_checked(config, x, arrays, dtype, use_custom_vjp, mask)
 
 
 def switch_norm_autodiff(*args: Any, **kwargs: Any) -> tuple[Array, BatchStats | None]:

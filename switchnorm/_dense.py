@@ -42,8 +42,8 @@ from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats
 
 Array = jax.Array
 
-Normalize = Callable[[Array, GraphInputs, Array | None], tuple[Array, BatchStats | None]]
-"""The general path on the same input: ``normalize(x, inputs, bias) -> (y, batch_stats)``."""
+Normalize = Callable[[Array, GraphInputs, Array | None, Array | None], tuple[Array, BatchStats | None]]
+"""The general path on the same input: ``normalize(x, inputs, bias, mask) -> (y, batch_stats)``."""
 
 
 def _scope_sums(x: Array, name: str) -> tuple[Array, Array]:
@@ -110,7 +110,8 @@ def normalize_dense(
         return y, batch_stats
 
     def fallback(operands):
-        return general(*operands[:3])
+        x, inputs, bias, _ = operands
+        return general(x, inputs, bias, None)
 
     # The sums travel as operands (a custom VJP's functions may close over no tracer).
     operands = (x, inputs, bias, sums)

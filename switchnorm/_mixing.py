@@ -82,21 +82,27 @@ def select_normalizers(sample_map: Array, index: Sequence[int]) -> Array:
 
 
 def sample_descriptors(
-    cells: CellStats, stats: Sequence[ScopeStats], epsilon: float, cell_size: int
+    cells: CellStats, stats: Sequence[ScopeStats], epsilon: float, cell_size: Array | int
 ) -> Array:
     """(N, 2K): each sample's offset and spread against every normalizer (module docstring).
 
     ``cells`` and ``stats`` are as the cell graph holds them: means relative to
     each cell's shift, every array broadcasting to (N, C); ``cell_size`` is the
-    number of elements of a cell (spreads are 0 for one).
+    number of elements of a cell (spreads are 0 for one), or under a call-time
+    mask the (N, C) counts of masked-in elements: a cell's spread term is then
+    0 where it holds at most one, and its offset term 0 where it holds none.
     """
     shape = jnp.broadcast_shapes(cells.mean.shape, *(jnp.shape(s.mean) for s in stats))
+    uniform = isinstance(cell_size, int)  # every cell holds cell_size elements
     columns = []
     for s in stats:
         denominator = s.var + epsilon
-        offset = jnp.mean(jnp.broadcast_to((cells.mean - s.mean) ** 2 / denominator, shape), axis=1)
-        spread = jnp.mean(jnp.broadcast_to(jnp.log((cells.var + epsilon) / denominator), shape), axis=1)
-        columns += [jnp.log1p(offset), spread if cell_size > 1 else jnp.zeros_like(spread)]
+        offset = jnp.broadcast_to((cells.mean - s.mean) ** 2 / denominator, shape)
+        spread = jnp.broadcast_to(jnp.log((cells.var + epsilon) / denominator), shape)
+        if not uniform:
+            offset, spread = jnp.where(cell_size > 0, offset, 0.0), jnp.where(cell_size > 1, spread, 0.0)
+        offset, spread = jnp.mean(offset, axis=1), jnp.mean(spread, axis=1)
+        columns += [jnp.log1p(offset), spread if not uniform or cell_size > 1 else jnp.zeros_like(spread)]
     return jnp.stack(columns, axis=1)
 
 

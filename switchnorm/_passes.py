@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from switchnorm._stats import power_of_two_scale
+from switchnorm._stats import power_of_two_scale, safe_count
 
 Array = jax.Array
 
-CellGraph = Callable[[Array, Array, Array, Array, int, Any], tuple[Array, Array, Any]]
-"""``graph(shift, inverse_unit, s1, s2, count, inputs) -> (mix_mean, a, batch_stats)``."""
+CellGraph = Callable[[Array, Array, Array, Array, Array | int, Any], tuple[Array, Array, Any]]
+"""``graph(shift, inverse_unit, s1, s2, count, inputs) -> (mix_mean, a, batch_stats)``; ``count``
+is the elements per cell, or under a mask each cell's (N, C) count of masked-in ones."""
 
 MIN_COUNT_FOR_BOUNDARY = 16
 """Cells smaller than this skip :func:`_fusion_boundary`: the cell graph is then
@@ -90,12 +91,42 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     return tuple(lax.cumsum(jnp.stack([c, jnp.zeros_like(c)], axis=-1), axis=c.ndim)[..., 1] for c in cells)
 
 
-def _centred(x: Array, shift: Array, compute_dtype: Any) -> Array:
-    """x - K per cell, (N, m, C); exactly zero when every cell holds one element."""
+def _centred(x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None) -> Array:
+    """x - K per cell, (N, m, C); exactly zero when every cell holds one element.
+
+    With one element per cell K is x itself, or under a mask (``keep``) x where
+    kept and 0 elsewhere (:func:`_first_kept`); XLA is told so.
+    """
     cells = _to_cells(x).astype(compute_dtype)
-    if cells.shape[1] == 1:  # (N, C) input: K is x itself; let XLA know.
-        return jnp.zeros_like(cells)
+    if cells.shape[1] == 1:
+        return jnp.zeros_like(cells) if keep is None else jnp.where(keep, 0.0, cells)
     return cells - _per_cell(shift)
+
+
+def mask_cells(mask: Array | None, x: Array) -> Array | None:
+    """A call-time mask (broadcastable to x) as (N, m, C) booleans: which elements the statistics read."""
+    return None if mask is None else _to_cells(jnp.broadcast_to(mask, x.shape))
+
+
+def _cell_sum(values: Array, keep: Array | None) -> Array:
+    """``sum_s values`` per cell, over the masked-in elements only when ``keep`` is given.
+
+    A select, not a product: a masked-out NaN or inf (padding) must not reach the sums.
+    """
+    return jnp.sum(values if keep is None else jnp.where(keep, values, 0.0), axis=1)
+
+
+def cell_counts(x: Array, keep: Array | None, compute_dtype: Any) -> Array | int:
+    """Elements per cell: the int m, or with a mask the (N, C) counts of masked-in elements."""
+    return _count(x) if keep is None else jnp.sum(keep, axis=1).astype(compute_dtype)
+
+
+def _first_kept(cells: Array, keep: Array | None) -> Array:
+    """K per cell: its first element, or with a mask its first masked-in one (0 for an empty cell)."""
+    if keep is None:
+        return cells[:, 0, :]
+    first = jnp.argmax(keep, axis=1)[:, None, :]
+    return jnp.where(jnp.any(keep, axis=1), jnp.take_along_axis(cells, first, axis=1)[:, 0, :], 0.0)
 
 
 def _overflowed(s2: Array) -> Array:
@@ -114,9 +145,9 @@ standard deviations. Beyond, the shifted sums take over (docs/design.md,
 "One pass: shifted sums per cell")."""
 
 
-def raw_sums_within_bound(s1: Array, s2: Array, count: int) -> Array:
+def raw_sums_within_bound(s1: Array, s2: Array, count: Array | int) -> Array:
     """Per sum: whether its variance from raw sums is within the bound above (NaN fails)."""
-    return s2 <= RAW_SUMS_BOUND * (s2 - s1 * (s1 / count))
+    return s2 <= RAW_SUMS_BOUND * (s2 - s1 * (s1 / safe_count(count)))
 
 
 def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
@@ -127,30 +158,32 @@ def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
     return jnp.logical_not(_overflowed(s2)) & jnp.all(within_bound)
 
 
-def _shifted(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
-    """``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` with K each cell's first element."""
+def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
+    """``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` with K each cell's first (kept) element."""
     cells = _to_cells(x).astype(compute_dtype)
-    shift = lax.stop_gradient(cells[:, 0, :])
+    shift = lax.stop_gradient(_first_kept(cells, keep))
     centred = cells - _per_cell(shift)
-    s1, s2 = jnp.sum(centred, axis=1), jnp.sum(centred * centred, axis=1)
+    s1, s2 = _cell_sum(centred, keep), _cell_sum(centred * centred, keep)
 
     def rescaled(operands):
-        x, shift, s1 = operands
+        x, keep, shift, s1 = operands
         unit, inverse_unit = power_of_two_scale(shift)
         scaled = (_to_cells(x).astype(compute_dtype) - _per_cell(shift)) * _per_cell(unit)
         # sum(d) u is sum(d u) exactly: u is a power of two.
-        return unit, inverse_unit, s1 * unit, jnp.sum(scaled * scaled, axis=1)
+        return unit, inverse_unit, s1 * unit, _cell_sum(scaled * scaled, keep)
 
     def as_is(operands):
         ones = jnp.ones_like(shift)
         return ones, ones, s1, s2
 
-    unit, inverse_unit, s1, s2 = lax.cond(_overflowed(s2), rescaled, as_is, (x, shift, s1))
+    unit, inverse_unit, s1, s2 = lax.cond(_overflowed(s2), rescaled, as_is, (x, keep, shift, s1))
     return shift, unit, inverse_unit, s1, s2
 
 
-def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array, Array]:
-    """The statistics pass: ``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2, raw)`` per cell.
+def shifted_sums(
+    x: Array, compute_dtype: Any, keep: Array | None = None
+) -> tuple[Array, Array, Array, Array, Array, Array, Array | int]:
+    """The statistics pass: ``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2, raw, count)`` per cell.
 
     First the raw sums (K = 0, u = 1): two reductions that read x itself,
     as BatchNorm's. ``raw`` (a traced bool) says they are kept: every cell's
@@ -161,20 +194,25 @@ def shifted_sums(x: Array, compute_dtype: Any) -> tuple[Array, Array, Array, Arr
     ``x - K`` written out. u is 1 there, unless some cell's shifted sum of
     squares overflows: then the pass is taken once more with u the
     :func:`power_of_two_scale` of every cell's K.
+
+    ``keep`` (:func:`mask_cells`) restricts every sum to the masked-in
+    elements; ``count`` is then each cell's (N, C) count of them, else the int
+    m (:func:`cell_counts`).
     """
     cells = _to_cells(x).astype(compute_dtype)
-    s1, s2 = jnp.sum(cells, axis=1), jnp.sum(cells * cells, axis=1)
-    raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, _count(x)), s2)
+    count = cell_counts(x, keep, compute_dtype)
+    s1, s2 = _cell_sum(cells, keep), _cell_sum(cells * cells, keep)
+    raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
     def as_raw(operands):
-        _, s1, s2 = operands
+        _, _, s1, s2 = operands
         zeros, ones = jnp.zeros_like(s1), jnp.ones_like(s1)
         return zeros, ones, ones, s1, s2
 
     def shifted(operands):
-        return _shifted(operands[0], compute_dtype)
+        return _shifted(operands[0], operands[1], compute_dtype)
 
-    return (*lax.cond(raw, as_raw, shifted, (x, s1, s2)), raw)
+    return (*lax.cond(raw, as_raw, shifted, (x, keep, s1, s2)), raw, count)
 
 
 def normalize_pass(
@@ -193,14 +231,20 @@ def normalize_pass(
 
 
 def normalize_autodiff(
-    graph: CellGraph, compute_dtype: Any, out_dtype: Any, x: Array, inputs: Any, bias: Array | None
+    graph: CellGraph,
+    compute_dtype: Any,
+    out_dtype: Any,
+    x: Array,
+    inputs: Any,
+    bias: Array | None,
+    mask: Array | None = None,
 ) -> tuple[Array, Any]:
     """Statistics pass, cell graph, normalize pass; differentiated by JAX."""
-    count = _count(x)
-    shift, _, inverse_unit, s1, s2, _ = shifted_sums(x, compute_dtype)
-    s1, s2 = _fusion_boundary(s1, s2, count=count)
+    m = _count(x)
+    shift, _, inverse_unit, s1, s2, _, count = shifted_sums(x, compute_dtype, mask_cells(mask, x))
+    s1, s2 = _fusion_boundary(s1, s2, count=m)
     mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
-    mix_mean, a = _fusion_boundary(mix_mean, a, count=count)
+    mix_mean, a = _fusion_boundary(mix_mean, a, count=m)
     return normalize_pass(x, shift, mix_mean, a, bias, compute_dtype, out_dtype), batch_stats
 
 
@@ -226,7 +270,7 @@ def _varying_axes(v: Array) -> frozenset:
 
 
 def _backward_sums(
-    dy: Array, x: Array, shift: Array, mix_mean: Array, raw: Array, compute_dtype: Any
+    dy: Array, x: Array, shift: Array, mix_mean: Array, raw: Array, compute_dtype: Any, keep: Array | None
 ) -> tuple[Array, Array]:
     """The backward reduction pass: ``r1 = sum_s dy`` and ``r2 = sum_s dy * (x - K - mix_mean)``.
 
@@ -239,19 +283,25 @@ def _backward_sums(
     r1 = jnp.sum(dy, axis=1)
 
     def raw_form(operands):
-        dy, x, _, mix_mean, r1 = operands
+        dy, x, _, mix_mean, r1, _ = operands
         return jnp.sum(dy * _to_cells(x).astype(compute_dtype), axis=1) - mix_mean * r1
 
     def centred_form(operands):
-        dy, x, shift, mix_mean, _ = operands
-        return jnp.sum(dy * (_centred(x, shift, compute_dtype) - _per_cell(mix_mean)), axis=1)
+        dy, x, shift, mix_mean, _, keep = operands
+        return jnp.sum(dy * (_centred(x, shift, compute_dtype, keep) - _per_cell(mix_mean)), axis=1)
 
-    return r1, lax.cond(raw, raw_form, centred_form, (dy, x, shift, mix_mean, r1))
+    return r1, lax.cond(raw, raw_form, centred_form, (dy, x, shift, mix_mean, r1, keep))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def normalize(
-    graph: CellGraph, compute_dtype: Any, out_dtype: Any, x: Array, inputs: Any, bias: Array | None
+    graph: CellGraph,
+    compute_dtype: Any,
+    out_dtype: Any,
+    x: Array,
+    inputs: Any,
+    bias: Array | None,
+    mask: Array | None = None,
 ) -> tuple[Array, Any]:
     """:func:`normalize_autodiff` with the two-pass backward of this module.
 
@@ -262,34 +312,40 @@ def normalize(
       x: the input, (N, *spatial, C).
       inputs: pytree of the small differentiable inputs the graph reads.
       bias: (C,) offset or None.
+      mask: booleans broadcastable to x: the elements the statistics read
+        (every element is normalized); None reads all.
 
     Returns:
       ``(y, batch_stats)``.
     """
-    return _forward(graph, compute_dtype, out_dtype, x, inputs, bias)[0]
+    return _forward(graph, compute_dtype, out_dtype, x, inputs, bias, mask)[0]
 
 
-def _forward(graph, compute_dtype, out_dtype, x, inputs, bias):
-    """The primal output and the residuals: x, K, the sums and the small inputs."""
-    count = _count(x)
-    if count == 1:  # (N, C) input: the cells' shifted sums are exactly zero.
-        shift = _to_cells(x)[:, 0, :].astype(compute_dtype)
+def _forward(graph, compute_dtype, out_dtype, x, inputs, bias, mask):
+    """The primal output and the residuals: x, K, the sums, the counts and the small inputs."""
+    m = _count(x)
+    keep = mask_cells(mask, x)
+    if m == 1:  # (N, C) input: the cells' shifted sums are exactly zero.
+        shift = _first_kept(_to_cells(x).astype(compute_dtype), keep)
         s1 = s2 = jnp.zeros_like(shift)
         unit = inverse_unit = jnp.ones_like(shift)
         raw = jnp.asarray(False)
+        count = cell_counts(x, keep, compute_dtype)
     else:
-        shift, unit, inverse_unit, s1, s2, raw = shifted_sums(x, compute_dtype)
+        shift, unit, inverse_unit, s1, s2, raw, count = shifted_sums(x, compute_dtype, keep)
     mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
-    mix_mean, a = _fusion_boundary(mix_mean, a, count=count)
+    mix_mean, a = _fusion_boundary(mix_mean, a, count=m)
     y = normalize_pass(x, shift, mix_mean, a, bias, compute_dtype, out_dtype)
-    return (y, batch_stats), (x, shift, unit, inverse_unit, s1, s2, raw, inputs, bias)
+    kept = None if isinstance(count, int) else count  # the masked-in counts; m is x's to recompute
+    return (y, batch_stats), (x, shift, unit, inverse_unit, s1, s2, raw, kept, inputs, bias, mask)
 
 
 def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     """One reduction pass over (dy, x), the cell graph's VJP, one elementwise pass."""
     del out_dtype
-    x, shift, unit, inverse_unit, s1, s2, raw, inputs, bias = residuals
-    count = _count(x)
+    x, shift, unit, inverse_unit, s1, s2, raw, kept, inputs, bias, mask = residuals
+    m = _count(x)
+    count = m if kept is None else kept
     # The cell graph again, on (N, C) arrays: cheaper to redo than to keep, and
     # its VJP is traced here, where the cotangents' types (e.g. varying over a
     # shard_map axis) are known.
@@ -298,18 +354,22 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     )
     dy, batch_stats_bar = cotangents
     dy = _to_cells(dy).astype(compute_dtype)
-    centred = _centred(x, shift, compute_dtype)
-    r1, r2 = _backward_sums(dy, x, shift, mix_mean, raw, compute_dtype)
+    keep = mask_cells(mask, x)
+    centred = _centred(x, shift, compute_dtype, keep)
+    # Every element is normalized by mix_mean and a: r1, r2 sum over all of them.
+    r1, r2 = _backward_sums(dy, x, shift, mix_mean, raw, compute_dtype, keep)
     g1, g2, inputs_bar = graph_vjp((_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar))
     # ds1/dx = u and ds2/dx = 2 u^2 (x - K): u folded into the (N, C) cotangents
-    # ((g2 * u) * u, since u^2 alone can underflow).
-    a, g1, g2 = _fusion_boundary(a, g1 * unit, 2.0 * g2 * unit * unit, count=count)
-    dx = _per_cell(a) * dy + _per_cell(g1) + _per_cell(g2) * centred
-    dx = dx.reshape(x.shape).astype(x.dtype)
+    # ((g2 * u) * u, since u^2 alone can underflow); zero where the mask left x out of the sums.
+    a, g1, g2 = _fusion_boundary(a, g1 * unit, 2.0 * g2 * unit * unit, count=m)
+    through_sums = _per_cell(g1) + _per_cell(g2) * centred
+    if keep is not None:
+        through_sums = jnp.where(keep, through_sums, 0.0)
+    dx = (_per_cell(a) * dy + through_sums).reshape(x.shape).astype(x.dtype)
     # From the same (N, m, C) view as r1 (XLA merges sum(r1, 0) into a reduce
     # of the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
     bias_bar = None if bias is None else _like(jnp.sum(dy, axis=(0, 1)), bias).astype(bias.dtype)
-    return dx, inputs_bar, bias_bar
+    return dx, inputs_bar, bias_bar, None
 
 
 normalize.defvjp(_forward, _backward)

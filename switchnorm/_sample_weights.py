@@ -35,7 +35,7 @@ import numpy as np
 
 from switchnorm import _core
 from switchnorm._cell_graph import GraphConfig, blend_weights_of, normalizer_stats
-from switchnorm._passes import shifted_sums
+from switchnorm._passes import mask_cells, shifted_sums
 from switchnorm._stats import cell_stats
 
 Array = jax.Array
@@ -71,25 +71,24 @@ def capturing() -> Iterator[list[CapturedWeights]]:
         _RECORDS.reset(token)
 
 
-def sample_weights(config: GraphConfig, x: Array, arrays: Any) -> Array:
+def sample_weights(config: GraphConfig, x: Array, arrays: Any, mask: Array | None = None) -> Array:
     """(2, N, K): the weights a ``weights="sample"`` layer gives each sample of channels-last ``x``.
 
     ``arrays`` is the layer's :class:`switchnorm._core.LayerArrays` of the ``config``'s
-    normalizers. The statistics and the weights are the cell graph's own
+    normalizers, ``mask`` the call's (broadcast to x). The statistics and the weights are the cell graph's own
     (:func:`switchnorm._cell_graph.normalizer_stats`, ``blend_weights_of``); for (N, C)
     input they equal the direct sums the core takes there, up to rounding.
     """
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     inputs = _core.graph_inputs(config, arrays, compute_dtype)
-    shift, _, inverse_unit, s1, s2, _ = shifted_sums(x, compute_dtype)
-    cell_size = x.size // (x.shape[0] * x.shape[-1])
+    shift, _, inverse_unit, s1, s2, _, cell_size = shifted_sums(x, compute_dtype, mask_cells(mask, x))
     cells = cell_stats(shift, inverse_unit, s1, s2, cell_size)
     stats = normalizer_stats(config, compute_dtype, cells, inputs)
     weights = blend_weights_of(config, compute_dtype, stats, inputs, cells, cell_size)
     return jnp.swapaxes(weights[..., 0], 1, 2)  # (2, K, N, 1) -> (2, N, K)
 
 
-def record(layer: Any, config: GraphConfig, x: Array, arrays: Any) -> None:
+def record(layer: Any, config: GraphConfig, x: Array, arrays: Any, mask: Array | None = None) -> None:
     """Appends ``layer``'s per-sample weights on ``x`` while :func:`capturing`; else nothing.
 
     Called by the front ends with the channels-last input and the arrays they
@@ -104,5 +103,5 @@ def record(layer: Any, config: GraphConfig, x: Array, arrays: Any) -> None:
             "weights='sample' layer was called under a JAX transform (jit, vmap, scan); pass "
             "forward=... that calls the model without transforms."
         )
-    weights = np.asarray(sample_weights(config, x, arrays), np.float64)
+    weights = np.asarray(sample_weights(config, x, arrays, mask), np.float64)
     records.append(CapturedWeights(layer, tuple(config.normalizers), weights))

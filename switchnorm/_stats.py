@@ -70,22 +70,36 @@ class CellStats(NamedTuple):
         spatial position); every mean below is relative to it.
       mean: (N, C) cell mean minus ``shift``.
       var: (N, C) biased cell variance.
+      kept: (N, C) number of masked-in elements of each cell, with a call-time
+        ``mask``; ``None`` when every cell holds all its elements (the merges
+        then weigh cells equally).
     """
 
     shift: Array
     mean: Array
     var: Array
+    kept: Array | None = None
 
 
-def cell_stats(shift: Array, inverse_unit: Array, s1: Array, s2: Array, count: int) -> CellStats:
+def safe_count(count: Array | int) -> Array | int:
+    """``count``, with 1 where it is 0: an empty cell's sums are 0, so its mean and variance are 0."""
+    return count if isinstance(count, int) else jnp.maximum(count, 1)
+
+
+def cell_stats(shift: Array, inverse_unit: Array, s1: Array, s2: Array, count: Array | int) -> CellStats:
     """Cell mean and variance from ``s1 = sum_s (x - K) u`` and ``s2 = sum_s ((x - K) u)^2``.
 
     ``u`` is 1 or the :func:`power_of_two_scale` of K; the variance is
-    ``max(s2 - s1^2 / m, 0) / m`` in those units, then ``/ u^2``.
+    ``max(s2 - s1^2 / m, 0) / m`` in those units, then ``/ u^2``. ``count`` is
+    m, the elements per cell, or, with a mask, the (N, C) array of each cell's
+    masked-in elements; a cell with none gets mean 0 (its shift) and variance 0,
+    and weight 0 in every merge.
     """
-    mean = s1 / count
+    m = safe_count(count)
+    mean = s1 / m
     m2 = jnp.maximum(s2 - s1 * mean, 0.0)
-    return CellStats(shift=shift, mean=mean * inverse_unit, var=_unscale_square(m2 / count, inverse_unit))
+    cell_count = None if isinstance(count, int) else count
+    return CellStats(shift, mean * inverse_unit, _unscale_square(m2 / m, inverse_unit), cell_count)
 
 
 class ScopeStats(NamedTuple):
@@ -102,19 +116,22 @@ class ScopeStats(NamedTuple):
 def _combine(cells: CellStats, axis: int, axis_name: Any = None, axis_index_groups: Any = None) -> ScopeStats:
     """Merges the cells along ``axis`` with the parallel-variance rule (Chan et al.).
 
-    All cells of a scope have the same size. Cell means are first moved to a
-    common frame, the shift ``ref`` of the scope's first cell (agreed across
-    devices with a ``pmean`` when ``axis_name`` is given), so that
+    Cell means are first moved to a common frame, the shift ``ref`` of the
+    scope's first cell (agreed across devices with a ``pmean`` when
+    ``axis_name`` is given), so that, for cells of equal size,
 
         scope mean = mean of the cell means
         scope var  = mean(cell var + (cell mean - scope mean)^2)
 
     stays accurate however large the data's mean is; the second line is taken
-    in units of ``ref``'s power of two, so its squares do not overflow.
+    in units of ``ref``'s power of two, so its squares do not overflow. Cells
+    with masked counts are merged by :func:`_combine_counted` instead.
     Returns the scope mean relative to each cell's own shift and the scope
     variance, both broadcast back to the cells' shape.
     """
-    shift, mean, var = cells
+    if cells.kept is not None:
+        return _combine_counted(cells, axis, axis_name, axis_index_groups)
+    shift, mean, var, _ = cells
     pmean = functools.partial(lax.pmean, axis_name=axis_name, axis_index_groups=axis_index_groups)
     ref = lax.slice_in_dim(shift, 0, 1, axis=axis)
     if axis_name is not None:
@@ -130,6 +147,46 @@ def _combine(cells: CellStats, axis: int, axis_name: Any = None, axis_index_grou
     scope_var = _unscale_square(scaled / mean.shape[axis], inverse_unit)
     if axis_name is not None:  # equal local batches, as flax.linen.BatchNorm assumes
         scope_var = pmean(scope_var)
+    return ScopeStats(mean=scope_mean + (ref - shift), var=jnp.broadcast_to(scope_var, mean.shape))
+
+
+def _combine_counted(
+    cells: CellStats, axis: int, axis_name: Any = None, axis_index_groups: Any = None
+) -> ScopeStats:
+    """:func:`_combine` for cells of unequal sizes ``cells.kept`` (a call-time mask).
+
+    Each cell weighs as many as its masked-in elements::
+
+        scope mean = sum(n_i mean_i) / sum(n_i)
+        scope var  = sum(n_i (var_i + (mean_i - scope mean)^2)) / sum(n_i)
+
+    so the scope's statistics are those of its masked-in elements alone. The
+    common frame is the shift of the scope's first non-empty cell, and with
+    ``axis_name`` every sum is a ``psum``: the statistics of the masked-in
+    elements of the whole batch, however they fall on the devices. A scope
+    with no masked-in element gets mean 0 (relative to the frame) and variance 0.
+    """
+    shift, mean, var, count = cells
+    assert count is not None  # the masked-in elements per cell
+    psum = functools.partial(lax.psum, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    reduce = (
+        (lambda v: psum(jnp.sum(v, axis=axis, keepdims=True)))
+        if axis_name is not None
+        else (lambda v: jnp.sum(v, axis=axis, keepdims=True))
+    )
+    filled = (count > 0).astype(shift.dtype)
+    first = jnp.argmax(filled, axis=axis, keepdims=True)  # 0 where every cell is empty
+    ref = jnp.take_along_axis(shift, first, axis=axis)
+    if axis_name is not None:  # the frame of the devices that hold a masked-in element
+        holds = jnp.max(filled, axis=axis, keepdims=True)
+        ref = psum(ref * holds) / jnp.maximum(psum(holds), 1.0)
+    in_frame = mean + (shift - ref)
+    total = jnp.maximum(reduce(count), 1.0)
+    scope_mean = reduce(count * in_frame) / total
+    unit, inverse_unit = power_of_two_scale(ref)
+    deviation = (in_frame - scope_mean) * unit
+    scaled = reduce(count * (var * unit * unit + deviation * deviation))
+    scope_var = _unscale_square(scaled / total, inverse_unit)
     return ScopeStats(mean=scope_mean + (ref - shift), var=jnp.broadcast_to(scope_var, mean.shape))
 
 
@@ -160,7 +217,13 @@ def scope_stats(
         raise ValueError(f"unknown normalizer {name!r}; choose from {NORMALIZERS}.")
     groups = 1 if name == "ln" else num_groups
     n, c = cells.mean.shape
-    grouped = CellStats(*(a.reshape(n, groups, c // groups) for a in cells))
+
+    def grouped_channels(a: Array) -> Array:
+        return a.reshape(n, groups, c // groups)
+
+    kept = None if cells.kept is None else grouped_channels(cells.kept)
+    shift, mean, var = (grouped_channels(a) for a in cells[:3])
+    grouped = CellStats(shift, mean, var, kept)
     stats = _combine(grouped, axis=2)
     return ScopeStats(mean=stats.mean.reshape(n, c), var=stats.var.reshape(n, c))
 

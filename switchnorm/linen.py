@@ -124,12 +124,17 @@ class SwitchNorm(nn.Module):
     weights: str = "layer"
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         """Normalizes ``x`` (shape (N, ..., C, ...), C on ``axis``) with the learned blend.
 
         Args:
           x: the input, samples on axis 0 and features on ``axis`` (last by default).
           use_running_average: overrides the attribute of the same name.
+          mask: optional booleans broadcastable to x, as for ``nn.BatchNorm``: True where an
+            element counts towards the statistics (e.g. not padding). Every element is
+            normalized; bn's batch statistics, and so the running averages, read only these.
 
         Returns:
           The normalized input, same shape, dtype ``self.dtype`` or the input's.
@@ -139,12 +144,11 @@ class SwitchNorm(nn.Module):
         )
         rank = len(getattr(x, "shape", ()))
         feature = _arguments.feature_axis(_arguments.check_axis(self.axis), rank)
-        if feature != rank - 1:
-            x = jnp.moveaxis(x, feature, -1)
-        y = self._channels_last(x, use_running_average)
+        x, mask = _arguments.channels_last(x, mask, feature)
+        y = self._channels_last(x, use_running_average, mask)
         return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
 
-    def _channels_last(self, x: Array, use_running_average: bool) -> Array:
+    def _channels_last(self, x: Array, use_running_average: bool, mask: Array | None) -> Array:
         """The layer on channels-last ``x``: its variables, the core, the running-average update."""
         config, momentum = self._checked_config(x, use_running_average)
         num_channels = x.shape[-1]
@@ -180,8 +184,8 @@ class SwitchNorm(nn.Module):
             radius=radius,
             sample_map=sample_map,
         )
-        _sample_weights.record("/".join(self.path), config, x, arrays)  # only while mixing_weights reads them
-        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
+        _sample_weights.record("/".join(self.path), config, x, arrays, mask)  # while mixing_weights reads
+        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
         if batch_stats is not None and not self.is_initializing():
             # Batch statistics come only from the "bn" term, which created both running averages above.
             assert ra_mean is not None and ra_var is not None

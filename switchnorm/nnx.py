@@ -242,12 +242,17 @@ class SwitchNorm(nnx.Module):
         rank = self.last_input_rank
         return self.normalizers if rank is None else self._active_normalizers(rank)
 
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         """Normalizes ``x`` (shape (N, ..., C, ...), C on ``axis``) with the learned blend.
 
         Args:
           x: the input, samples on axis 0 and features on ``axis`` (last by default).
           use_running_average: overrides the attribute of the same name.
+          mask: optional booleans broadcastable to x, as for ``nnx.BatchNorm``: True where
+            an element counts towards the statistics (e.g. not padding). Every element is
+            normalized; bn's batch statistics, and so the running averages, read only these.
 
         Returns:
           The normalized input, same shape, dtype ``self.dtype`` or the input's.
@@ -258,8 +263,7 @@ class SwitchNorm(nnx.Module):
             raise ValueError("No use_running_average argument was given to SwitchNorm.")
         rank = len(getattr(x, "shape", ()))
         feature = _arguments.feature_axis(self.axis, rank)
-        if feature != rank - 1:
-            x = jnp.moveaxis(x, feature, -1)
+        x, mask = _arguments.channels_last(x, mask, feature)
         active = self._active_normalizers(rank)
         _arguments.check_input(x, active, self.num_features)  # rank, dtype, channel count
         self._record_rank(rank)
@@ -275,8 +279,8 @@ class SwitchNorm(nnx.Module):
             weights=self.weights,
         )
         x, arrays = self._promoted(x, self._arrays(active, uses_bn))
-        _sample_weights.record(self, config, x, arrays)  # only while mixing_weights reads them
-        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype)
+        _sample_weights.record(self, config, x, arrays, mask)  # only while mixing_weights reads them
+        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
         if batch_stats is not None:
             stop = jax.lax.stop_gradient
             # Batch statistics come only from the "bn" term, and __init__ made both running averages for it.

@@ -295,6 +295,69 @@ def check_gradients(mesh: Mesh, name: str) -> Results:
     }
 
 
+MASK_LENGTHS = np.array([25, 0, 3, 17, 0, 0, 9, 25, 1, 12, 25, 5, 0, 20, 7, 25])
+"""Masked-in positions (of 25) per sample: every device's count differs, device 2 holds none."""
+
+
+def check_mask(mesh: Mesh) -> Results:
+    """A call-time mask of padded positions under shard_map with axis_name, against one device.
+
+    bn's statistics must be those of the masked-in elements of the whole batch however
+    they fall on the devices; outputs, batch statistics and gradients are compared.
+    ``equal_weights_gap`` is how far an average of the devices' own masked means (which
+    weighs each device equally) lands from that: what the comparisons can tell apart.
+    """
+    x = batch(6)
+    keep = (np.arange(25)[None, :] < MASK_LENGTHS[:, None]).reshape(BATCH, 5, 5, 1)
+    x = np.where(keep, x, np.float32(1e3))  # padding far from the data
+    norm = layer(CONFIGS["sn"])
+    params = {"mean_logits": norm.mean_logits[...], "var_logits": norm.var_logits[...]}
+
+    def apply(params, x, mask, axis_name=None):
+        return switchnorm.switch_norm(
+            x, scale=norm.scale[...], num_groups=4, axis_name=axis_name, mask=mask, **params
+        )
+
+    def loss(params, x, mask, axis_name=None):
+        total = jnp.sum(jnp.sin(apply(params, x, mask, axis_name)[0]))
+        return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+    (y_full, b_full), full_grads = (
+        jax.jit(apply)(params, x, keep),
+        jax.jit(jax.grad(loss, (0, 1)))(params, x, keep),
+    )
+    specs = (P(), P("data"), P("data"))
+    synced = jax.shard_map(
+        lambda p, x, m: apply(p, x, m, "data"), mesh=mesh, in_specs=specs, out_specs=(P("data"), P())
+    )
+    y, b = jax.jit(synced)(params, x, keep)
+    sharded_loss = jax.shard_map(
+        lambda p, x, m: loss(p, x, m, "data"), mesh=mesh, in_specs=specs, out_specs=P()
+    )
+    grads = jax.jit(jax.grad(lambda p, x, m: jnp.sum(sharded_loss(p, x, m)), (0, 1)))(params, x, keep)
+
+    def relative(a, b) -> float:
+        return largest_difference((a, b)) / max(
+            float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(a)
+        )
+
+    kept = np.broadcast_to(keep, x.shape).reshape(DEVICES, -1, x.shape[-1])
+    values = x.reshape(DEVICES, -1, x.shape[-1])
+    device_means = [
+        values[d][kept[d]].reshape(-1, x.shape[-1]).mean(0) for d in range(DEVICES) if kept[d].any()
+    ]
+    return {
+        # padded elements normalize to hundreds: the output is compared relative to its largest
+        "mask/shard_map/output_relative": relative(y_full, y),
+        "mask/shard_map/batch_stats": largest_difference((b_full, b)),
+        "mask/gradients/params_relative": relative(full_grads[0], grads[0]),
+        "mask/gradients/x_relative": relative(full_grads[1], grads[1]),
+        "mask/equal_weights_gap": float(
+            np.max(np.abs(np.mean(device_means, axis=0) - np.asarray(b_full.mean)))
+        ),
+    }
+
+
 def check_pmap(name: str) -> Results:
     x = batch(3)
     shards = x.reshape(DEVICES, BATCH // DEVICES, *x.shape[1:])
@@ -445,6 +508,7 @@ def scenarios(devices: list[jax.Device]) -> dict[str, Callable[[], Results]]:
     for name in ("bn", "sn"):
         table[f"train/{name}"] = functools.partial(check_train, mesh, name)
     table["linen"] = functools.partial(check_linen_jit, mesh)
+    table["mask"] = functools.partial(check_mask, mesh)
     return table
 
 

@@ -27,13 +27,29 @@ def softmax(logits) -> np.ndarray:
     return e / e.sum()
 
 
-def scope_stats(x: np.ndarray, name: str, num_groups: int = 1):
+def _masked_moments(x: np.ndarray, keep, axes):
+    """Mean and biased variance over ``axes`` of the elements ``keep`` marks (all without one).
+
+    A scope with no element kept has mean 0 and variance 0, as the layer defines it.
+    """
+    if keep is None:
+        return x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    count = keep.sum(axis=axes, keepdims=True)
+    safe = np.maximum(count, 1)
+    mean = np.where(keep, x, 0.0).sum(axis=axes, keepdims=True) / safe
+    var = np.where(keep, (x - mean) ** 2, 0.0).sum(axis=axes, keepdims=True) / safe
+    return mean, var
+
+
+def scope_stats(x: np.ndarray, name: str, num_groups: int = 1, mask=None):
     """Mean and biased variance of one normalizer, broadcastable against x.
 
     x has shape (N, *S, C). Returned arrays have x's rank (keepdims) or, for gn,
-    are already expanded back to x's shape.
+    are already expanded back to x's shape. ``mask`` (booleans broadcastable to
+    x) restricts both to the elements it marks.
     """
     rank = x.ndim
+    keep = None if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
     spatial = tuple(range(1, rank - 1))
     if name == "bn":  # batch and space, one value per channel
         axes = (0, *spatial)
@@ -43,18 +59,18 @@ def scope_stats(x: np.ndarray, name: str, num_groups: int = 1):
         axes = tuple(range(1, rank))
     elif name == "gn":  # space and a group of channels, one per (sample, group)
         c = x.shape[-1]
-        grouped = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
+        grouped_shape = (*x.shape[:-1], num_groups, c // num_groups)
+        grouped = x.reshape(grouped_shape)
         axes = (*spatial, rank)  # space and the channels within a group
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = grouped.var(axis=axes, keepdims=True)
+        mean, var = _masked_moments(grouped, None if keep is None else keep.reshape(grouped_shape), axes)
         expand = lambda a: np.broadcast_to(a, grouped.shape).reshape(x.shape)  # noqa: E731
         return expand(mean), expand(var)
     else:
         raise ValueError(name)
-    return x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    return _masked_moments(x, keep, axes)
 
 
-def sample_weights(x, stats, logits, sample_map, epsilon: float) -> np.ndarray:
+def sample_weights(x, stats, logits, sample_map, epsilon: float, mask=None) -> np.ndarray:
     """(2, K, N) per-sample weights of ``weights="sample"``, from the definition.
 
     ``stats`` holds each normalizer's (mean, var) broadcast to x. A sample's
@@ -63,16 +79,23 @@ def sample_weights(x, stats, logits, sample_map, epsilon: float) -> np.ndarray:
     deviations, and the log of its channel variance over k's (each plus epsilon).
     Its logits are the layer's plus the descriptors times ``sample_map``; softmax.
     A sample of one element per channel has no spread of its own: 0 there.
+    With ``mask``, a channel's terms are 0 where the sample holds no kept
+    element of it (the spread's where it holds at most one), and still
+    averaged over all C channels.
     """
     spatial = tuple(range(1, x.ndim - 1))
-    own_mean, own_var = x.mean(axis=spatial), x.var(axis=spatial)  # (N, C)
+    own_mean, own_var = (a.reshape(x.shape[0], x.shape[-1]) for a in scope_stats(x, "in", mask=mask))
+    count = np.full(own_mean.shape, x[0, ..., 0].size)
+    if mask is not None:
+        count = np.broadcast_to(np.asarray(mask, bool), x.shape).sum(axis=spatial)
     columns = []
     for m, v in stats:
         m = np.broadcast_to(m, x.shape).mean(axis=spatial)  # constant over space: (N, C)
         v = np.broadcast_to(v, x.shape).mean(axis=spatial)
-        columns.append(np.log1p(np.mean((own_mean - m) ** 2 / (v + epsilon), axis=1)))
-        spread = np.mean(np.log((own_var + epsilon) / (v + epsilon)), axis=1)
-        columns.append(spread if x[0, ..., 0].size > 1 else np.zeros_like(spread))
+        offset = np.where(count > 0, (own_mean - m) ** 2 / (v + epsilon), 0.0)
+        columns.append(np.log1p(np.mean(offset, axis=1)))
+        spread = np.where(count > 1, np.log((own_var + epsilon) / (v + epsilon)), 0.0)
+        columns.append(np.mean(spread, axis=1))
     descriptors = np.stack(columns, axis=1)  # (N, 2K)
     out = []
     for t in range(2):
@@ -96,6 +119,7 @@ def switch_norm(
     running_var=None,
     weights: str = "layer",
     sample_map=None,
+    mask=None,
 ):
     """y = scale * (x - sum_k w_k mu_k) / sqrt(sum_k v_k var_k + eps) + bias.
 
@@ -103,18 +127,20 @@ def switch_norm(
     (inference); otherwise bn uses the batch. Returns (y, bn_mean, bn_var),
     the last two the per-channel batch statistics of the bn scope. The weights
     w_k, v_k are per layer (softmax of (K,) logits), per channel (softmax over
-    the K rows of (K, C) logits) or per sample (:func:`sample_weights`).
+    the K rows of (K, C) logits) or per sample (:func:`sample_weights`). With
+    ``mask`` every statistic reads only the elements it marks; all are normalized.
     """
     x = np.asarray(x, np.float64)
+    mask = None if mask is None else np.asarray(mask, bool)
     stats = []
     for name in normalizers:
         if name == "bn" and running_mean is not None:
             stats.append((np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)))
         else:
-            stats.append(scope_stats(x, name, num_groups))
+            stats.append(scope_stats(x, name, num_groups, mask))
     logits = np.stack([np.asarray(mean_logits, np.float64), np.asarray(var_logits, np.float64)])
     if weights == "sample":
-        per_sample = sample_weights(x, stats, logits, sample_map, epsilon)  # (2, K, N)
+        per_sample = sample_weights(x, stats, logits, sample_map, epsilon, mask)  # (2, K, N)
         w_mean, w_var = per_sample.reshape(2, len(normalizers), -1, *(1,) * (x.ndim - 1))
     elif weights == "channel":  # (2, K, C): softmax down each channel's column
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -131,8 +157,8 @@ def switch_norm(
         y = y * np.asarray(scale, np.float64)
     if bias is not None:
         y = y + np.asarray(bias, np.float64)
-    axes = tuple(range(x.ndim - 1))
-    return y, x.mean(axis=axes), x.var(axis=axes)
+    bn_mean, bn_var = scope_stats(x, "bn", mask=mask)
+    return y, bn_mean.reshape(-1), bn_var.reshape(-1)
 
 
 # --------------------------------------------------------------------------
@@ -157,7 +183,7 @@ NON_DEFAULT_EPSILONS = (0.1, 1.0)
 root, changes y by far more than float32 round-off."""
 
 
-TENSOR_ARGUMENTS = ("scale", "bias", "running_mean", "running_var", "sample_map")
+TENSOR_ARGUMENTS = ("scale", "bias", "running_mean", "running_var", "sample_map", "mask")
 
 
 def call(fn, args: dict, **options):

@@ -170,3 +170,14 @@ def test_per_channel_and_per_sample_gradients_under_shard_map_equal_single_devic
     diff = report.results(f"gradients/{norm}")
     assert diff[f"gradients/{norm}/params_relative"] < 2e-6
     assert diff[f"gradients/{norm}/x_relative"] < 2e-6
+
+
+def test_a_mask_under_shard_map_gives_the_whole_batchs_masked_statistics(report):
+    # masked-in counts differ between devices (one holds none): bn's statistics, the output
+    # and the gradients equal one device's on the full batch, not an average of devices
+    diff = report.results("mask")
+    assert diff["mask/shard_map/output_relative"] < 2e-6
+    assert diff["mask/shard_map/batch_stats"] < TOL
+    assert diff["mask/gradients/params_relative"] < 2e-6
+    assert diff["mask/gradients/x_relative"] < 2e-6
+    assert diff["mask/equal_weights_gap"] > 0.1  # the comparisons above can tell the two apart
