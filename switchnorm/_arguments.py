@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 NORMALIZERS: tuple[str, ...] = ("bn", "in", "ln", "gn")
 """Every normalizer name, in the default order of the logits."""
@@ -162,11 +163,12 @@ def check_weights(weights: Any) -> str:
 
 
 def check_axis(axis: Any) -> int:
-    """``axis`` (Flax's feature axis) as an int, or a TypeError naming it."""
+    """``axis`` (the NNX layer's feature axis) as an int, or a TypeError naming it."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(
             f"axis must be an int, the one feature (channel) axis of the input as in Flax's "
-            f"BatchNorm, got {axis!r} ({type(axis).__name__}); write axis=1 for channels-first input."
+            f"nnx.BatchNorm, got {axis!r} ({type(axis).__name__}); write axis=1 for channels-first "
+            "input (several feature axes: switchnorm.linen.SwitchNorm, as nn.BatchNorm, takes a tuple)."
         )
     return int(axis)
 
@@ -193,18 +195,61 @@ def feature_axis(axis: int, rank: int) -> int:
     return axis % rank
 
 
-def channels_last(x: Any, mask: Any, feature: int) -> tuple[Any, Any]:
-    """``x`` and its call-time ``mask`` (checked, broadcast to x) with axis ``feature`` moved last.
+def check_axes(axis: Any) -> tuple[int, ...]:
+    """``axis`` (Linen's feature axis or axes, as ``flax.linen.BatchNorm`` takes them) as a tuple of ints."""
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if not axes:
+        raise ValueError("axis=() names no feature axis; pass one axis (e.g. -1) or several, e.g. (1, 3).")
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(
+                f"axis must be an int or a tuple of ints, the feature axes of the input as in Flax's "
+                f"BatchNorm, got {axis!r}; write axis=1 for channels-first input."
+            )
+    return tuple(int(a) for a in axes)
 
-    The front ends' first step; ``x`` itself is checked after, by :func:`check_input`.
+
+def feature_axes(axes: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The feature axes of a rank-``rank`` input as sorted indices in [1, rank) (:func:`feature_axis`)."""
+    found = tuple(sorted(feature_axis(a, rank) for a in axes))
+    if len(set(found)) != len(found):
+        raise ValueError(f"axis={axes} names the same axis twice for an input of rank {rank}.")
+    return found
+
+
+def _as_axes(features: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (features,) if isinstance(features, int) else tuple(features)
+
+
+def channels_last(x: Any, mask: Any, features: int | tuple[int, ...]) -> tuple[Any, Any]:
+    """``x`` and its call-time ``mask`` (checked, broadcast to x) with the feature axes moved last.
+
+    Several feature axes (Linen's ``axis=(1, 3)``) are then flattened into one channel axis,
+    in their order; :func:`channels_back` undoes it. The front ends' first step; ``x`` itself
+    is checked after, by :func:`check_input`.
     """
+    axes = _as_axes(features)
     shape = getattr(x, "shape", None)
     if shape is not None:
         mask = check_mask(mask, tuple(shape))
-    if shape is None or feature == len(shape) - 1:
+    if shape is None or axes == (len(shape) - 1,):
         return x, mask
-    moved = None if mask is None else jnp.moveaxis(mask, feature, -1)
-    return jnp.moveaxis(x, feature, -1), moved
+    rank, k = len(shape), len(axes)
+
+    def move(a: Any) -> Any:
+        moved = jnp.moveaxis(a, axes, tuple(range(rank - k, rank)))
+        return moved.reshape(*moved.shape[: rank - k], int(np.prod(moved.shape[rank - k :])))
+
+    return move(x), None if mask is None else move(mask)
+
+
+def channels_back(y: Any, features: int | tuple[int, ...], shape: tuple[int, ...]) -> Any:
+    """The inverse of :func:`channels_last` for an output ``y``: back to the input's ``shape``."""
+    axes, rank = _as_axes(features), len(shape)
+    if axes == (rank - 1,):
+        return y
+    moved = [shape[a] for a in range(rank) if a not in axes] + [shape[a] for a in axes]
+    return jnp.moveaxis(y.reshape(moved), tuple(range(rank - len(axes), rank)), axes)
 
 
 def check_flag(name: str, value: Any) -> bool:

@@ -101,7 +101,9 @@ def recalibrate(model: nnx.Module, batches: Iterable[Any], forward: Forward | No
       batches: an iterable of inputs, each passed as ``forward(model, batch)``; at least one.
       forward: how to run the model on one batch (jitted with ``nnx.jit``); by default
         ``model(batch)``. Pass e.g. ``lambda m, b: m(b[0])`` for ``(x, y)`` batches, or one
-        that passes ``use_running_average=False`` if the model's call fixes the mode.
+        that passes ``use_running_average=False`` if the model's call fixes the mode. A
+        forward that passes a ``mask=`` gives each batch's statistics of its masked-in
+        elements; the batches still weigh equally in the pool, whatever their counts.
 
     Returns:
       The number of SwitchNorm layers (stacks counting once) whose averages were set.

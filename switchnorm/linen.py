@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +56,12 @@ class SwitchNorm(nn.Module):
       use_running_average: if True, the bn term uses the running averages.
       axis: the feature (channel) axis of the input, -1 by default (channels
         last); e.g. 1 for channels-first (N, C, H, W). Not 0, the batch axis.
-        The layer moves it last, normalizes, and moves it back.
+        The layer moves it last, normalizes, and moves it back. A tuple of axes,
+        as ``nn.BatchNorm`` takes, makes their product the channels: scale, bias
+        and the running averages get the axes' shape, the logits of
+        ``weights="channel"`` one column per flattened channel, and gn groups
+        consecutive flattened channels (row-major, the axes in increasing order,
+        as Flax orders the parameters' shape).
       momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
       epsilon: a small float > 0 added to the mixed variance.
       dtype: the dtype of the result (default: the input's dtype).
@@ -104,7 +110,7 @@ class SwitchNorm(nn.Module):
     """
 
     use_running_average: bool | None = None
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     momentum: float = 0.99
     epsilon: float = 1e-5
     dtype: Dtype | None = None
@@ -142,17 +148,24 @@ class SwitchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        rank = len(getattr(x, "shape", ()))
-        feature = _arguments.feature_axis(_arguments.check_axis(self.axis), rank)
-        x, mask = _arguments.channels_last(x, mask, feature)
-        y = self._channels_last(x, use_running_average, mask)
-        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
+        shape = tuple(getattr(x, "shape", ()))
+        features = _arguments.feature_axes(_arguments.check_axes(self.axis), len(shape))
+        x, mask = _arguments.channels_last(x, mask, features)
+        feature_shape = tuple(shape[a] for a in features) if len(shape) >= 2 else ()
+        y = self._channels_last(x, use_running_average, mask, feature_shape)
+        return _arguments.channels_back(y, features, shape)
 
-    def _channels_last(self, x: Array, use_running_average: bool, mask: Array | None) -> Array:
-        """The layer on channels-last ``x``: its variables, the core, the running-average update."""
+    def _channels_last(
+        self, x: Array, use_running_average: bool, mask: Array | None, feature_shape: tuple[int, ...]
+    ) -> Array:
+        """The layer on channels-last ``x``: its variables, the core, the running-average update.
+
+        ``feature_shape`` is the shape of the feature axes, flattened into x's last axis:
+        scale, bias and the running averages have that shape, as in ``nn.BatchNorm``.
+        """
         config, momentum = self._checked_config(x, use_running_average)
         num_channels = x.shape[-1]
-        feature_shape = (num_channels,)
+        flat = (num_channels,)
         num_normalizers = len(config.normalizers)
         logits_shape = _mixing.logits_shape(config.weights, num_normalizers, num_channels)
         mean_logits = self.param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
@@ -177,10 +190,10 @@ class SwitchNorm(nn.Module):
         arrays = _core.LayerArrays(
             mean_logits=mean_logits,
             var_logits=var_logits,
-            scale=scale,
-            bias=bias,
-            running_mean=ra_mean.value if ra_mean is not None else None,
-            running_var=ra_var.value if ra_var is not None else None,
+            scale=scale.reshape(flat) if scale is not None else None,
+            bias=bias.reshape(flat) if bias is not None else None,
+            running_mean=ra_mean.value.reshape(flat) if ra_mean is not None else None,
+            running_var=ra_var.value.reshape(flat) if ra_var is not None else None,
             radius=radius,
             sample_map=sample_map,
         )
@@ -189,8 +202,12 @@ class SwitchNorm(nn.Module):
         if batch_stats is not None and not self.is_initializing():
             # Batch statistics come only from the "bn" term, which created both running averages above.
             assert ra_mean is not None and ra_var is not None
-            ra_mean.value = _stats.update_running_average(ra_mean.value, batch_stats.mean, momentum)
-            ra_var.value = _stats.update_running_average(ra_var.value, batch_stats.var, momentum)
+            ra_mean.value = _stats.update_running_average(
+                ra_mean.value, batch_stats.mean.reshape(feature_shape), momentum
+            )
+            ra_var.value = _stats.update_running_average(
+                ra_var.value, batch_stats.var.reshape(feature_shape), momentum
+            )
         return y
 
     def _checked_config(self, x: Array, use_running_average: bool) -> tuple[_core.GraphConfig, float]:
@@ -223,5 +240,5 @@ class SwitchNorm(nn.Module):
         """The channel count of the variables already created, if any."""
         for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean")):
             if self.has_variable(collection, name):
-                return self.get_variable(collection, name).shape[-1]
+                return math.prod(self.get_variable(collection, name).shape)  # the flattened feature axes
         return None

@@ -167,11 +167,48 @@ def test_an_axis_out_of_range_or_on_the_batch_is_refused_naming_it(axis, message
 
 
 @pytest.mark.parametrize("axis", [1.0, True, (1,)])
-def test_an_axis_that_is_not_an_int_is_a_type_error(axis):
-    with pytest.raises(TypeError, match=r"axis must be an int.*axis=1 for channels-first"):
+def test_an_nnx_axis_that_is_not_an_int_is_a_type_error(axis):
+    # as nnx.BatchNorm: one feature axis; the message points to Linen for several
+    with pytest.raises(TypeError, match=r"axis must be an int.*axis=1 for channels-first.*linen"):
         switchnorm.SwitchNorm(C, axis=axis, rngs=nnx.Rngs(0))
-    with pytest.raises(TypeError, match=r"axis must be an int"):
-        snn.SwitchNorm(axis=axis).init(jax.random.key(0), jnp.ones((2, C)), use_running_average=False)
+
+
+@pytest.mark.parametrize("axis", [1.0, True, (1, 2.0)])
+def test_a_linen_axis_that_is_not_ints_is_a_type_error(axis):
+    with pytest.raises(TypeError, match=r"axis must be an int or a tuple of ints"):
+        snn.SwitchNorm(axis=axis).init(jax.random.key(0), jnp.ones((2, 3, C)), use_running_average=False)
+
+
+@pytest.mark.parametrize("axis, error", [((), "names no feature axis"), ((1, -2), "the same axis twice")])
+def test_a_linen_axis_tuple_naming_nothing_or_an_axis_twice_is_refused(axis, error):
+    with pytest.raises(ValueError, match=error):
+        snn.SwitchNorm(axis=axis).init(jax.random.key(0), jnp.ones((2, 3, C)), use_running_average=False)
+
+
+def test_linen_feature_axes_tuple_equals_flax_batchnorm_and_the_layer_on_flattened_channels(rng):
+    # nn.BatchNorm(axis=(1, 3)) normalizes each (axis-1, axis-3) feature over the other axes;
+    # with bn alone SwitchNorm does the same, with Flax's parameter shapes, and with all four
+    # it is the channels-last layer on those axes moved last and flattened.
+    x = data(rng, (4, 3, 5, 2))
+    ours, theirs = snn.SwitchNorm(axis=(1, 3), normalizers=("bn",)), nn.BatchNorm(axis=(1, 3))
+    (y, ours_updates), (want, updates) = train_beside_flax(ours, theirs, x)
+    assert ours_updates["batch_stats"]["mean"].shape == (3, 2)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(ours_updates["batch_stats"][name], updates["batch_stats"][name], atol=1e-6)
+
+    tupled, last = snn.SwitchNorm(axis=(3, 1), num_groups=2), snn.SwitchNorm(num_groups=2)
+    variables = tupled.init(jax.random.key(0), x, use_running_average=False)
+    assert variables["params"]["scale"].shape == (3, 2)
+    params = {**variables["params"], "mean_logits": jnp.asarray(rng.normal(size=4), jnp.float32)}
+    params["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, (3, 2)), jnp.float32)
+    variables = {**variables, "params": params}
+    flat = jnp.moveaxis(x, (1, 3), (2, 3)).reshape(4, 5, 6)  # (N, 5, 3 * 2): features last, flattened
+    flat_variables = jax.tree.map(lambda a: a.reshape(-1) if a.shape == (3, 2) else a, variables)
+    y, updates = linen_train(tupled, variables, x)
+    want, want_updates = linen_train(last, flat_variables, flat)
+    np.testing.assert_allclose(y, jnp.moveaxis(want.reshape(4, 5, 3, 2), (2, 3), (1, 3)), atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"].reshape(-1), want_updates["batch_stats"]["var"])
 
 
 # --------------------------------------------------------------------------
