@@ -29,6 +29,11 @@ Important details:
   the final elementwise pass over x and recomputes it for every element; on
   CPU that one fusion cost more than the rest of the backward pass. Here the
   cell graph's cotangents are (N, C) arrays before the last pass starts.
+* A call-time mask restricts the statistics pass's sums to the masked-in
+  elements (K is then each cell's first masked-in element) and gives the
+  cell graph each cell's count of them; the normalize pass and r1, r2 still
+  cover every element, and dx's terms through s1, s2 are zero at padding
+  (docs/design.md, "Masks").
 * Reverse mode of any order works (the backward pass is plain JAX); forward
   mode (``jax.jvp``, ``jax.jacfwd``) does not, as for any ``jax.custom_vjp``:
   :func:`normalize_autodiff` is the same layer under plain autodiff for that.
