@@ -174,8 +174,9 @@ def test_custom_vjp_gradients_equal_autodiff_in_float64(rng, x64, weights, rank)
     case = fine_case(rng, rank, weights, dtype=np.float64)
     case["x"] = with_rows(case["x"])
     normalizers = normalizers_for(rank)
-    got = jax.grad(lambda a: _loss(switch_norm, weights, normalizers, a))(case)
-    want = jax.grad(lambda a: _loss(switch_norm_autodiff, weights, normalizers, a))(case)
+    # jit: eagerly, the backward pass dispatches hundreds of tiny float64 ops one by one
+    got = jax.jit(jax.grad(lambda a: _loss(switch_norm, weights, normalizers, a)))(case)
+    want = jax.jit(jax.grad(lambda a: _loss(switch_norm_autodiff, weights, normalizers, a)))(case)
     for name in case:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
     if weights == "sample":  # the map's gradient is not zero at a random point
@@ -186,9 +187,8 @@ def test_custom_vjp_gradients_equal_autodiff_in_float64(rng, x64, weights, rank)
 def test_gradients_match_finite_differences_in_float64(rng, x64, weights):
     case = fine_case(rng, 3, weights, dtype=np.float64)
     case["x"] = with_rows(case["x"])
-    check_grads(
-        lambda a: _loss(switch_norm, weights, ALL, a), (case,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6
-    )
+    loss = jax.jit(lambda a: _loss(switch_norm, weights, ALL, a))  # still float64, without eager dispatch
+    check_grads(loss, (case,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
 def test_sample_map_gradient_at_zero_is_descriptors_times_logit_gradient(rng, x64):

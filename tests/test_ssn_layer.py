@@ -168,8 +168,14 @@ def test_check_grads_float64_through_sparsestmax(x64, rng):
 
     weights = sparse_reference.sparsestmax(np.asarray(mean_logits), 0.45)
     assert 1 < np.count_nonzero(weights) < 4  # a face where the weights move with the logits
-    check_grads(
-        f, (x, mean_logits, var_logits, scale), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6
+    check_grads(  # jitted: still float64, without dispatching each tiny op eagerly
+        jax.jit(f),
+        (x, mean_logits, var_logits, scale),
+        order=1,
+        modes=["rev"],
+        eps=1e-6,
+        atol=1e-6,
+        rtol=1e-6,
     )
 
 
@@ -182,8 +188,8 @@ def test_custom_vjp_equals_autodiff_with_sparsestmax(x64, rng):
     def loss(norm):
         return lambda x, m, v: jnp.sum(norm(x, m, v, **kwargs)[0] * dy)
 
-    custom = jax.grad(loss(switchnorm.switch_norm), argnums=(0, 1, 2))(x, mean_logits, var_logits)
-    plain = jax.grad(loss(switch_norm_autodiff), argnums=(0, 1, 2))(x, mean_logits, var_logits)
+    custom = jax.jit(jax.grad(loss(switchnorm.switch_norm), argnums=(0, 1, 2)))(x, mean_logits, var_logits)
+    plain = jax.jit(jax.grad(loss(switch_norm_autodiff), argnums=(0, 1, 2)))(x, mean_logits, var_logits)
     for a, b in zip(custom, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     assert np.abs(custom[1]).max() > 1e-3  # the logits do get a gradient

@@ -100,8 +100,9 @@ def test_second_derivatives_equal_autodiff(x64, shape, use_running_average):
 def test_outputs_equal_autodiff_path(x64):
     args, _ = make_args(SHAPE, ALL)
     args = {k: v for k, v in args.items() if not k.startswith("running")}
-    y, stats = reference.call(switch_norm, args, num_groups=2)
-    y0, stats0 = reference.call(switch_norm_autodiff, args, num_groups=2)
+    # jitted: eagerly, each of the layer's many small float64 ops is compiled and dispatched alone
+    y, stats = jax.jit(lambda a: reference.call(switch_norm, a, num_groups=2))(args)
+    y0, stats0 = jax.jit(lambda a: reference.call(switch_norm_autodiff, a, num_groups=2))(args)
     np.testing.assert_allclose(y, y0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats.var, stats0.var, rtol=1e-12, atol=1e-12)
 
@@ -119,7 +120,7 @@ def test_bfloat16_gradients_are_bfloat16_and_match_float32():
 def test_forward_mode_is_available_through_the_autodiff_path(x64):
     args, _ = make_args(SHAPE, ALL)
     f = lambda x: switch_norm_autodiff(x, args["mean_logits"], args["var_logits"], num_groups=2)[0]  # noqa: E731
-    _, tangent = jax.jvp(f, (args["x"],), (jnp.ones_like(args["x"]),))
+    _, tangent = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(args["x"], jnp.ones_like(args["x"]))
     assert np.all(np.isfinite(tangent))
 
 
@@ -198,8 +199,7 @@ def test_forward_mode_tangents_agree_with_reverse_mode_products(x64, use_running
         return f
 
     _, jv = jax.jit(lambda a, t: jax.jvp(layer(switch_norm_autodiff), (a,), (t,)))(args, tangents)
-    _, vjp = jax.vjp(layer(switch_norm), args)
-    (jtu,) = jax.jit(vjp)(u)
+    (jtu,) = jax.jit(lambda a, u: jax.vjp(layer(switch_norm), a)[1](u))(args, u)
     forward = float(jnp.sum(jv * u))
     reverse = sum(float(jnp.sum(jtu[k] * tangents[k])) for k in args)
     np.testing.assert_allclose(forward, reverse, rtol=1e-10)
