@@ -47,6 +47,10 @@ def _share_compilation_cache() -> str | None:
 
 _OWN_CACHE = _share_compilation_cache()
 jax.config.update("jax_compilation_cache_dir", None)  # xdist workers read it at import: not here
+# The pytest processes compile thousands of small programs and run each a few times: LLVM's
+# optimization of the machine code costs more than it saves there. XLA's graph passes (fusion,
+# which the kernel-count tests read) still run; the subprocesses are not affected.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_configure(config) -> None:
