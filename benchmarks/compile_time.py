@@ -38,8 +38,10 @@ from switchnorm.train import models
 VARIANTS = ("sn", "sn_bn", "flax_bn")
 
 
-def _flax_batchnorm(norm: str, features: int, *, spatial: bool, dtype: Any = None, rngs: nnx.Rngs):
-    """``models.make_norm`` with Flax's own BatchNorm in every place."""
+def _flax_batchnorm(
+    norm: str, features: int, *, spatial: bool, dtype: Any = None, weights: str = "layer", rngs: nnx.Rngs
+):
+    """``models.make_norm`` with Flax's own BatchNorm in every place (``weights`` is SwitchNorm's only)."""
     return nnx.BatchNorm(features, dtype=dtype, rngs=rngs)
 
 
