@@ -330,7 +330,6 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> Any:
             f"got dtype {dtype}; pass e.g. mask=(m > 0)."
         )
     try:
-        jnp.broadcast_shapes(tuple(mask_shape), shape)
         fits = jnp.broadcast_shapes(tuple(mask_shape), shape) == shape
     except ValueError:
         fits = False

@@ -152,8 +152,8 @@ class CollapsedNorm(nnx.Module):
         """Normalizes ``x`` (features on ``axis``) with the chosen statistics; ``mask`` as SwitchNorm's."""
         if use_running_average is None:
             use_running_average = self.use_running_average
-        rank = len(getattr(x, "shape", ()))
-        feature = _arguments.feature_axis(self.axis, rank)
+        shape = tuple(getattr(x, "shape", ()))
+        feature = _arguments.feature_axis(self.axis, len(shape))
         x, mask = _arguments.channels_last(x, mask, feature)
         _arguments.check_input(x, self.normalizers, self.num_features)
         config = GraphConfig(
@@ -172,7 +172,7 @@ class CollapsedNorm(nnx.Module):
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
             self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
-        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
+        return _arguments.channels_back(y, feature, shape)
 
 
 class ChannelAffine(nnx.Module):
@@ -219,14 +219,14 @@ class ChannelAffine(nnx.Module):
         no batch statistics (as ``nnx.BatchNorm`` ignores ``mask`` there).
         """
         del use_running_average
-        rank = len(getattr(x, "shape", ()))
-        feature = _arguments.feature_axis(self.axis, rank)
+        shape = tuple(getattr(x, "shape", ()))
+        feature = _arguments.feature_axis(self.axis, len(shape))
         x, _ = _arguments.channels_last(x, mask, feature)
         _arguments.check_input(x, ("bn",), self.num_features)
         compute = jnp.promote_types(x.dtype, jnp.float32)
         y = x.astype(compute) * self.multiplier[...].astype(compute) + self.offset[...].astype(compute)
         y = y.astype(x.dtype if self.dtype is None else self.dtype)
-        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
+        return _arguments.channels_back(y, feature, shape)
 
 
 # -- choosing and reporting ----------------------------------------------------------------------

@@ -261,7 +261,8 @@ class SwitchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError("No use_running_average argument was given to SwitchNorm.")
-        rank = len(getattr(x, "shape", ()))
+        shape = tuple(getattr(x, "shape", ()))
+        rank = len(shape)
         feature = _arguments.feature_axis(self.axis, rank)
         x, mask = _arguments.channels_last(x, mask, feature)
         active = self._active_normalizers(rank)
@@ -289,7 +290,7 @@ class SwitchNorm(nnx.Module):
                 self.mean[...], stop(batch_stats.mean), self.momentum
             )
             self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
-        return jnp.moveaxis(y, -1, feature) if feature != rank - 1 else y
+        return _arguments.channels_back(y, feature, shape)
 
     def _promoted(self, x: Array, arrays: _core.LayerArrays) -> tuple[Array, _core.LayerArrays]:
         """``x`` and the arrays ``nnx.BatchNorm`` promotes, through ``promote_dtype`` if one is set.
