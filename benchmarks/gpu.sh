@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The layer benchmark on a GPU machine, in one go (< 6 minutes on an H100).
+# Every GPU figure the performance targets name, in one go (< 10 minutes on an H100).
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh
+#   GPU_SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu.sh    # tiny shapes, to try the script on a CPU
 #
-# Worst case: 45 s of checks + 280 s of harness (results are written after
-# every shape, so a timeout keeps what finished). Runs from the repository
-# root with PYTHONPATH=. (the machine has jax[cuda], flax and optax but not
-# this package installed). Writes into $OUT:
-#   env.txt                    nvidia-smi, python and jax versions
-#   checks.txt                 python -m benchmarks.numerics_check on the GPU
-#   layer-<GPU>.json / .md     the harness results (python -m benchmarks.layer)
-#   log.txt                    everything printed
+# Runs from the repository root with PYTHONPATH=. (the machine has jax[cuda],
+# flax and optax but not this package installed). Each step has its own
+# timeout and writes as it goes, so a step cut short keeps what finished and
+# the next one still runs. Writes into $OUT:
+#   env.txt          nvidia-smi, python and jax versions
+#   checks.txt       1. numerics on this backend (python -m benchmarks.numerics_check)
+#   ratios.txt       2. python -m benchmarks.ratios at the benchmark shapes, float32: lower
+#                       quartile / median of the per-repeat ratios to Linen and NNX BatchNorm,
+#                       inference, temporaries / x, training-step memory
+#   layer-*.json/md  3. python -m benchmarks.layer at 8x the batch: SwitchNorm, BatchNorm and the
+#                       bandwidth probe, forward and fwd+bwd, and the full training steps
+#   compile.txt      4. python -m benchmarks.compile_time: one training step's compile time
+#   ratios-bf16.txt  5. as 2, bfloat16
+#   log.txt          everything printed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -19,19 +26,42 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 exec > >(tee "$OUT/log.txt") 2>&1
 start=$(date +%s)
+step() { echo "== $1 (at $(( $(date +%s) - start )) s)"; }
 
-{ nvidia-smi; $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"; } > "$OUT/env.txt" 2>&1
+SHAPES="32x32x32x64 8x56x56x256 128x8x8x128 64x256x64 1024x512"
+SHAPES_X8="256x32x32x64 64x56x56x256 1024x8x8x128 512x256x64 8192x512"
+RATIOS_ARGS="--repeats 11 --min-sample-ms 5"
+LAYER_ARGS="--repeats 9 --min-sample-ms 10 --train-batch 256 --train-size 32 --train-features 64"
+COMPILE_ARGS="--repeats 3"
+if [ -n "${GPU_SMOKE:-}" ]; then
+    SHAPES="4x4x4x8 16x8"; SHAPES_X8="8x4x4x8"
+    RATIOS_ARGS="--repeats 2 --min-sample-ms 1"
+    LAYER_ARGS="--repeats 2 --min-sample-ms 1 --train-batch 4 --train-size 8 --train-features 8"
+    COMPILE_ARGS="--repeats 1 --batch 2"
+fi
+
+{ nvidia-smi || true; $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+GPU_NAME=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '-'))" 2>/dev/null || echo gpu)
 
-# 1. Correctness on this backend (about 20 s): every normalizer and a blend at
-#    mean 1e4 / std 1 in float32 against float64, and the custom VJP against
-#    autodiff (benchmarks/numerics_check.py, the one copy of these checks).
-timeout 45 $PY -m benchmarks.numerics_check > "$OUT/checks.txt" 2>&1
+step "1. numerics"
+timeout 60 $PY -m benchmarks.numerics_check > "$OUT/checks.txt" 2>&1
 cat "$OUT/checks.txt"
 
-# 2. The harness: every variant, shape and dtype, interleaved; training step.
-GPU_NAME=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '-'))" 2>/dev/null || echo gpu)
-# BENCH_ARGS replaces the defaults below (e.g. BENCH_ARGS=--quick for a smoke test).
-timeout 280 $PY -m benchmarks.layer --device "$GPU_NAME" --out "$OUT" \
-    ${BENCH_ARGS:---repeats 11 --min-sample-ms 10 --train-batch 64 --train-size 32 --train-features 64}
+step "2. ratios, benchmark shapes, float32"
+timeout 150 $PY -m benchmarks.ratios --shapes $SHAPES --dtypes float32 $RATIOS_ARGS > "$OUT/ratios.txt" 2>&1
+cat "$OUT/ratios.txt"
+
+step "3. layer harness, 8x batch, float32, with the training steps"
+timeout 170 $PY -m benchmarks.layer --device "$GPU_NAME-batch-x8" --out "$OUT" --shapes $SHAPES_X8 \
+    --dtypes float32 --variants sn sn_infer bn probe $LAYER_ARGS
+
+step "4. compile time of one training step"
+timeout 90 $PY -m benchmarks.compile_time $COMPILE_ARGS > "$OUT/compile.txt" 2>&1
+cat "$OUT/compile.txt"
+
+step "5. ratios, benchmark shapes, bfloat16"
+timeout 100 $PY -m benchmarks.ratios --shapes $SHAPES --dtypes bfloat16 $RATIOS_ARGS --no-memory \
+    > "$OUT/ratios-bf16.txt" 2>&1
+cat "$OUT/ratios-bf16.txt"
 echo "gpu.sh finished in $(( $(date +%s) - start )) s"

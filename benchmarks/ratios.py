@@ -150,6 +150,15 @@ def _spread(r: dict[str, float]) -> str:
     return f"{r['q1']:.2f} / {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
 
 
+def row_line(r: dict) -> str:
+    """One shape and dtype as a row of :func:`table`."""
+    return (
+        f"| {r['shape']} | {r['dtype']} | {_spread(r['fwd/linen'])} | {_spread(r['fwd/nnx'])} "
+        f"| {_spread(r['fwdbwd/linen'])} | {_spread(r['fwdbwd/nnx'])} | {_spread(r['infer/linen'])} "
+        f"| {r['temp/x']:.3f} | {r['fwd_sn_ms']:.3f}, {r['fwdbwd_sn_ms']:.3f} |"
+    )
+
+
 def table(rows: list[dict], peaks: dict[str, float]) -> str:
     """The markdown table: per shape and dtype every ratio, then the training-step memory."""
     lines = [
@@ -159,12 +168,7 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
         "| inference / linen BN inference | fwd+bwd temporaries / x | sn fwd, fwd+bwd ms |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['dtype']} | {_spread(r['fwd/linen'])} | {_spread(r['fwd/nnx'])} "
-            f"| {_spread(r['fwdbwd/linen'])} | {_spread(r['fwdbwd/nnx'])} | {_spread(r['infer/linen'])} "
-            f"| {r['temp/x']:.3f} | {r['fwd_sn_ms']:.3f}, {r['fwdbwd_sn_ms']:.3f} |"
-        )
+    lines += [row_line(r) for r in rows]
     if peaks:
         lines += [
             "",
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> str:
     for dtype in args.dtypes:
         for shape in args.shapes:
             rows.append(measure_shape(shape, dtype, args.repeats, min_sample_s))
-            print(f"measured {rows[-1]['shape']} {dtype}", flush=True)
+            print("measured", row_line(rows[-1]), flush=True)  # a timeout keeps the rows so far
     peaks = train_step_peak_memory() if args.memory else {}
     report = provenance(argv) + "\n\n" + table(rows, peaks)
     print(report)
