@@ -185,9 +185,9 @@ def switch_norm(
     * Reductions and the normalize step run in float32 for half-precision
       input (float64 stays float64); the output has ``dtype``, by default
       the input's dtype.
-    * Range: where a cell's sum of squares overflows, the statistics pass is
-      taken again in units of a power of two near each cell's first element,
-      so the output and the batch statistics stay finite and accurate
+    * Range: where the raw sums overflow, the statistics pass is taken
+      again in units of a power of two near each cell's first element, so
+      the output and the batch statistics stay finite and accurate
       wherever the variance itself is representable (float32 data with std
       up to about 1e19). Gradients are accurate to a std of about 1e12 in
       float32 (1e100 in float64): beyond, d rsqrt(v) / dv = -v^-1.5 / 2

@@ -3,9 +3,9 @@
 The layer is
 
 1. the *statistics pass*: per (n, c) cell, with K = x[n, first position, c]
-   and u = 1 (or, where a sum of squares overflows, a power of two near
-   1 / max(|K|, 1)), the sums ``s1 = sum_s (x - K) u``
-   and ``s2 = sum_s ((x - K) u)^2``;
+   and u a power of two near 1 / max(|K|, 1), the sums ``s1 = sum_s (x - K) u``
+   and ``s2 = sum_s ((x - K) u)^2`` (K = 0 and u = 1 where raw sums suffice,
+   :func:`shifted_sums`);
 2. the *cell graph* (``graph`` below, :func:`switchnorm._cell_graph.cell_graph`):
    everything on (N, C)-sized arrays, from (s1, s2) to the blended mean
    ``mix_mean`` (relative to K) and the factor ``a = scale / sqrt(mix_var + eps)``;
@@ -164,25 +164,19 @@ def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
 
 
 def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
-    """``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` with K each cell's first (kept) element."""
+    """``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` with K each cell's first (kept) element.
+
+    u is the :func:`power_of_two_scale` of K, so the squares stay finite for data
+    of any magnitude whose variance is representable. Powers of two scale
+    exactly: the statistics are the unscaled ones, bit for bit, wherever those
+    are finite (a deviation times u is at least about 2^-24 in float32 when not
+    zero, so nothing underflows).
+    """
     cells = _to_cells(x).astype(compute_dtype)
     shift = lax.stop_gradient(_first_kept(cells, keep))
-    centred = cells - _per_cell(shift)
-    s1, s2 = _cell_sum(centred, keep), _cell_sum(centred * centred, keep)
-
-    def rescaled(operands):
-        x, keep, shift, s1 = operands
-        unit, inverse_unit = power_of_two_scale(shift)
-        scaled = (_to_cells(x).astype(compute_dtype) - _per_cell(shift)) * _per_cell(unit)
-        # sum(d) u is sum(d u) exactly: u is a power of two.
-        return unit, inverse_unit, s1 * unit, _cell_sum(scaled * scaled, keep)
-
-    def as_is(operands):
-        ones = jnp.ones_like(shift)
-        return ones, ones, s1, s2
-
-    unit, inverse_unit, s1, s2 = lax.cond(_overflowed(s2), rescaled, as_is, (x, keep, shift, s1))
-    return shift, unit, inverse_unit, s1, s2
+    unit, inverse_unit = power_of_two_scale(shift)
+    scaled = (cells - _per_cell(shift)) * _per_cell(unit)
+    return shift, unit, inverse_unit, _cell_sum(scaled, keep), _cell_sum(scaled * scaled, keep)
 
 
 def shifted_sums(
@@ -195,10 +189,9 @@ def shifted_sums(
     mean square is at most RAW_SUMS_BOUND times its variance, and no sum
     overflowed. Otherwise (a ``lax.cond``, so data that passes pays only the
     check on (N, C) arrays) the pass is taken again with K the cell's first
-    element, a constant for differentiation; XLA:CPU's reductions then need
-    ``x - K`` written out. u is 1 there, unless some cell's shifted sum of
-    squares overflows: then the pass is taken once more with u the
-    :func:`power_of_two_scale` of every cell's K.
+    element, a constant for differentiation, in units u of a power of two
+    near 1 / max(|K|, 1) (:func:`_shifted`); XLA:CPU's reductions then need
+    ``(x - K) u`` written out.
 
     ``keep`` (:func:`mask_cells`) restricts every sum to the masked-in
     elements; ``count`` is then each cell's (N, C) count of them, else the int

@@ -9,8 +9,8 @@ Important details:
 
 * Cell sums are of ``(x - K) * u``: K is the cell's first element, so the sums
   keep their digits when |mean| >> std ("One pass: shifted sums per cell"),
-  and ``u`` is 1, or, where a sum of squares would overflow, a power of two
-  near 1 / max(|K|, 1), so that the squares stay finite for data of any
+  and ``u`` is a power of two near 1 / max(|K|, 1) (1 on the raw-sum path,
+  where K = 0), so that the squares stay finite for data of any
   magnitude the variance can be stored in ("Numerics: dtypes, range, empty
   input"). Powers of two scale exactly: the statistics are the unscaled
   ones, bit for bit, wherever those are finite.

@@ -186,18 +186,18 @@ def test_custom_vjp_equals_autodiff_at_1e19_in_float32(rng):
     np.testing.assert_allclose(custom[1], plain[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rescale", [False, True], ids=["in-range", "rescaled"])
-def test_custom_vjp_passes_check_grads_in_float64_where_the_squares_are_rescaled(
-    x64, rng, monkeypatch, rescale
+@pytest.mark.parametrize("shifted", [False, True], ids=["raw-sums", "shifted-in-units"])
+def test_custom_vjp_passes_check_grads_in_float64_where_the_squares_are_in_units_of_u(
+    x64, rng, monkeypatch, shifted
 ):
-    # Rescaling is taken only where a sum of squares overflows, far beyond
-    # where float64 gradients (through d rsqrt(v) / dv = -v^-1.5 / 2) are
-    # representable; here it is forced at a magnitude of 1e3 (u = 2^-9 or
-    # 2^-10): the backward pass must carry u, dx = a dy + u g1 + 2 u^2 g2 d.
-    monkeypatch.setattr(_passes, "_overflowed", lambda s2: jnp.asarray(rescale))
+    # The shifted path always sums (x - K) u, u a power of two near 1 / |K|
+    # (2^-9 to 2^-12 at this magnitude), the raw path x with u = 1; each path is
+    # forced here: the backward pass must carry u, dx = a dy + u g1 + 2 u^2 g2 d.
+    monkeypatch.setattr(_passes, "raw_sums_suffice", lambda *_: jnp.asarray(not shifted))
     z = jnp.asarray(rng.normal(size=(3, 4, 2, C)) + 3.0, jnp.float64)
     unit = _passes.shifted_sums(z * 1e3, jnp.float64)[1]
-    assert bool(jnp.all(unit < 2**-8)) == rescale
+    assert bool(jnp.all(unit < 2**-8)) == shifted
+    assert bool(jnp.all(unit == 1.0)) == (not shifted)
     logits = jnp.asarray(rng.normal(size=(2, 4)), jnp.float64)
     f = lambda z, lg: switchnorm.switch_norm(z * 1e3, lg[0], lg[1], num_groups=2)[0]  # noqa: E731
     check_grads(jax.jit(f), (z, logits), order=1, modes=["rev"])  # traced here, under the patch
