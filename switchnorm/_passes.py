@@ -134,11 +134,6 @@ def _first_kept(cells: Array, keep: Array | None) -> Array:
     return jnp.where(jnp.any(keep, axis=1), jnp.take_along_axis(cells, first, axis=1)[:, 0, :], 0.0)
 
 
-def _overflowed(s2: Array) -> Array:
-    """Whether any cell's sum of squares overflowed (NaN data does not count)."""
-    return jnp.any(jnp.isinf(s2))
-
-
 RAW_SUMS_BOUND = 16.0
 """Largest mean square over variance, per cell, for which the statistics pass keeps raw sums.
 
@@ -158,9 +153,12 @@ def raw_sums_within_bound(s1: Array, s2: Array, count: Array | int) -> Array:
 def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
     """Whether every :func:`raw_sums_within_bound` holds and no sum of squares ``s2`` overflowed.
 
-    An overflowed ``s2`` can pass the bound (inf <= 16 * inf), hence the second check.
+    An overflowed ``s2`` can pass the bound (inf <= 16 * inf), hence the second
+    check. Both are one float reduction of one elementwise predicate: XLA:CPU
+    makes each boolean ``all`` or ``any`` a few kernels of its own.
     """
-    return jnp.logical_not(_overflowed(s2)) & jnp.all(within_bound)
+    fails = jnp.logical_not(within_bound & jnp.logical_not(jnp.isinf(s2))).astype(s2.dtype)
+    return jnp.sum(fails) == 0.0
 
 
 def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
