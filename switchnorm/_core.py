@@ -113,9 +113,7 @@ def normalize_checked(
     if mask is not None:  # cells of unequal counts: the general path's weighted merges
         return general(x, inputs, arrays.bias, mask)
     if x.ndim == 2 and config.axis_name is None:  # one element per cell: no cell graph needed
-        return normalize_dense(
-            config, compute_dtype, out_dtype, x, inputs, arrays.bias, general, use_custom_vjp
-        )
+        return normalize_dense(config, compute_dtype, out_dtype, x, inputs, arrays.bias, use_custom_vjp)
     return general(x, inputs, arrays.bias, None)
 
 

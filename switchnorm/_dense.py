@@ -3,28 +3,32 @@
 With one element per (n, c) cell the cell graph of :mod:`switchnorm._cell_graph`
 works on x-sized arrays and only repeats what a scope's sums say directly: bn
 reduces x over the batch, ln over the channels (in and gn need a spatial
-extent). Here each is two reductions of x (``sum x``, ``sum x^2``, read by
-XLA:CPU straight from x), the blend is broadcast from (1, C) and (N, 1)
-statistics, and the normalize pass is one elementwise pass; JAX autodiff
-differentiates it, as Flax's BatchNorm.
+extent). Here each scope's statistics are a few reductions of x, the blend is
+broadcast from (1, C) and (N, 1) statistics, and the normalize pass is one
+elementwise pass; JAX autodiff differentiates it, as Flax's BatchNorm.
 
 Important details:
 
-* Raw sums are kept only where every scope's mean square is at most
-  :data:`switchnorm._passes.RAW_SUMS_BOUND` times its variance (the bound
-  the statistics pass uses for cells, docs/design.md, "One pass: shifted
-  sums per cell"); otherwise a ``lax.cond`` takes the general path, whose
-  shifted sums and parallel-variance merges keep float32's digits at any
-  mean.
-* Under ``axis_name`` the bn statistics cross devices; the core then uses
-  the general path, whose merge already does that.
+* Raw sums (``sum x``, ``sum x^2``, read by XLA:CPU straight from x) are kept
+  only where every scope's mean square is at most
+  :data:`switchnorm._passes.RAW_SUMS_BOUND` times its variance (the bound the
+  statistics pass uses for cells, docs/design.md, "One pass: shifted sums per
+  cell"). Otherwise a ``lax.cond`` takes each scope's statistics in two
+  passes, relative to the scope's first element K: ``mean(x - K)``, then
+  ``mean((x - K - that)^2)``, float32's digits kept at any mean.
+* Both branches yield only (1, C) and (N, 1) arrays: K, the mean relative to
+  K and the variance of each scope. The blend is then taken in each element's
+  own frame, ``y = -(sum_k w_k ((K_k - x) + mean_k)) * a + bias``, so no
+  absolute mean near 1e4 is ever subtracted from x in float32.
+* Under ``axis_name`` or a mask the core uses the general path, whose merges
+  already cross devices and weigh cells by their counts.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,27 +41,51 @@ from switchnorm._cell_graph import (
     mixed_mean_and_factor,
     running_scope,
 )
-from switchnorm._passes import normalize_pass, raw_sums_suffice, raw_sums_within_bound
+from switchnorm._passes import raw_sums_suffice, raw_sums_within_bound
 from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats
 
 Array = jax.Array
 
-Normalize = Callable[[Array, GraphInputs, Array | None, Array | None], tuple[Array, BatchStats | None]]
-"""The general path on the same input: ``normalize(x, inputs, bias, mask) -> (y, batch_stats)``."""
+
+class Scope(NamedTuple):
+    """One scope's statistics: its shift K, its mean relative to K and its biased variance."""
+
+    shift: Array
+    mean: Array
+    var: Array
+
+
+def _axis(name: str) -> int:
+    """The axis a scope reduces: the batch for bn ((1, C) statistics), the channels for ln ((N, 1))."""
+    return 0 if name == "bn" else 1
 
 
 def _scope_sums(x: Array, name: str) -> tuple[Array, Array]:
-    """``(sum x, sum x^2)`` over bn's scope (the batch, (1, C)) or ln's (the channels, (N, 1))."""
-    axis = 0 if name == "bn" else 1
-    return jnp.sum(x, axis, keepdims=True), jnp.sum(x * x, axis, keepdims=True)
+    """``(sum x, sum x^2)`` over bn's scope or ln's (:func:`_axis`)."""
+    return jnp.sum(x, _axis(name), keepdims=True), jnp.sum(x * x, _axis(name), keepdims=True)
 
 
-def _scope(s1: Array, s2: Array, shape: tuple[int, int]) -> ScopeStats:
-    """Mean (absolute) and biased variance of one scope, (1, C) or (N, 1)."""
-    stats = cell_stats(
-        jnp.zeros((), s1.dtype), jnp.ones((), s1.dtype), s1, s2, shape[0] * shape[1] // s1.size
-    )
-    return ScopeStats(mean=stats.mean, var=stats.var)
+def _raw_scope(s1: Array, s2: Array, count: int) -> Scope:
+    """A scope from its raw sums: K = 0."""
+    stats = cell_stats(jnp.zeros((), s1.dtype), jnp.ones((), s1.dtype), s1, s2, count)
+    return Scope(jnp.zeros_like(s1), stats.mean, stats.var)
+
+
+def _two_pass_scope(values: Array, name: str) -> Scope:
+    """A scope in two passes relative to its first element K: exact frames, no cancellation."""
+    axis = _axis(name)
+    shift = lax.stop_gradient(lax.slice_in_dim(values, 0, 1, axis=axis))
+    centred = values - shift
+    mean = jnp.mean(centred, axis, keepdims=True)
+    return Scope(shift, mean, jnp.mean(jnp.square(centred - mean), axis, keepdims=True))
+
+
+def _check(sums: dict[str, tuple[Array, Array]], size: int) -> Array:
+    """Whether raw sums suffice for every scope: one check for all (each small reduction is a kernel)."""
+    if not sums:
+        return jnp.asarray(True)
+    within = [raw_sums_within_bound(s1, s2, size // s1.size).ravel() for s1, s2 in sums.values()]
+    return raw_sums_suffice(jnp.concatenate(within), jnp.concatenate([s2.ravel() for _, s2 in sums.values()]))
 
 
 def normalize_dense(
@@ -67,57 +95,71 @@ def normalize_dense(
     x: Array,
     inputs: GraphInputs,
     bias: Array | None,
-    general: Normalize,
     use_custom_vjp: bool = True,
 ) -> tuple[Array, BatchStats | None]:
-    """``switch_norm`` of (N, C) input: scope sums, blend, one elementwise pass (or ``general``)."""
+    """``switch_norm`` of (N, C) input: scope statistics (raw or two-pass), blend, one elementwise pass."""
     values = x.astype(compute_dtype)
     names = [k for k in config.normalizers if not (k == "bn" and config.use_running_average)]
     sums = {k: _scope_sums(values, k) for k in names}
-    suffice = jnp.asarray(True)
-    if names:  # one check for all scopes: each small reduction is a kernel of its own
-        within = [raw_sums_within_bound(*sums[k], values.size // sums[k][0].size).ravel() for k in names]
-        suffice = raw_sums_suffice(
-            jnp.concatenate(within), jnp.concatenate([sums[k][1].ravel() for k in names])
-        )
+    blend = functools.partial(_blend_and_normalize, config, compute_dtype, out_dtype)
 
-    def direct(operands):
+    def raw(operands):
         x, inputs, bias, sums = operands
-        zero = jnp.zeros((1, x.shape[1]), compute_dtype)
-        stats, batch_stats = [], None
-        for name in config.normalizers:
-            if name == "bn" and config.use_running_average:
-                stats.append(running_scope(inputs, zero, compute_dtype))
-            else:
-                s1, s2 = sums[name]
-                stats.append(_scope(s1, s2, x.shape))
-                if name == "bn":
-                    batch_stats = batch_stats_of(stats[-1], zero, config)
-        # One element per cell: each sample's own statistics are x itself, with no spread.
-        values = x.astype(compute_dtype)
-        cells = CellStats(zero, values, jnp.zeros_like(values)) if config.weights == "sample" else None
-        mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, cell_size=1)
-        shape = x.shape
-        y = normalize_pass(
-            x,
-            zero,
-            jnp.broadcast_to(mix_mean, shape),
-            jnp.broadcast_to(a, shape),
-            bias,
-            compute_dtype,
-            out_dtype,
-        )
-        return y, batch_stats
+        scopes = {k: _raw_scope(*sums[k], x.size // sums[k][0].size) for k in names}
+        return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=False)
 
-    def fallback(operands):
+    def two_pass(operands):
         x, inputs, bias, _ = operands
-        return general(x, inputs, bias, None)
+        values = x.astype(compute_dtype)
+        scopes = {k: _two_pass_scope(values, k) for k in names}
+        return blend(values, scopes, inputs, bias, element_frame=True)
 
-    # The sums travel as operands (a custom VJP's functions may close over no tracer).
-    operands = (x, inputs, bias, sums)
+    # Everything travels as operands (a custom VJP's functions may close over no tracer).
+    operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
     if use_custom_vjp:
-        return _chosen(direct, fallback, suffice, operands)
-    return lax.cond(suffice, direct, fallback, operands)
+        return _chosen(raw, two_pass, suffice, operands)
+    return lax.cond(suffice, raw, two_pass, operands)
+
+
+def _blend_and_normalize(
+    config: GraphConfig,
+    compute_dtype: Any,
+    out_dtype: Any,
+    values: Array,
+    scopes: dict[str, Scope],
+    inputs: GraphInputs,
+    bias: Array | None,
+    element_frame: bool,
+) -> tuple[Array, BatchStats | None]:
+    """``y = (x - mix) * a + bias``, the blend taken in absolute terms or relative to each element.
+
+    Relative to each element (``element_frame``), ``x - mix`` is
+    ``-sum_k w_k ((K_k - x) + mean_k)``: no absolute mean near 1e4 is
+    subtracted from x in float32. On the raw-sum branch K = 0 and every
+    |mean| is within a few standard deviations, so the absolute form loses
+    nothing, and its gradient needs fewer passes over x.
+    """
+    zero = jnp.zeros((1, values.shape[1]), compute_dtype)
+    frame = values if element_frame else jnp.zeros((), compute_dtype)
+    stats, batch_stats = [], None
+    for name in config.normalizers:
+        if name == "bn" and config.use_running_average:
+            running = running_scope(inputs, zero, compute_dtype)
+            scope = Scope(zero, running.mean, running.var)
+        else:
+            scope = scopes[name]
+            if name == "bn":
+                batch_stats = batch_stats_of(ScopeStats(scope.mean, scope.var), scope.shift, config)
+        stats.append(ScopeStats(mean=(scope.shift - frame) + scope.mean, var=scope.var))
+    # One element per cell: each sample's own statistics are x itself, with no spread.
+    cells = None
+    if config.weights == "sample":
+        cells = CellStats(zero, values - frame, jnp.zeros_like(values))
+    mix, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, cell_size=1)
+    y = ((values - frame) - mix) * a
+    if bias is not None:
+        y = y + bias.astype(compute_dtype)
+    return y.astype(out_dtype), batch_stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -125,9 +167,8 @@ def _chosen(direct: Callable, fallback: Callable, choice: Array, operands: Any) 
     """``lax.cond(choice, direct, fallback, operands)``, differentiated through the branch taken only.
 
     Autodiff of a ``lax.cond`` keeps the residuals of both branches, zeros for
-    the branch not taken: here x-sized arrays written on every step (the
-    fwd+bwd of 1024x512 took 17x BatchNorm's). This VJP saves only the
-    operands and, in its backward pass, differentiates the branch taken.
+    the branch not taken: x-sized arrays written on every step. This VJP saves
+    only the operands and, in its backward pass, differentiates the branch taken.
     """
     return lax.cond(choice, direct, fallback, operands)
 

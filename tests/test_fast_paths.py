@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from jax.test_util import check_grads
 
 from switchnorm import _passes, switch_norm
 from switchnorm._core import switch_norm_autodiff
@@ -122,6 +123,35 @@ def test_dense_input_matches_float64_for_every_normalizer(rng, normalizers, offs
     if "bn" in normalizers:
         np.testing.assert_allclose(stats.var, bn_var, rtol=1e-4)
         np.testing.assert_allclose(stats.mean, bn_mean, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["layer", "sample"])
+def test_dense_two_pass_path_blends_relative_to_each_element(rng, weights):
+    # One sample at 1e4 sends the batch to the two-pass branch. With ln's weights near 1, that
+    # sample's y = (x - mix) a is O(1) from two numbers near 1e4: subtracting an absolute mix in
+    # float32 would leave an error of about half an ulp of 1e4 (5e-4); the branch takes the blend
+    # relative to each element instead. Per-sample weights read the same frame.
+    x = jnp.asarray(offset_sample(rng, (32, 8), 1e4), jnp.float32)
+    assert not dense_within_bound(x)
+    logits = np.array([-6.0, 6.0]), np.array([-6.0, 6.0])
+    sample_map = 0.1 * rng.normal(size=(2, 4, 2)) if weights == "sample" else None
+    y, _ = jax.jit(
+        lambda x: switch_norm(x, *logits, normalizers=("bn", "ln"), weights=weights, sample_map=sample_map)
+    )(x)
+    y_ref, _, _ = reference.switch_norm(
+        np.asarray(x, np.float64), *logits, normalizers=("bn", "ln"), weights=weights, sample_map=sample_map
+    )
+    assert np.max(np.abs(y_ref[1])) < 5.0  # the offset sample is normalized to O(1) values
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["direct", "two-pass"])
+def test_dense_gradients_pass_check_grads_in_float64(x64, rng, offset):
+    x = jnp.asarray(dense_input(rng, (12, 6)) + offset)
+    assert dense_within_bound(x) is (offset == 0.0)
+    logits = jnp.asarray(rng.normal(size=(2, 2)))
+    f = lambda x, lg: switch_norm(x, lg[0], lg[1], normalizers=("bn", "ln"))[0]  # noqa: E731
+    check_grads(jax.jit(f), (x, logits), order=2, modes=["rev"])
 
 
 def test_dense_inference_uses_the_running_averages(rng):
