@@ -105,7 +105,7 @@ def normalize_dense(
 
     def raw(operands):
         x, inputs, bias, sums = operands
-        scopes = {k: _raw_scope(*sums[k], x.size // sums[k][0].size) for k in names}
+        scopes = {k: _raw_scope(s1, s2, x.size // s1.size) for k, (s1, s2) in sums.items()}
         return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=False)
 
     def two_pass(operands):
