@@ -61,7 +61,7 @@ timeout 90 $PY -m benchmarks.compile_time $COMPILE_ARGS > "$OUT/compile.txt" 2>&
 cat "$OUT/compile.txt"
 
 step "5. ratios, benchmark shapes, bfloat16"
-timeout 100 $PY -m benchmarks.ratios --shapes $SHAPES --dtypes bfloat16 $RATIOS_ARGS --no-memory \
+timeout 80 $PY -m benchmarks.ratios --shapes $SHAPES --dtypes bfloat16 $RATIOS_ARGS --no-memory \
     > "$OUT/ratios-bf16.txt" 2>&1
 cat "$OUT/ratios-bf16.txt"
 echo "gpu.sh finished in $(( $(date +%s) - start )) s"
