@@ -15,7 +15,9 @@ Important details:
   statistics pass uses for cells, docs/design.md, "One pass: shifted sums per
   cell"). Otherwise a ``lax.cond`` takes each scope's statistics in two
   passes, relative to the scope's first element K: ``mean(x - K)``, then
-  ``mean((x - K - that)^2)``, float32's digits kept at any mean.
+  ``mean((x - K - that)^2)``, float32's digits kept at any mean. Off the CPU
+  the two passes are taken at once, with no check and no ``lax.cond``
+  (:func:`switchnorm._passes.raw_sums_pay_off`).
 * Both branches yield only (1, C) and (N, 1) arrays: K, the mean relative to
   K and the variance of each scope. The blend is then taken in each element's
   own frame, ``y = -(sum_k w_k ((K_k - x) + mean_k)) * a + bias``, so no
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from switchnorm import _passes
 from switchnorm._cell_graph import (
     GraphConfig,
     GraphInputs,
@@ -100,7 +103,6 @@ def normalize_dense(
     """``switch_norm`` of (N, C) input: scope statistics (raw or two-pass), blend, one elementwise pass."""
     values = x.astype(compute_dtype)
     names = [k for k in config.normalizers if not (k == "bn" and config.use_running_average)]
-    sums = {k: _scope_sums(values, k) for k in names}
     blend = functools.partial(_blend_and_normalize, config, compute_dtype, out_dtype)
 
     def raw(operands):
@@ -114,6 +116,9 @@ def normalize_dense(
         scopes = {k: _two_pass_scope(values, k) for k in names}
         return blend(values, scopes, inputs, bias, element_frame=True)
 
+    if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
+        return two_pass((x, inputs, bias, None))
+    sums = {k: _scope_sums(values, k) for k in names}
     # Everything travels as operands (a custom VJP's functions may close over no tracer).
     operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
     if use_custom_vjp:

@@ -77,6 +77,29 @@ def _count(x: Array) -> int:
     return x.size // (x.shape[0] * x.shape[-1])
 
 
+def tracing_for_cpu() -> bool:
+    """Whether this trace targets XLA:CPU (``jax.default_backend()``): two workarounds below apply there only.
+
+    :func:`_fusion_boundary` keeps XLA:CPU from recomputing the cell graph per
+    element, and :func:`raw_sums_pay_off` tries raw sums first because XLA:CPU's
+    reductions take no broadcast operand. On a GPU XLA fuses ``x - K`` into the
+    reduction, so the shifted sums cost what raw sums do there, while a
+    ``lax.cond`` costs a device-to-host copy of its predicate.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def raw_sums_pay_off() -> bool:
+    """Whether the statistics pass tries raw sums before shifted ones: on the CPU only (:func:`tracing_for_cpu`).
+
+    The H100 measured this on 2026-11-27 (docs/performance.md): with the raw-sum
+    check and its ``lax.cond`` the forward took 1.38-1.52x Flax BatchNorm's at
+    8x the benchmark batch, against 1.03-1.09x for the shifted sums alone the
+    day before.
+    """
+    return tracing_for_cpu()
+
+
 def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     """The (N, C) arrays unchanged, computed before the pass over x that reads them.
 
@@ -91,7 +114,7 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     exactly ``v``) is a reduce-window, which XLA does not fuse into a loop.
     ``count`` is the number of elements per cell (see MIN_COUNT_FOR_BOUNDARY).
     """
-    if count < MIN_COUNT_FOR_BOUNDARY or jax.default_backend() != "cpu":
+    if count < MIN_COUNT_FOR_BOUNDARY or not tracing_for_cpu():
         return cells
     return tuple(lax.cumsum(jnp.stack([c, jnp.zeros_like(c)], axis=-1), axis=c.ndim)[..., 1] for c in cells)
 
@@ -179,7 +202,7 @@ def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, A
 
 def shifted_sums(
     x: Array, compute_dtype: Any, keep: Array | None = None
-) -> tuple[Array, Array, Array, Array, Array, Array, Array | int]:
+) -> tuple[Array, Array, Array, Array, Array, Array | None, Array | int]:
     """The statistics pass: ``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2, raw, count)`` per cell.
 
     First the raw sums (K = 0, u = 1): two reductions that read x itself,
@@ -191,12 +214,17 @@ def shifted_sums(
     near 1 / max(|K|, 1) (:func:`_shifted`); XLA:CPU's reductions then need
     ``(x - K) u`` written out.
 
+    Where raw sums do not pay off (:func:`raw_sums_pay_off`: off the CPU) the
+    shifted sums are taken at once and ``raw`` is None: no check, no ``lax.cond``.
+
     ``keep`` (:func:`mask_cells`) restricts every sum to the masked-in
     elements; ``count`` is then each cell's (N, C) count of them, else the int
     m (:func:`cell_counts`).
     """
-    cells = _to_cells(x).astype(compute_dtype)
     count = cell_counts(x, keep, compute_dtype)
+    if not raw_sums_pay_off():
+        return (*_shifted(x, keep, compute_dtype), None, count)
+    cells = _to_cells(x).astype(compute_dtype)
     s1, s2 = _cell_sum(cells, keep), _cell_sum(cells * cells, keep)
     raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
@@ -266,7 +294,13 @@ def _varying_axes(v: Array) -> frozenset:
 
 
 def _backward_sums(
-    dy: Array, x: Array, shift: Array, mix_mean: Array, raw: Array, compute_dtype: Any, keep: Array | None
+    dy: Array,
+    x: Array,
+    shift: Array,
+    mix_mean: Array,
+    raw: Array | None,
+    compute_dtype: Any,
+    keep: Array | None,
 ) -> tuple[Array, Array]:
     """The backward reduction pass: ``r1 = sum_s dy`` and ``r2 = sum_s dy * (x - K - mix_mean)``.
 
@@ -286,7 +320,10 @@ def _backward_sums(
         dy, x, shift, mix_mean, _, keep = operands
         return jnp.sum(dy * (_centred(x, shift, compute_dtype, keep) - _per_cell(mix_mean)), axis=1)
 
-    return r1, lax.cond(raw, raw_form, centred_form, (dy, x, shift, mix_mean, r1, keep))
+    operands = (dy, x, shift, mix_mean, r1, keep)
+    if raw is None:  # the forward took the shifted sums without a check
+        return r1, centred_form(operands)
+    return r1, lax.cond(raw, raw_form, centred_form, operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -325,7 +362,7 @@ def _forward(graph, compute_dtype, out_dtype, x, inputs, bias, mask):
         shift = _first_kept(_to_cells(x).astype(compute_dtype), keep)
         s1 = s2 = jnp.zeros_like(shift)
         unit = inverse_unit = jnp.ones_like(shift)
-        raw = jnp.asarray(False)
+        raw = None
         count = cell_counts(x, keep, compute_dtype)
     else:
         shift, unit, inverse_unit, s1, s2, raw, count = shifted_sums(x, compute_dtype, keep)

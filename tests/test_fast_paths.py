@@ -207,3 +207,56 @@ def test_custom_vjp_equals_autodiff_on_every_path_in_float64(x64, rng, shape, of
 
     for custom, plain in zip(grads(switch_norm), grads(switch_norm_autodiff), strict=True):
         np.testing.assert_allclose(custom, plain, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------
+# Off the CPU: shifted sums (and the (N, C) two passes) at once, no lax.cond.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def off_the_cpu(monkeypatch):
+    """The route traced for a GPU: the tests run on the CPU, so the choice is forced."""
+    monkeypatch.setattr(_passes, "raw_sums_pay_off", lambda: False)
+
+
+ROUTES = [((3, 4, 4, 6), 0.0), ((3, 4, 4, 6), 1e4), ((16, 6), 0.0), ((16, 6), 1e4)]
+ROUTE_IDS = ["spatial", "spatial-at-1e4", "dense", "dense-at-1e4"]
+
+
+def route_input(rng, shape, offset):
+    """Unit-scale data, with sample 1 moved by ``offset``."""
+    x = dense_input(rng, shape) if len(shape) == 2 else rng.normal(size=shape)
+    x[1] += offset
+    return x
+
+
+@pytest.mark.parametrize("shape, offset", ROUTES, ids=ROUTE_IDS)
+def test_off_the_cpu_the_layer_has_no_conditional_and_matches_float64(off_the_cpu, rng, shape, offset):
+    normalizers = ALL if len(shape) > 2 else ("bn", "ln")
+    x = jnp.asarray(route_input(rng, shape, offset), jnp.float32)
+    logits = [jnp.asarray(rng.normal(size=len(normalizers)), jnp.float32) for _ in range(2)]
+
+    def loss(x, logits):
+        y, stats = switch_norm(x, *logits, normalizers=normalizers, num_groups=2)
+        return jnp.sum(y * y) + jnp.sum(stats.var)
+
+    assert "cond" not in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, logits))
+    y = jax.jit(lambda x: switch_norm(x, *logits, normalizers=normalizers, num_groups=2)[0])(x)
+    y_ref, _, _ = reference.switch_norm(
+        np.asarray(x, np.float64), *(np.asarray(lg) for lg in logits), normalizers=normalizers, num_groups=2
+    )
+    np.testing.assert_allclose(y, y_ref, atol=2e-5 if offset == 0 else 1e-3)
+
+
+@pytest.mark.parametrize("shape, offset", ROUTES, ids=ROUTE_IDS)
+def test_off_the_cpu_gradients_pass_check_grads_in_float64(off_the_cpu, x64, rng, shape, offset):
+    normalizers = ALL if len(shape) > 2 else ("bn", "ln")
+    x = jnp.asarray(route_input(rng, shape, offset / 10))
+    logits = jnp.asarray(rng.normal(size=(2, len(normalizers))))
+
+    def f(x, lg):
+        y, stats = switch_norm(x, lg[0], lg[1], normalizers=normalizers, num_groups=2)
+        return y, stats.mean, stats.var
+
+    check_grads(jax.jit(f), (x, logits), order=1, modes=["rev"])
