@@ -473,10 +473,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--shapes",
-        nargs="+",
+        nargs="*",
         type=parse_shape,
         default=list(SHAPES),
-        help="shapes like 32x32x32x64 (default: the five in SHAPES)",
+        help="shapes like 32x32x32x64 (default: the five in SHAPES; none: the training steps only)",
     )
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
