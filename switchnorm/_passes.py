@@ -93,9 +93,9 @@ def raw_sums_pay_off() -> bool:
     """Whether the statistics pass tries raw sums before shifted ones: on the CPU only (:func:`tracing_for_cpu`).
 
     The H100 measured this on 2026-11-27 (docs/performance.md): with the raw-sum
-    check and its ``lax.cond`` the forward took 1.38-1.52x Flax BatchNorm's at
-    8x the benchmark batch, against 1.03-1.09x for the shifted sums alone the
-    day before.
+    check and its ``lax.cond`` the forward took 1.45-1.52x Flax BatchNorm's on
+    the large-spatial shapes at 8x the benchmark batch, against 1.06-1.09x for
+    the shifted sums alone the day before.
     """
     return tracing_for_cpu()
 
