@@ -18,10 +18,11 @@ Important details:
   ``mean((x - K - that)^2)``, float32's digits kept at any mean. Off the CPU
   the two passes are taken at once, with no check and no ``lax.cond``
   (:func:`switchnorm._passes.raw_sums_pay_off`).
-* Both branches yield only (1, C) and (N, 1) arrays: K, the mean relative to
-  K and the variance of each scope. The blend is then taken in each element's
-  own frame, ``y = -(sum_k w_k ((K_k - x) + mean_k)) * a + bias``, so no
-  absolute mean near 1e4 is ever subtracted from x in float32.
+* Each scope's statistics are (1, C) or (N, 1) arrays: K, the mean relative
+  to K and the variance. The two-pass branch blends in each element's own
+  frame, ``y = -(sum_k w_k ((K_k - x) + mean_k)) * a + bias``, so no absolute
+  mean near 1e4 is subtracted from x in float32; the raw branch (K = 0, every
+  |mean| within a few standard deviations) blends in absolute terms.
 * Under ``axis_name`` or a mask the core uses the general path, whose merges
   already cross devices and weigh cells by their counts.
 """
@@ -70,8 +71,8 @@ def _scope_sums(x: Array, name: str) -> tuple[Array, Array]:
 
 def _raw_scope(s1: Array, s2: Array, count: int) -> Scope:
     """A scope from its raw sums: K = 0."""
-    stats = cell_stats(jnp.zeros((), s1.dtype), jnp.ones((), s1.dtype), s1, s2, count)
-    return Scope(jnp.zeros_like(s1), stats.mean, stats.var)
+    stats = cell_stats(jnp.zeros_like(s1), jnp.ones((), s1.dtype), s1, s2, count)
+    return Scope(stats.shift, stats.mean, stats.var)
 
 
 def _two_pass_scope(values: Array, name: str) -> Scope:
