@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.layer import build, parse_shape, shape_str
+from benchmarks.ratios import bn_inference
 
 KERNEL = re.compile(
     r"= (?:\([^=]*\)|\S+) (fusion|custom-call|reduce|reduce-window|conditional|copy|while|sort|dot)\("
@@ -61,21 +62,12 @@ def kernel_count(compiled_text: str) -> tuple[int, int]:
     return fewest, most
 
 
-def _bn_inference(x: jax.Array):
-    """``flax.linen.BatchNorm(use_running_average=True)`` as (function, arguments)."""
-    import flax.linen as nn
-
-    module = nn.BatchNorm(use_running_average=True, epsilon=1e-5)
-    variables = module.init(jax.random.key(0), x)
-    return jax.jit(module.apply), (variables, x)
-
-
 def compile_once(variant: str, mode: str, x: jax.Array, dy: jax.Array) -> tuple[float, tuple[int, int]]:
     """(seconds to lower and compile a freshly built function, its :func:`kernel_count`).
 
     Each call builds a new module and a new jitted closure, so nothing is reused.
     """
-    fn, args = _bn_inference(x) if variant == "bn_infer" else build(variant, mode, x, dy)
+    fn, args = bn_inference(x) if variant == "bn_infer" else build(variant, mode, x, dy)
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     return time.perf_counter() - start, kernel_count(compiled.as_text())

@@ -71,7 +71,7 @@ def _nnx_batchnorm(mode: str, x: jax.Array, dy: jax.Array) -> tuple[Callable, tu
     return jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True)), (params, rest, x, dy)
 
 
-def _bn_inference(x: jax.Array) -> tuple[Callable, tuple]:
+def bn_inference(x: jax.Array) -> tuple[Callable, tuple]:
     """``flax.linen.BatchNorm(use_running_average=True)``, forward."""
     module = nn.BatchNorm(use_running_average=True, epsilon=1e-5)
     variables = module.init(jax.random.key(0), x)
@@ -112,7 +112,7 @@ def measure_shape(shape: tuple[int, ...], dtype: str, repeats: int, min_sample_s
         fns["nnx_bn"] = _nnx_batchnorm(mode, x, dy)
         if mode == "fwd":
             fns["sn_infer"] = build("sn_infer", "fwd", x, dy)
-            fns["bn_infer"] = _bn_inference(x)
+            fns["bn_infer"] = bn_inference(x)
         samples = _interleaved(fns, repeats, min_sample_s)
         row[f"{mode}_sn_ms"] = float(np.percentile(samples["sn"], 25) * 1e3)
         row[f"{mode}_bn_ms"] = float(np.percentile(samples["bn"], 25) * 1e3)
