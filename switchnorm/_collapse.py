@@ -72,6 +72,9 @@ class CollapsedNorm(nnx.Module):
     bit. With bn, training mode updates the running averages as SwitchNorm does.
     ``model.train()`` / ``model.eval()`` switch it the same way.
 
+    ``promote_dtype`` is SwitchNorm's (:meth:`from_switch_norm` carries it): a function as
+    ``nnx.BatchNorm``'s, or None to cast nothing.
+
     Build one from a layer with :meth:`from_switch_norm`; :func:`collapse` does.
     """
 
@@ -93,6 +96,7 @@ class CollapsedNorm(nnx.Module):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         axis: int = -1,
+        promote_dtype: Any = None,
     ):
         names = _arguments.validate_normalizers(tuple(dict.fromkeys((mean_normalizer, var_normalizer))))
         if "bn" in names and (running_mean is None or running_var is None):
@@ -114,6 +118,7 @@ class CollapsedNorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.axis = axis
+        self.promote_dtype = _arguments.check_promote_dtype(promote_dtype)
 
     @classmethod
     def from_switch_norm(cls, layer: SwitchNorm, mean_normalizer: str, var_normalizer: str) -> CollapsedNorm:
@@ -134,6 +139,7 @@ class CollapsedNorm(nnx.Module):
             axis_name=layer.axis_name,
             axis_index_groups=layer.axis_index_groups,
             axis=layer.axis,
+            promote_dtype=layer.promote_dtype,
         )
 
     def _arrays(self) -> _core.LayerArrays:
@@ -164,7 +170,8 @@ class CollapsedNorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
         )
-        y, batch_stats = _core.normalize_checked(config, x, self._arrays(), self.dtype, mask=mask)
+        x, arrays = _core.promote_arrays(self.promote_dtype, x, self._arrays(), self.dtype)
+        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
         if batch_stats is not None:
             assert self.mean is not None and self.var is not None  # __init__ keeps them with bn
             stop = lax.stop_gradient
@@ -186,14 +193,26 @@ class ChannelAffine(nnx.Module):
       offset: (C,) ``bias - running_mean * multiplier``.
       dtype: the dtype of the result (default: the input's).
       axis: the feature axis, as the folded layer's.
+      promote_dtype: the folded layer's (None casts nothing): called as
+        ``promote_dtype((x, None, None, multiplier, offset), dtype=dtype)``, the
+        places of ``nnx.BatchNorm``'s (x, mean, var, scale, bias).
     """
 
-    def __init__(self, multiplier: Array, offset: Array, *, dtype: Any = None, axis: int = -1):
+    def __init__(
+        self,
+        multiplier: Array,
+        offset: Array,
+        *,
+        dtype: Any = None,
+        axis: int = -1,
+        promote_dtype: Any = None,
+    ):
         self.multiplier = nnx.Param(jnp.asarray(multiplier))
         self.offset = nnx.Param(jnp.asarray(offset))
         self.num_features = int(self.multiplier[...].shape[-1])
         self.dtype = dtype
         self.axis = axis
+        self.promote_dtype = _arguments.check_promote_dtype(promote_dtype)
 
     @classmethod
     def fold(cls, layer: SwitchNorm | CollapsedNorm) -> ChannelAffine:
@@ -207,7 +226,7 @@ class ChannelAffine(nnx.Module):
         offset = -running_mean * multiplier
         if layer.bias is not None:
             offset = offset + layer.bias[...]
-        return cls(multiplier, offset, dtype=layer.dtype, axis=layer.axis)
+        return cls(multiplier, offset, dtype=layer.dtype, axis=layer.axis, promote_dtype=layer.promote_dtype)
 
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
@@ -223,8 +242,13 @@ class ChannelAffine(nnx.Module):
         feature = _arguments.feature_axis(self.axis, len(shape))
         x, _ = _arguments.channels_last(x, mask, feature)
         _arguments.check_input(x, ("bn",), self.num_features)
+        multiplier, offset = self.multiplier[...], self.offset[...]
+        if self.promote_dtype is not None:
+            x, _, _, multiplier, offset = self.promote_dtype(
+                (x, None, None, multiplier, offset), dtype=self.dtype
+            )
         compute = jnp.promote_types(x.dtype, jnp.float32)
-        y = x.astype(compute) * self.multiplier[...].astype(compute) + self.offset[...].astype(compute)
+        y = x.astype(compute) * multiplier.astype(compute) + offset.astype(compute)
         y = y.astype(x.dtype if self.dtype is None else self.dtype)
         return _arguments.channels_back(y, feature, shape)
 

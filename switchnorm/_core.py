@@ -93,6 +93,23 @@ def graph_inputs(config: GraphConfig, arrays: LayerArrays, compute_dtype: Any) -
     )
 
 
+def promote_arrays(
+    promote_dtype: Any, x: Array, arrays: LayerArrays, dtype: Any
+) -> tuple[Array, LayerArrays]:
+    """``x`` and the arrays ``nnx.BatchNorm`` promotes, through ``promote_dtype`` if one is given.
+
+    ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)`` as in ``nnx.BatchNorm``
+    (None casts nothing). The running averages promoted are what inference reads;
+    the updates, as in ``nnx.BatchNorm``, go to the stored averages.
+    """
+    if promote_dtype is None:
+        return x, arrays
+    x, mean, var, scale, bias = promote_dtype(
+        (x, arrays.running_mean, arrays.running_var, arrays.scale, arrays.bias), dtype=dtype
+    )
+    return x, arrays._replace(running_mean=mean, running_var=var, scale=scale, bias=bias)
+
+
 def normalize_checked(
     config: GraphConfig,
     x: Array,

@@ -279,7 +279,7 @@ class SwitchNorm(nnx.Module):
             mixing=self.mixing,
             weights=self.weights,
         )
-        x, arrays = self._promoted(x, self._arrays(active, uses_bn))
+        x, arrays = _core.promote_arrays(self.promote_dtype, x, self._arrays(active, uses_bn), self.dtype)
         _sample_weights.record(self, config, x, arrays, mask)  # only while mixing_weights reads them
         y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
         if batch_stats is not None:
@@ -291,19 +291,6 @@ class SwitchNorm(nnx.Module):
             )
             self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
         return _arguments.channels_back(y, feature, shape)
-
-    def _promoted(self, x: Array, arrays: _core.LayerArrays) -> tuple[Array, _core.LayerArrays]:
-        """``x`` and the arrays ``nnx.BatchNorm`` promotes, through ``promote_dtype`` if one is set.
-
-        The running averages promoted are what inference reads; the updates, as in
-        ``nnx.BatchNorm``, go to the stored float32 averages.
-        """
-        if self.promote_dtype is None:
-            return x, arrays
-        x, mean, var, scale, bias = self.promote_dtype(
-            (x, arrays.running_mean, arrays.running_var, arrays.scale, arrays.bias), dtype=self.dtype
-        )
-        return x, arrays._replace(running_mean=mean, running_var=var, scale=scale, bias=bias)
 
     def _record_rank(self, rank: int) -> None:
         """Sets ``last_input_rank``, a static attribute, where it changes and NNX allows it.

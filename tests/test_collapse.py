@@ -155,6 +155,25 @@ def test_a_root_switch_norm_collapses_to_a_layer(x):
     np.testing.assert_allclose(collapsed(x), norm(x), rtol=0, atol=1e-6)
 
 
+def _to_float16(args, *, dtype=None):
+    """A promote_dtype that casts every array to float16, whatever ``dtype`` asks."""
+    return tuple(None if a is None else jnp.asarray(a, jnp.float16) for a in args)
+
+
+@pytest.mark.parametrize("choice", [("in", "ln"), ("bn", "bn")], ids="/".join)
+def test_a_collapsed_layer_keeps_the_layers_promote_dtype(choice, x):
+    norm = switchnorm.SwitchNorm(SHAPE[-1], mixing="sparsestmax", promote_dtype=_to_float16, rngs=nnx.Rngs(0))
+    _choose(norm, *choice, seed=4)
+    switchnorm.set_radius(norm, 1.0)
+    norm.eval()
+    collapsed, report = switchnorm.collapse(norm)
+    assert report.layers[0].form == ("affine" if choice == ("bn", "bn") else "normalizer")
+    assert collapsed.promote_dtype is _to_float16
+    assert norm(x).dtype == collapsed(x).dtype == jnp.float16  # float32 x, cast by the function
+    # float16 rounding: the fold casts its multiplier and offset, the layer its running averages.
+    np.testing.assert_allclose(collapsed(x), norm(x), rtol=2e-3, atol=2e-3)
+
+
 def _channel_norm(chosen_per_channel, mixing="sparsestmax") -> switchnorm.SwitchNorm:
     """A weights="channel" layer whose channel c favours ``chosen_per_channel[c]`` (one-hot at radius 1)."""
     c = len(chosen_per_channel)
