@@ -23,7 +23,8 @@ Important details:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -36,58 +37,10 @@ from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats, sco
 Array = jax.Array
 
 
-def _weighted_sums(weights: Array, values: Sequence[Sequence[Array]]) -> tuple[Array, ...]:
-    """``sum_k weights[t, k] * values[k][t]`` for each t: elementwise, so XLA fuses it into its consumers."""
-    return tuple(sum(w * v[t] for w, v in zip(weights[t], values, strict=True)) for t in range(len(weights)))
-
-
-@jax.custom_jvp
-def _blend(weights: Array, values: tuple[tuple[Array, Array], ...]) -> tuple[Array, ...]:
-    """(mix_mean, mix_var) from the (2, K, ...) weights and each normalizer's (mean, var)."""
-    return _weighted_sums(weights, values)
-
-
-def _times_weights(weights: Array, stacked: Array, k_axis: int) -> Array:
-    """``sum_k weights_k * stacked_k`` over ``k_axis``, the weights' trailing axes aligned to the stack's."""
-    cut = k_axis + 1
-    aligned = weights.reshape(
-        weights.shape[:cut] + (1,) * (stacked.ndim - weights.ndim) + weights.shape[cut:]
-    )
-    return jnp.sum(aligned * stacked, axis=k_axis)
-
-
-@_blend.defjvp
-def _blend_jvp(primals, tangents):
-    """The weights' part of the tangent as one product with the stacked statistics.
-
-    Its transpose, the weights' cotangent, is then one reduction of the
-    (2, K, N, C) stack (one for the means' and one for the variances' where
-    their shapes differ), where the sum of products gave each weight a small
-    reduction kernel of its own (16 of the backward's 70 kernels with four
-    normalizers; compile time follows the kernel count, docs/performance.md).
-    The primal stays the elementwise sum, which XLA fuses.
-    """
-    weights, values = primals
-    weights_dot, values_dot = tangents
-    primal_out = _weighted_sums(weights, values)
-    stacked = [
-        jnp.stack([jnp.broadcast_to(pair[t], out.shape) for pair in values])
-        for t, out in enumerate(primal_out)
-    ]
-    if stacked[0].shape == stacked[1].shape:
-        through_weights = tuple(_times_weights(weights_dot, jnp.stack(stacked), k_axis=1))
-    else:
-        through_weights = tuple(
-            _times_weights(w, v, k_axis=0) for w, v in zip(weights_dot, stacked, strict=True)
-        )
-    through_values = _weighted_sums(weights, values_dot)
-    return primal_out, tuple(v + w for v, w in zip(through_values, through_weights, strict=True))
-
-
 def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
     """mix_mean = sum_k w_mean_k * mean_k,  mix_var = sum_k w_var_k * var_k."""
-    values = tuple((s.mean, s.var) for s in stats)
-    mix_mean, mix_var = _blend(jnp.stack([mean_weights, var_weights]), values)
+    mix_mean = sum(w * s.mean for w, s in zip(mean_weights, stats, strict=True))
+    mix_var = sum(w * s.var for w, s in zip(var_weights, stats, strict=True))
     return ScopeStats(mean=mix_mean, var=mix_var)
 
 
@@ -236,3 +189,41 @@ def cell_graph(
         batch_stats = batch_stats_of(stats[config.normalizers.index("bn")], shift, config)
     mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, count)
     return jnp.broadcast_to(mix_mean, shift.shape), jnp.broadcast_to(a, shift.shape), batch_stats
+
+
+def graph_for(
+    config: GraphConfig, compute_dtype: Any
+) -> Callable[..., tuple[Array, Array, BatchStats | None]]:
+    """``cell_graph`` with this configuration, traced once per input shape and reused.
+
+    Every call of the layer traces the cell graph in its forward pass and again,
+    with its VJP, in the backward pass, and a network's layers of equal (N, C)
+    shapes trace the same graph over and over: Python tracing was about a third
+    of SwitchNorm's share of a ResNet train step's compile time. As a nested
+    ``jax.jit`` the graph's trace is cached by its configuration and input types
+    (one trace for the forward passes and one for the backward passes of all
+    equal layers); JAX lowers a repeated jaxpr once and XLA inlines it, so the
+    compiled program is unchanged. A configuration that cannot be hashed
+    (``axis_index_groups`` given as lists) is traced every time, as before.
+    """
+    try:
+        return _jitted_graph(config, jnp.dtype(compute_dtype))
+    except TypeError:  # unhashable configuration
+        return functools.partial(cell_graph, config, compute_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_graph(
+    config: GraphConfig, compute_dtype: Any
+) -> Callable[..., tuple[Array, Array, BatchStats | None]]:
+    """The jitted graphs of one configuration: ``count`` static where it is an int, traced where an array."""
+
+    def graph(shift, inverse_unit, s1, s2, count, inputs):
+        return cell_graph(config, compute_dtype, shift, inverse_unit, s1, s2, count, inputs)
+
+    by_array, by_int = jax.jit(graph), jax.jit(graph, static_argnums=4)
+
+    def dispatch(shift, inverse_unit, s1, s2, count, inputs):
+        return (by_int if isinstance(count, int) else by_array)(shift, inverse_unit, s1, s2, count, inputs)
+
+    return dispatch
