@@ -65,8 +65,10 @@ def kernel_count(compiled_text: str) -> tuple[int, int]:
 def compile_once(variant: str, mode: str, x: jax.Array, dy: jax.Array) -> tuple[float, tuple[int, int]]:
     """(seconds to lower and compile a freshly built function, its :func:`kernel_count`).
 
-    Each call builds a new module and a new jitted closure, so nothing is reused.
+    Each call clears JAX's caches and builds a new module and a new jitted closure, so nothing
+    is reused (the layer's cell graph is a nested jit whose trace JAX would otherwise keep).
     """
+    jax.clear_caches()
     fn, args = bn_inference(x) if variant == "bn_infer" else build(variant, mode, x, dy)
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from switchnorm import _arguments, _mixing, _passes
 from switchnorm._arguments import NORMALIZERS
-from switchnorm._cell_graph import GraphConfig, GraphInputs, cell_graph
+from switchnorm._cell_graph import GraphConfig, GraphInputs, graph_for
 from switchnorm._dense import normalize_dense
 from switchnorm._sparsestmax import _checked_radius
 from switchnorm._stats import BatchStats
@@ -124,7 +124,7 @@ def normalize_checked(
         return jnp.zeros(x.shape, out_dtype), None
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     inputs = graph_inputs(config, arrays, compute_dtype)
-    graph = functools.partial(cell_graph, config, compute_dtype)
+    graph = graph_for(config, compute_dtype)
     normalize = _passes.normalize if use_custom_vjp else _passes.normalize_autodiff
     general = functools.partial(normalize, graph, compute_dtype, out_dtype)
     if mask is not None:  # cells of unequal counts: the general path's weighted merges

@@ -382,3 +382,45 @@ def test_default_num_groups_follows_its_documented_rule(channels, groups):
 def test_default_normalizers_drop_in_and_gn_on_dense_features():
     assert switchnorm.default_normalizers(2) == ("bn", "ln")
     assert switchnorm.default_normalizers(4) == ALL
+
+
+def _count_graph_traces(monkeypatch, **layer_kwargs) -> int:
+    """How often the cell graph's Python code runs while tracing a gradient through two equal layers."""
+    from switchnorm import _cell_graph
+
+    calls = []
+    original = _cell_graph.cell_graph
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_cell_graph, "cell_graph", counting)
+    _cell_graph._jitted_graph.cache_clear()
+    jax.clear_caches()
+    x, logits = jnp.ones((4, 3, 3, 8)) + jnp.arange(8.0), jnp.zeros(4)
+
+    def loss(x, logits):
+        y, _ = switch_norm(x, logits, logits, num_groups=2, epsilon=0.37, **layer_kwargs)
+        z, _ = switch_norm(y * 2.0, logits, logits, num_groups=2, epsilon=0.37, **layer_kwargs)
+        return jnp.sum(z * jnp.arange(8.0))
+
+    jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, logits)
+    return len(calls)
+
+
+def test_equal_layers_trace_the_cell_graph_once_a_direction(monkeypatch):
+    # Once for the forward and once, in another trace context, for the backward: both layers
+    # share them (four traces without the cache).
+    assert _count_graph_traces(monkeypatch) == 2
+
+
+def test_equal_configurations_share_one_jitted_graph_and_unhashable_ones_fall_back():
+    from switchnorm._cell_graph import GraphConfig, graph_for
+
+    def config(groups):
+        return GraphConfig(("bn", "in"), 1, 1e-5, False, "batch", groups)
+
+    assert graph_for(config(((0, 1),)), jnp.float32) is graph_for(config(((0, 1),)), jnp.float32)
+    fallback = graph_for(config([[0, 1]]), jnp.float32)  # lists: no cache key, traced at each use
+    assert fallback.func.__name__ == "cell_graph" and fallback.args[0].axis_index_groups == [[0, 1]]
