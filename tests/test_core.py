@@ -384,7 +384,7 @@ def test_default_normalizers_drop_in_and_gn_on_dense_features():
     assert switchnorm.default_normalizers(4) == ALL
 
 
-def _count_graph_traces(monkeypatch, **layer_kwargs) -> int:
+def _count_graph_traces(monkeypatch) -> int:
     """How often the cell graph's Python code runs while tracing a gradient through two equal layers."""
     from switchnorm import _cell_graph
 
@@ -401,8 +401,8 @@ def _count_graph_traces(monkeypatch, **layer_kwargs) -> int:
     x, logits = jnp.ones((4, 3, 3, 8)) + jnp.arange(8.0), jnp.zeros(4)
 
     def loss(x, logits):
-        y, _ = switch_norm(x, logits, logits, num_groups=2, epsilon=0.37, **layer_kwargs)
-        z, _ = switch_norm(y * 2.0, logits, logits, num_groups=2, epsilon=0.37, **layer_kwargs)
+        y, _ = switch_norm(x, logits, logits, num_groups=2, epsilon=0.37)
+        z, _ = switch_norm(y * 2.0, logits, logits, num_groups=2, epsilon=0.37)
         return jnp.sum(z * jnp.arange(8.0))
 
     jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, logits)
