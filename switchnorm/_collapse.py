@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.typing import PromoteDtypeFn
 from jax import lax
 
 from switchnorm import _arguments, _core, _stats
@@ -96,7 +97,7 @@ class CollapsedNorm(nnx.Module):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         axis: int = -1,
-        promote_dtype: Any = None,
+        promote_dtype: PromoteDtypeFn | None = None,
     ):
         names = _arguments.validate_normalizers(tuple(dict.fromkeys((mean_normalizer, var_normalizer))))
         if "bn" in names and (running_mean is None or running_var is None):
@@ -205,7 +206,7 @@ class ChannelAffine(nnx.Module):
         *,
         dtype: Any = None,
         axis: int = -1,
-        promote_dtype: Any = None,
+        promote_dtype: PromoteDtypeFn | None = None,
     ):
         self.multiplier = nnx.Param(jnp.asarray(multiplier))
         self.offset = nnx.Param(jnp.asarray(offset))
