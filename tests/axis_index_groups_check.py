@@ -1,6 +1,6 @@
 """``axis_index_groups`` through both front ends, run in a subprocess by ``test_settings.py``.
 
-Needs 4 CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
+Needs 4 CPU devices (``JAX_NUM_CPU_DEVICES=4``).
 Devices {0, 1} and {2, 3} form two groups under ``jax.pmap``; each group's bn
 statistics must be those of its own 2-device batch, computed by the float64
 reference. Prints one JSON object of largest absolute differences on its last line.

@@ -11,6 +11,17 @@ the same entry at once (the kill-and-resume tests start identical runs side by
 side) never see half an entry; with it, each write scans every entry, which
 made the pytest processes themselves (thousands of small jits) slower, so they
 stay uncached.
+
+Every process of the suite, pytest's and the subprocesses', compiles with
+``jax_disable_most_optimizations`` and XLA:CPU's older LLVM-IR fusion emitters
+(``--xla_cpu_use_fusion_emitters=false``). The tests compile thousands of small
+programs and run each a few times; with optimizations off, the MLIR-based emitters
+cost about twice the compile time of the older ones (tests/test_vjp.py and
+tests/test_linen.py: 206 s of CPU against 94 s). XLA's graph passes still run, but
+the older emitters fuse a little differently (they do not split a long reduction in
+two), so the kernel-count tests ask for the user's emitters, and test_pipeline.py
+runs the value tests again with JAX's defaults (``SWITCHNORM_TEST_COMPILE=default``
+turns the fast settings off for a whole run).
 """
 
 import importlib.util
@@ -23,6 +34,25 @@ import jax
 import numpy as np
 import pytest
 from checkpoint_files import finished_run
+
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _compile_fast() -> None:
+    """Sets the fast-compile settings (module docstring) in the environment, before JAX starts.
+
+    Subprocesses inherit them; a test that sets ``XLA_FLAGS`` for a subprocess keeps
+    what is already there (``JAX_NUM_CPU_DEVICES`` gives a subprocess its devices).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FAST_COMPILE_FLAG not in flags.split():  # xdist workers inherit the controller's
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # for the subprocesses, read at import
+    jax.config.update("jax_disable_most_optimizations", True)  # for this process, imported above
+
+
+if os.environ.get("SWITCHNORM_TEST_COMPILE") != "default":  # the user's pipeline: see test_pipeline.py
+    _compile_fast()  # XLA reads its flags when the backend starts (the first computation), not at import
 
 _CACHE_SETTINGS = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the tests' programs compile fast
@@ -47,10 +77,6 @@ def _share_compilation_cache() -> str | None:
 
 _OWN_CACHE = _share_compilation_cache()
 jax.config.update("jax_compilation_cache_dir", None)  # xdist workers read it at import: not here
-# The pytest processes compile thousands of small programs and run each a few times: LLVM's
-# optimization of the machine code costs more than it saves there. XLA's graph passes (fusion,
-# which the kernel-count tests read) still run; the subprocesses are not affected.
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_configure(config) -> None:

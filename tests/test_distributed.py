@@ -3,7 +3,7 @@
 JAX fixes its device count at start-up and the rest of the suite runs on one
 CPU device, so every scenario runs in ONE subprocess,
 ``tests/distributed_checks.py`` with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which reports each
+``JAX_NUM_CPU_DEVICES=8``, which reports each
 scenario on its own line: the largest absolute difference of each comparison,
 or the traceback of what the scenario raised. Each test below reads only the
 scenarios it names, so a scenario that raises fails its own tests with its own
@@ -71,7 +71,7 @@ def parse_report(returncode: int, stdout: str, stderr: str) -> Report:
 
 @pytest.fixture(scope="module")
 def report() -> Report:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=600)
     return parse_report(done.returncode, done.stdout, done.stderr)
 

@@ -7,7 +7,9 @@ from benchmarks import layer_compile
 
 
 def kernels(f, *args) -> tuple[int, int]:
-    return layer_compile.kernel_count(jax.jit(f).lower(*args).compile().as_text())
+    """The kernel count with the fusion emitters a user's program gets (conftest turns them off)."""
+    compiled = jax.jit(f).lower(*args).compile(compiler_options={"xla_cpu_use_fusion_emitters": True})
+    return layer_compile.kernel_count(compiled.as_text())
 
 
 def test_kernel_count_counts_the_launches_of_the_entry_computation():

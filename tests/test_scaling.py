@@ -30,7 +30,10 @@ TOL = 1e-5
 
 def switchnorm_train(*args, env=None) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    env.pop("XLA_FLAGS", None)  # --devices alone must give the CPU its devices
+    # --devices alone must give the CPU its devices: no device count from the environment
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    flags = env.pop("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "force_host_platform_device_count" not in f)
     return subprocess.Popen(
         [sys.executable, "-m", "switchnorm", "train", *RUN, *map(str, args)],
         stdout=subprocess.PIPE,

@@ -186,7 +186,7 @@ GROUPS_SCRIPT = Path(__file__).with_name("axis_index_groups_check.py")
 
 @pytest.mark.slow
 def test_axis_index_groups_give_each_group_its_own_batch_statistics():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, str(GROUPS_SCRIPT)], env=env, capture_output=True, text=True, timeout=600
     )
