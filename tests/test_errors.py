@@ -61,6 +61,16 @@ CORE_ERRORS = {
         ValueError,
         r"mean_logits has shape \(3,\)",
     ),
+    "negative-radius": (
+        dict(x=IMAGE, mixing="sparsestmax", radius=-0.1),
+        ValueError,
+        r"radius must be >= 0, got -0.1",
+    ),
+    "radius-per-channel": (
+        dict(x=IMAGE, mixing="sparsestmax", radius=jnp.zeros(6)),
+        ValueError,
+        r"radius.*\(6,\).*one radius per layer",
+    ),
 }
 
 

@@ -254,6 +254,21 @@ def test_promote_dtype_casts_as_in_nnx_batchnorm(rng, promote):
         )
 
 
+def test_the_layer_computes_on_every_array_promote_dtype_returns(rng):
+    # A promote_dtype that changes values, not dtypes: the running averages, scale and bias it
+    # returns are the ones used, as in nnx.BatchNorm with the same function.
+    def altered(args, *, dtype=None):
+        x, mean, var, scale, bias = args
+        return x, mean + 0.5, var * 3.0, scale * 2.0 - 0.25, bias + 1.0
+
+    ours = switchnorm.SwitchNorm(C, normalizers=("bn",), promote_dtype=altered, rngs=nnx.Rngs(0))
+    theirs = nnx.BatchNorm(C, use_fast_variance=False, promote_dtype=altered, rngs=nnx.Rngs(0))
+    for mode in ("train", "eval"):
+        getattr(ours, mode)(), getattr(theirs, mode)()
+        x = data(rng, (4, 3, C))
+        np.testing.assert_allclose(nnx_step(ours, x), nnx_step(theirs, x), rtol=1e-5, atol=1e-5)
+
+
 def test_promote_dtype_receives_what_nnx_batchnorm_passes_it(rng):
     calls = []
 

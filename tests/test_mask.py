@@ -10,7 +10,7 @@ import reference
 from flax import linen as nn
 from flax import nnx
 from jax.test_util import check_grads
-from reference import ALL, SHAPES, assert_matches, random_case
+from reference import ALL, SHAPES, C, assert_matches, random_case
 
 import switchnorm
 from switchnorm import linen as snn
@@ -141,6 +141,34 @@ def test_a_scope_with_nothing_kept_has_mean_and_variance_zero(rng):
     y, _ = reference.call(jit_switch_norm, case, normalizers=("ln",), epsilon=0.25)
     want = np.asarray(case["x"][1]) / 0.5 * np.asarray(case["scale"]) + np.asarray(case["bias"])
     assert_matches(y[1], want)
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_a_mask_under_vmap_with_axis_name_gives_the_whole_batchs_statistics(rng, rank):
+    # Shards of 2 samples under jax.vmap(axis_name="shards"), in-process (tests/test_distributed.py
+    # does it on 8 devices): shard 0 keeps everything, shard 1 nothing, shard 2 a few elements.
+    # bn's statistics are the whole batch's masked ones, the same on every shard.
+    shape = (6, 4, 3, C) if rank == 4 else (6, C)
+    normalizers = normalizers_for(rank)
+    case = random_case(rng, shape, len(normalizers))
+    positions = int(np.prod(shape[1:-1], dtype=int))
+    lengths = np.array([positions, positions, 0, 0, 1, positions // 2 + 1])
+    keep = (np.arange(positions)[None, :] < lengths[:, None]).reshape(*shape[:-1], 1)
+    case["mask"] = jnp.asarray(keep if rank == 4 else np.broadcast_to(keep, shape))
+    case["x"] = jnp.where(case["mask"], case["x"], jnp.float32(50.0))
+    options = dict(normalizers=normalizers, num_groups=3)
+
+    def shard(x, mask):
+        y, stats = switch_norm(**dict(case, x=x, mask=mask), axis_name="shards", **options)
+        return y, stats.mean, stats.var
+
+    split = lambda a: a.reshape(3, 2, *a.shape[1:])  # noqa: E731
+    y, mean, var = jax.jit(jax.vmap(shard, axis_name="shards"))(split(case["x"]), split(case["mask"]))
+    y_ref, bn_mean, bn_var = reference.call(reference.switch_norm, case, **options)
+    assert_matches(np.asarray(y).reshape(shape), y_ref)
+    for shard_mean, shard_var in zip(np.asarray(mean), np.asarray(var), strict=True):
+        assert_matches(shard_mean, bn_mean)
+        assert_matches(shard_var, bn_var)
 
 
 # --------------------------------------------------------------------------
