@@ -192,11 +192,12 @@ def switch_norm(
     Important details:
 
     * One pass over x gives per-(n, c) shifted sums; bn, in, ln and gn
-      statistics are merged from those (N, C)-sized arrays with the
-      parallel-variance rule, never with ``E[x^2] - E[x]^2`` on raw data
-      (docs/design.md, "One pass: shifted sums per cell" and "Merging cells:
-      the parallel-variance rule"). Float32 input with mean 1e4 and std 1
-      normalizes within 1e-3 of float64.
+      statistics are merged from those (N, C)-sized arrays through their
+      moments about each scope's first cell's mean, never with
+      ``E[x^2] - E[x]^2`` on raw data (docs/design.md, "One pass: shifted
+      sums per cell" and "Merging cells: moments about the first cell's
+      mean"). Float32 input with mean 1e4 and std 1 normalizes within 1e-3
+      of float64.
     * Reductions and the normalize step run in float32 for half-precision
       input (float64 stays float64); the output has ``dtype``, by default
       the input's dtype.

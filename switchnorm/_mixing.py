@@ -35,16 +35,58 @@ Important details:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from switchnorm._sparsestmax import sparsestmax
 from switchnorm._stats import CellStats, ScopeStats
 
 Array = jax.Array
+
+
+SMALL_SOFTMAX_MAX_K = 8
+"""Up to this many normalizers the softmax is taken by :func:`_small_softmax`, with no reduction."""
+
+
+def _unrolled(op: Any, v: Array) -> Array:
+    """``op`` folded over the last axis's slices: K - 1 elementwise operations, no reduction kernel."""
+    return functools.reduce(op, [v[..., j] for j in range(v.shape[-1])])
+
+
+def _across(v: Array, k: int) -> Array:
+    """``v`` repeated along a new last axis of length k, stacked rather than broadcast.
+
+    The transpose of a broadcast is a reduction; of a stack, K slices: reverse
+    mode then needs no reduction kernel either.
+    """
+    return jnp.stack([v] * k, axis=-1)
+
+
+@jax.custom_jvp
+def _small_softmax(logits: Array) -> Array:
+    """``jax.nn.softmax`` over a short last axis, its maximum and sum unrolled over the K slices.
+
+    A reduction is a kernel of its own on XLA:CPU (a few microseconds to run,
+    tens of milliseconds to compile), and ``jax.nn.softmax`` takes two, the
+    maximum and the sum. Unrolled, the whole softmax is one elementwise
+    fusion. A logit of -inf gets a weight of exactly 0, as there.
+    """
+    top = lax.stop_gradient(_unrolled(jnp.maximum, logits))
+    exps = jnp.exp(logits - top[..., None])
+    return exps / _across(_unrolled(jnp.add, exps), logits.shape[-1])
+
+
+@_small_softmax.defjvp
+def _small_softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    """``dw = w * (dl - sum_k w_k dl_k)``, the softmax's own, its sum unrolled as the forward's."""
+    w = _small_softmax(primals[0])
+    dl = tangents[0]
+    return w, w * (dl - _across(_unrolled(jnp.add, w * dl), dl.shape[-1]))
 
 
 def mixing_weights_from_logits(logits: Array, mixing: str = "softmax", radius: Any = 0.0) -> Array:
@@ -57,6 +99,8 @@ def mixing_weights_from_logits(logits: Array, mixing: str = "softmax", radius: A
     logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
     if mixing == "sparsestmax":
         return sparsestmax(logits, jnp.asarray(radius, logits.dtype))
+    if logits.shape[-1] <= SMALL_SOFTMAX_MAX_K:
+        return _small_softmax(logits)
     return jax.nn.softmax(logits)
 
 

@@ -14,13 +14,13 @@ Important details:
   magnitude the variance can be stored in ("Numerics: dtypes, range, empty
   input"). Powers of two scale exactly: the statistics are the unscaled
   ones, bit for bit, wherever those are finite.
-* Cells are merged with the parallel-variance rule (Chan et al.), never with
-  ``E[x^2] - E[x]^2``: the cells' means are moved to a common frame, the
-  scope's first cell's shift, and the squared deviations are scaled by that
-  shift's power of two ("Merging cells: the parallel-variance rule").
+* Cells are merged through the scope's first two moments about a common
+  frame, the mean of the scope's first cell, never about 0 (that is
+  ``E[x^2] - E[x]^2``, which loses every digit when |mean| >> std): one
+  reduction per scope, the squares in units of the frame's power of two
+  ("Merging cells: moments about the first cell's mean").
 * Only bn crosses samples, so only bn takes ``axis_name``: one ``pmean`` of
-  the common frame, one of the scope mean and one of the variance
-  ("Across devices").
+  the common frame and one of the two moments ("Across devices").
 """
 
 from __future__ import annotations
@@ -113,41 +113,59 @@ class ScopeStats(NamedTuple):
     var: Array
 
 
+def _from_moments(
+    ref: Array, shift: Array, moments: Array, inverse_unit: Array, shape: tuple[int, ...]
+) -> ScopeStats:
+    """A scope's statistics from its first two moments about ``ref`` in units u (``moments[0]``, ``[1]``).
+
+    ``var = E[d^2] - E[d]^2`` (clamped at 0 against rounding), unscaled by
+    ``1 / u^2``; the mean is handed back relative to each cell's own shift.
+    """
+    scaled_mean, scaled_square = moments[0], moments[1]
+    scope_var = _unscale_square(jnp.maximum(scaled_square - scaled_mean * scaled_mean, 0.0), inverse_unit)
+    scope_mean = scaled_mean * inverse_unit + (ref - shift)
+    return ScopeStats(mean=scope_mean, var=jnp.broadcast_to(scope_var, shape))
+
+
 def _combine(cells: CellStats, axis: int, axis_name: Any = None, axis_index_groups: Any = None) -> ScopeStats:
-    """Merges the cells along ``axis`` with the parallel-variance rule (Chan et al.).
+    """Merges the cells along ``axis``: the scope's moments about its first cell's mean, in one reduction.
 
-    Cell means are first moved to a common frame, the shift ``ref`` of the
-    scope's first cell (agreed across devices with a ``pmean`` when
-    ``axis_name`` is given), so that, for cells of equal size,
+    The cells' means are moved to a common frame r, the mean of the scope's
+    first cell (agreed across devices with a ``pmean`` when ``axis_name`` is
+    given), and, with ``e`` a cell's mean in that frame and ``var`` its
+    variance, for cells of equal size
 
-        scope mean = mean of the cell means
-        scope var  = mean(cell var + (cell mean - scope mean)^2)
+        scope mean = mean(e)              (relative to r)
+        scope var  = mean(var + e^2) - mean(e)^2
 
-    stays accurate however large the data's mean is; the second line is taken
-    in units of ``ref``'s power of two, so its squares do not overflow. Cells
-    with masked counts are merged by :func:`_combine_counted` instead.
-    Returns the scope mean relative to each cell's own shift and the scope
-    variance, both broadcast back to the cells' shape.
+    both means from one reduction of the stacked ``(e, var + e^2)``: the
+    sum-of-squares identity about r (docs/design.md, "Merging cells: moments
+    about the first cell's mean"). Its rounding error, relative to the scope
+    variance, is about ``u (1 + (mean - r)^2 / var)``: a few units of rounding
+    where r is within a few standard deviations of the scope mean, and at
+    worst ``u`` times the number of cells merged, since no cell's mean lies
+    further from the scope mean than that allows. The squares are taken in
+    units of r's power of two, so they do not overflow. Cells with masked
+    counts are merged by :func:`_combine_counted` instead. Returns the scope
+    mean relative to each cell's own shift and the scope variance, both
+    broadcast back to the cells' shape.
     """
     if cells.kept is not None:
         return _combine_counted(cells, axis, axis_name, axis_index_groups)
     shift, mean, var, _ = cells
-    pmean = functools.partial(lax.pmean, axis_name=axis_name, axis_index_groups=axis_index_groups)
-    ref = lax.slice_in_dim(shift, 0, 1, axis=axis)
+    first = functools.partial(lax.slice_in_dim, start_index=0, limit_index=1, axis=axis)
+    ref = lax.stop_gradient(first(shift) + first(mean))  # any frame gives the same statistics
     if axis_name is not None:
-        ref = pmean(ref)
-    in_frame = mean + (shift - ref)  # cell means in the scope's common frame
-    scope_mean = jnp.mean(in_frame, axis=axis, keepdims=True)
-    if axis_name is not None:
-        scope_mean = pmean(scope_mean)
+        ref = lax.pmean(ref, axis_name, axis_index_groups=axis_index_groups)
     unit, inverse_unit = power_of_two_scale(ref)
-    deviation = (in_frame - scope_mean) * unit
-    # One reduction for both terms: each is a separate small kernel otherwise.
-    scaled = jnp.sum(var * unit * unit + deviation * deviation, axis=axis, keepdims=True)
-    scope_var = _unscale_square(scaled / mean.shape[axis], inverse_unit)
+    in_frame = (mean + (shift - ref)) * unit  # the cell means about r, in units of r's power of two
+    # One reduction for both moments: each reduction is a kernel of its own on a CPU.
+    moments = jnp.mean(
+        jnp.stack([in_frame, var * unit * unit + in_frame * in_frame]), axis + 1, keepdims=True
+    )
     if axis_name is not None:  # equal local batches, as flax.linen.BatchNorm assumes
-        scope_var = pmean(scope_var)
-    return ScopeStats(mean=scope_mean + (ref - shift), var=jnp.broadcast_to(scope_var, mean.shape))
+        moments = lax.pmean(moments, axis_name, axis_index_groups=axis_index_groups)
+    return _from_moments(ref, shift, moments, inverse_unit, mean.shape)
 
 
 def _combine_counted(
@@ -155,39 +173,39 @@ def _combine_counted(
 ) -> ScopeStats:
     """:func:`_combine` for cells of unequal sizes ``cells.kept`` (a call-time mask).
 
-    Each cell weighs as many as its masked-in elements::
+    Each cell weighs as many as its masked-in elements n_i::
 
-        scope mean = sum(n_i mean_i) / sum(n_i)
-        scope var  = sum(n_i (var_i + (mean_i - scope mean)^2)) / sum(n_i)
+        scope mean = sum(n_i e_i) / sum(n_i)
+        scope var  = sum(n_i (var_i + e_i^2)) / sum(n_i) - scope mean^2
 
     so the scope's statistics are those of its masked-in elements alone. The
-    common frame is the shift of the scope's first non-empty cell, and with
-    ``axis_name`` every sum is a ``psum``: the statistics of the masked-in
+    frame r is the mean of the scope's first non-empty cell, and with
+    ``axis_name`` every sum is a ``psum`` (r the mean of the devices' frames
+    where they hold a masked-in element): the statistics of the masked-in
     elements of the whole batch, however they fall on the devices. A scope
     with no masked-in element gets mean 0 (relative to the frame) and variance 0.
     """
     shift, mean, var, count = cells
     assert count is not None  # the masked-in elements per cell
     psum = functools.partial(lax.psum, axis_name=axis_name, axis_index_groups=axis_index_groups)
-    reduce = (
-        (lambda v: psum(jnp.sum(v, axis=axis, keepdims=True)))
-        if axis_name is not None
-        else (lambda v: jnp.sum(v, axis=axis, keepdims=True))
-    )
     filled = (count > 0).astype(shift.dtype)
     first = jnp.argmax(filled, axis=axis, keepdims=True)  # 0 where every cell is empty
-    ref = jnp.take_along_axis(shift, first, axis=axis)
+    ref = lax.stop_gradient(jnp.take_along_axis(shift + mean, first, axis=axis))
     if axis_name is not None:  # the frame of the devices that hold a masked-in element
         holds = jnp.max(filled, axis=axis, keepdims=True)
         ref = psum(ref * holds) / jnp.maximum(psum(holds), 1.0)
-    in_frame = mean + (shift - ref)
-    total = jnp.maximum(reduce(count), 1.0)
-    scope_mean = reduce(count * in_frame) / total
     unit, inverse_unit = power_of_two_scale(ref)
-    deviation = (in_frame - scope_mean) * unit
-    scaled = reduce(count * (var * unit * unit + deviation * deviation))
-    scope_var = _unscale_square(scaled / total, inverse_unit)
-    return ScopeStats(mean=scope_mean + (ref - shift), var=jnp.broadcast_to(scope_var, mean.shape))
+    in_frame = (mean + (shift - ref)) * unit
+    # The count and both weighted moments in one reduction (one psum across devices).
+    sums = jnp.sum(
+        jnp.stack([count, count * in_frame, count * (var * unit * unit + in_frame * in_frame)]),
+        axis + 1,
+        keepdims=True,
+    )
+    if axis_name is not None:
+        sums = psum(sums)
+    moments = sums[1:] / jnp.maximum(sums[0], 1.0)
+    return _from_moments(ref, shift, moments, inverse_unit, mean.shape)
 
 
 def scope_stats(
