@@ -2,6 +2,7 @@
 match the float64 reference, with gradients equal to plain autodiff's."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,18 @@ def test_dense_input_matches_float64_for_every_normalizer(rng, normalizers, offs
     if "bn" in normalizers:
         np.testing.assert_allclose(stats.var, bn_var, rtol=1e-4)
         np.testing.assert_allclose(stats.mean, bn_mean, rtol=1e-6, atol=1e-5)
+
+
+def test_dense_raw_sums_write_no_x_sized_temporary(rng):
+    # bn's and ln's sums of squares read x itself: one shared x * x would be written out
+    # for XLA:CPU's two reductions (compiled as a user's program is, fusion emitters on).
+    x = jnp.asarray(dense_input(rng, (256, 128)), jnp.float32)  # large enough for YNNPACK reductions
+    logits = jnp.zeros(2)
+    layer = jax.jit(lambda x: switch_norm(x, logits, logits, normalizers=("bn", "ln"))[0])
+    text = layer.lower(x).compile(compiler_options={"xla_cpu_use_fusion_emitters": True}).as_text()
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]  # the sums and the check; the branches normalize
+    assert not re.findall(r"= f32\[256,128\]\S* fusion\(.*", entry)
 
 
 @pytest.mark.parametrize("weights", ["layer", "sample"])
