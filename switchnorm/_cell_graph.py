@@ -32,15 +32,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from switchnorm._mixing import blend_weights, sample_descriptors
-from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats, scope_stats
+from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats, scope_stats, unstack
 
 Array = jax.Array
 
 
 def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
     """mix_mean = sum_k w_mean_k * mean_k,  mix_var = sum_k w_var_k * var_k."""
-    mix_mean = sum(w * s.mean for w, s in zip(mean_weights, stats, strict=True))
-    mix_var = sum(w * s.var for w, s in zip(var_weights, stats, strict=True))
+    mix_mean = sum(w * s.mean for w, s in zip(unstack(mean_weights), stats, strict=True))
+    mix_var = sum(w * s.var for w, s in zip(unstack(var_weights), stats, strict=True))
     return ScopeStats(mean=mix_mean, var=mix_var)
 
 
@@ -150,7 +150,9 @@ def mixed_mean_and_factor(
     hands over (1, C) and (N, 1) statistics); so are the results. ``cells`` and
     ``cell_size`` as :func:`blend_weights_of`.
     """
-    mean_weights, var_weights = blend_weights_of(config, compute_dtype, stats, inputs, cells, cell_size)
+    mean_weights, var_weights = unstack(
+        blend_weights_of(config, compute_dtype, stats, inputs, cells, cell_size)
+    )
     mixed = blend(stats, mean_weights, var_weights)
     a = lax.rsqrt(mixed.var + config.epsilon)
     if inputs.scale is not None:

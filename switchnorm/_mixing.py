@@ -41,10 +41,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from switchnorm._sparsestmax import sparsestmax
-from switchnorm._stats import CellStats, ScopeStats
+from switchnorm._stats import CellStats, ScopeStats, unstack
 
 Array = jax.Array
 
@@ -55,7 +54,7 @@ SMALL_SOFTMAX_MAX_K = 8
 
 def _unrolled(op: Any, v: Array) -> Array:
     """``op`` folded over the last axis's slices: K - 1 elementwise operations, no reduction kernel."""
-    return functools.reduce(op, [v[..., j] for j in range(v.shape[-1])])
+    return functools.reduce(op, unstack(v, -1))
 
 
 def _across(v: Array, k: int) -> Array:
@@ -69,16 +68,20 @@ def _across(v: Array, k: int) -> Array:
 
 @jax.custom_jvp
 def _small_softmax(logits: Array) -> Array:
-    """``jax.nn.softmax`` over a short last axis, its maximum and sum unrolled over the K slices.
+    """``jax.nn.softmax`` over a short last axis, as ``w_k = 1 / sum_j exp(l_j - l_k)`` unrolled over j.
 
     A reduction is a kernel of its own on XLA:CPU (a few microseconds to run,
     tens of milliseconds to compile), and ``jax.nn.softmax`` takes two, the
-    maximum and the sum. Unrolled, the whole softmax is one elementwise
-    fusion. A logit of -inf gets a weight of exactly 0, as there.
+    maximum and the sum; written per weight, with the K-term sum unrolled, the
+    whole softmax is one elementwise fusion. The ``j = k`` term is 1, so no
+    sum is below 1. A logit of -inf gets a weight of exactly 0, as there:
+    equal logits (two -inf among them) have a gap of 0, not NaN, and an
+    infinite gap sends the weight to 1 / inf = 0. A finite gap above about
+    88 does too, where ``jax.nn.softmax`` gives a weight below 1e-38.
     """
-    top = lax.stop_gradient(_unrolled(jnp.maximum, logits))
-    exps = jnp.exp(logits - top[..., None])
-    return exps / _across(_unrolled(jnp.add, exps), logits.shape[-1])
+    gaps = logits[..., None, :] - logits[..., :, None]  # [..., k, j] = l_j - l_k
+    gaps = jnp.where(logits[..., None, :] == logits[..., :, None], 0.0, gaps)
+    return 1.0 / _unrolled(jnp.add, jnp.exp(gaps))
 
 
 @_small_softmax.defjvp

@@ -113,10 +113,14 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     a cumulative sum along a new axis of length 2 (``v`` then ``v + 0``, so
     exactly ``v``) is a reduce-window, which XLA does not fuse into a loop.
     ``count`` is the number of elements per cell (see MIN_COUNT_FOR_BOUNDARY).
+    The arrays (all of one shape) go through one reduce-window, stacked: each
+    would be two kernels of its own, its input and its window.
     """
     if count < MIN_COUNT_FOR_BOUNDARY or not tracing_for_cpu():
         return cells
-    return tuple(lax.cumsum(jnp.stack([c, jnp.zeros_like(c)], axis=-1), axis=c.ndim)[..., 1] for c in cells)
+    stacked = jnp.stack([jnp.stack([c, jnp.zeros_like(c)], axis=-1) for c in cells], axis=-2)
+    summed = lax.cumsum(stacked, axis=stacked.ndim - 1)
+    return tuple(summed[..., i, 1] for i in range(len(cells)))
 
 
 def _centred(x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None) -> Array:

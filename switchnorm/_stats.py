@@ -37,6 +37,16 @@ from switchnorm._arguments import NORMALIZERS
 Array = jax.Array
 
 
+def unstack(v: Array, axis: int = 0) -> list[Array]:
+    """The slices of ``v`` along ``axis``, taken by one ``split``.
+
+    Reverse mode transposes a split into one concatenate; indexing (``v[0]``,
+    or unpacking an array) transposes into a pad per slice, each a kernel of
+    its own on XLA:CPU.
+    """
+    return [jnp.squeeze(part, axis) for part in jnp.split(v, v.shape[axis], axis)]
+
+
 def power_of_two_scale(v: Array) -> tuple[Array, Array]:
     """``(u, 1 / u)``: u = 2^-e with 2^e <= max(|v|, 1) < 2^(e + 1), elementwise.
 
@@ -121,7 +131,7 @@ def _from_moments(
     ``var = E[d^2] - E[d]^2`` (clamped at 0 against rounding), unscaled by
     ``1 / u^2``; the mean is handed back relative to each cell's own shift.
     """
-    scaled_mean, scaled_square = moments[0], moments[1]
+    scaled_mean, scaled_square = unstack(moments)
     scope_var = _unscale_square(jnp.maximum(scaled_square - scaled_mean * scaled_mean, 0.0), inverse_unit)
     scope_mean = scaled_mean * inverse_unit + (ref - shift)
     return ScopeStats(mean=scope_mean, var=jnp.broadcast_to(scope_var, shape))
@@ -204,8 +214,8 @@ def _combine_counted(
     )
     if axis_name is not None:
         sums = psum(sums)
-    moments = sums[1:] / jnp.maximum(sums[0], 1.0)
-    return _from_moments(ref, shift, moments, inverse_unit, mean.shape)
+    total, weighted = jnp.split(sums, [1])
+    return _from_moments(ref, shift, weighted / jnp.maximum(total, 1.0), inverse_unit, mean.shape)
 
 
 def scope_stats(

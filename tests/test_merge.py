@@ -167,3 +167,19 @@ def test_each_scope_is_merged_in_one_reduction(rng, name, masked):
     text = merge.lower(cells).compile().as_text()
     reductions = text.count(" reduce(") + text.count(" reduce-window(")
     assert reductions == 1 + masked, text  # a mask adds the argmax that finds the first kept cell
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
+def test_reverse_mode_of_the_merges_and_the_weights_has_no_pad(rng, masked):
+    # Indexing a stacked result transposes into a pad per slice, each a kernel on a CPU.
+    x64 = rng.normal(size=(8, 4, 6))
+    cells = exact_cells(x64, rng.uniform(size=x64.shape) < 0.7 if masked else None)
+
+    def loss(mean, logits):
+        moved = cells._replace(mean=mean)
+        stats = [scope_stats(moved, name, num_groups=3) for name in ("bn", "ln", "gn")]
+        return jnp.sum(mixing_weights_from_logits(logits) ** 2) * sum(jnp.sum(s.mean + s.var) for s in stats)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.lower(cells.mean, jnp.zeros((2, 3))).compile().as_text()
+    assert " pad(" not in text, text

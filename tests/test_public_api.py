@@ -125,6 +125,15 @@ def test_fusion_boundary_is_traced_only_for_the_cpu_backend(monkeypatch, backend
     assert ("cumsum" in str(jaxpr)) is expected
 
 
+def test_one_fusion_boundary_per_pass_holds_every_array_it_keeps():
+    # mix_mean and a before the normalize pass, a, g1 and g2 before dx: stacked into one
+    # reduce-window each, where one per array cost two kernels apiece.
+    x = jnp.ones((2, 8, 8, 6))
+    layer = lambda x: switchnorm.switch_norm(x, jnp.zeros(4), jnp.zeros(4))[0]  # noqa: E731
+    assert str(jax.make_jaxpr(layer)(x)).count("cumsum") == 1
+    assert str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(jnp.sin(layer(x)))))(x)).count("cumsum") == 2
+
+
 # --------------------------------------------------------------------------
 # NNX and Linen agree on (N, C) input.
 # --------------------------------------------------------------------------

@@ -52,7 +52,10 @@ def test_softmax_default_is_unchanged_bit_for_bit(rng):
         x, mean_logits, var_logits, normalizers=ALL, mixing="softmax", radius=0.7
     )
     np.testing.assert_array_equal(default, explicit)
-    np.testing.assert_array_equal(mixing_weights_from_logits(mean_logits), jax.nn.softmax(mean_logits))
+    # The softmax of a few logits is unrolled (no reduction): jax.nn.softmax's values to a few ulps.
+    np.testing.assert_allclose(
+        mixing_weights_from_logits(mean_logits), jax.nn.softmax(mean_logits), rtol=5e-7
+    )
     layer = switchnorm.SwitchNorm(6, rngs=nnx.Rngs(0))
     assert layer.radius is None and not nnx.state(layer, switchnorm.MixingRadius)
 
