@@ -39,8 +39,10 @@ Array = jax.Array
 
 def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
     """mix_mean = sum_k w_mean_k * mean_k,  mix_var = sum_k w_var_k * var_k."""
-    mix_mean = sum(w * s.mean for w, s in zip(unstack(mean_weights), stats, strict=True))
-    mix_var = sum(w * s.var for w, s in zip(unstack(var_weights), stats, strict=True))
+    mix_mean = functools.reduce(
+        jnp.add, [w * s.mean for w, s in zip(unstack(mean_weights), stats, strict=True)]
+    )
+    mix_var = functools.reduce(jnp.add, [w * s.var for w, s in zip(unstack(var_weights), stats, strict=True)])
     return ScopeStats(mean=mix_mean, var=mix_var)
 
 
