@@ -37,49 +37,13 @@ from switchnorm._stats import BatchStats, CellStats, ScopeStats, cell_stats, sco
 Array = jax.Array
 
 
-def _weighted_sum(weights: Array, values: Sequence[Array]) -> Array:
-    """``sum_k weights[k] * values[k]``: the values of any shapes that broadcast together."""
-    return functools.reduce(jnp.add, [w * v for w, v in zip(unstack(weights), values, strict=True)])
-
-
-@jax.custom_jvp
-def _blended(weights: Array, values: Sequence[Array]) -> Array:
-    """:func:`_weighted_sum`, whose derivative in the weights is one reduction (see :func:`blend`)."""
-    return _weighted_sum(weights, values)
-
-
-@_blended.defjvp
-def _blended_jvp(primals, tangents):
-    """The weights' tangent broadcast once over the (K, ...) stack of the values.
-
-    Reverse mode transposes this broadcast into one reduction for all K weights,
-    where each weight broadcast on its own gives a reduction (a kernel on a
-    CPU) per normalizer. The stack exists in the derivative only, so the
-    forward pass has none.
-    """
-    (weights, values), (weights_dot, values_dot) = primals, tangents
-    shape = jnp.broadcast_shapes(weights.shape[1:], *(jnp.shape(v) for v in values))
-    stacked = jnp.stack([jnp.broadcast_to(v, shape) for v in values])
-    trailing = weights.shape[1:]
-    expanded = weights_dot.reshape(weights.shape[:1] + (1,) * (len(shape) - len(trailing)) + trailing)
-    through_weights = functools.reduce(jnp.add, unstack(jnp.broadcast_to(expanded, stacked.shape) * stacked))
-    return _weighted_sum(weights, values), through_weights + _weighted_sum(weights, values_dot)
-
-
-def blend(
-    stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array, cells: bool = False
-) -> ScopeStats:
-    """mix_mean = sum_k w_k * mean_k,  mix_var = sum_k v_k * var_k.
-
-    With ``cells`` (the cell graph, on (N, C) arrays) the weights' derivative
-    is taken over one (K, N, C) stack of the statistics (:func:`_blended`):
-    one reduction for the K weights in reverse mode. The (N, C) path keeps
-    the plain sum: there the stack would be K copies of x.
-    """
-    mix = _blended if cells else _weighted_sum
-    return ScopeStats(
-        mean=mix(mean_weights, [s.mean for s in stats]), var=mix(var_weights, [s.var for s in stats])
+def blend(stats: Sequence[ScopeStats], mean_weights: Array, var_weights: Array) -> ScopeStats:
+    """mix_mean = sum_k w_mean_k * mean_k,  mix_var = sum_k w_var_k * var_k."""
+    mix_mean = functools.reduce(
+        jnp.add, [w * s.mean for w, s in zip(unstack(mean_weights), stats, strict=True)]
     )
+    mix_var = functools.reduce(jnp.add, [w * s.var for w, s in zip(unstack(var_weights), stats, strict=True)])
+    return ScopeStats(mean=mix_mean, var=mix_var)
 
 
 class GraphInputs(NamedTuple):
@@ -181,18 +145,17 @@ def mixed_mean_and_factor(
     inputs: GraphInputs,
     cells: CellStats | None = None,
     cell_size: Array | int = 1,
-    on_cells: bool = False,
 ) -> tuple[Array, Array]:
     """The blend of the normalizers' statistics: ``(mix_mean, a = scale / sqrt(mix_var + epsilon))``.
 
     ``stats`` may be of any shapes that broadcast together (the (N, C) path
     hands over (1, C) and (N, 1) statistics); so are the results. ``cells`` and
-    ``cell_size`` as :func:`blend_weights_of`; ``on_cells`` as :func:`blend`'s ``cells``.
+    ``cell_size`` as :func:`blend_weights_of`.
     """
     mean_weights, var_weights = unstack(
         blend_weights_of(config, compute_dtype, stats, inputs, cells, cell_size)
     )
-    mixed = blend(stats, mean_weights, var_weights, cells=on_cells)
+    mixed = blend(stats, mean_weights, var_weights)
     a = lax.rsqrt(mixed.var + config.epsilon)
     if inputs.scale is not None:
         a = a * inputs.scale.astype(compute_dtype)
@@ -228,7 +191,7 @@ def cell_graph(
     batch_stats = None
     if "bn" in config.normalizers and not config.use_running_average:
         batch_stats = batch_stats_of(stats[config.normalizers.index("bn")], shift, config)
-    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, count, on_cells=True)
+    mix_mean, a = mixed_mean_and_factor(config, compute_dtype, stats, inputs, cells, count)
     return jnp.broadcast_to(mix_mean, shift.shape), jnp.broadcast_to(a, shift.shape), batch_stats
 
 

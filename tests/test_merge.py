@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from switchnorm._cell_graph import blend
 from switchnorm._mixing import SMALL_SOFTMAX_MAX_K, mixing_weights_from_logits
-from switchnorm._stats import ScopeStats, cell_stats, scope_stats
+from switchnorm._stats import cell_stats, scope_stats
 
 UNIT_ROUNDOFF = 2.0**-24
 """float32's unit round-off."""
@@ -184,43 +183,3 @@ def test_reverse_mode_of_the_merges_and_the_weights_has_no_pad(rng, masked):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     text = grad.lower(cells.mean, jnp.zeros((2, 3))).compile().as_text()
     assert " pad(" not in text, text
-
-
-# --------------------------------------------------------------------------
-# The blend: one reduction for the weights' cotangents, the plain sum's derivatives.
-# --------------------------------------------------------------------------
-
-
-def scopes_of_every_shape(rng, n=8, c=6):
-    """Statistics shaped as the cell graph holds them: (1, C) bn, (N, C) in, (N, 1) ln, (N, C) gn."""
-    shapes = [(1, c), (n, c), (n, 1), (n, c)]
-    return [
-        ScopeStats(jnp.asarray(rng.normal(size=s)), jnp.asarray(rng.uniform(1, 2, size=s))) for s in shapes
-    ]
-
-
-@pytest.mark.parametrize("weights_shape", [(4,), (4, 6), (4, 8, 1)], ids=["layer", "channel", "sample"])
-def test_the_cell_blend_has_the_plain_sums_derivatives(rng, x64, weights_shape):
-    stats = scopes_of_every_shape(rng)
-    w, v = (jnp.asarray(rng.uniform(size=weights_shape)) for _ in range(2))
-
-    def mixed(w, v, means, on_cells):
-        moved = [s._replace(mean=m) for s, m in zip(stats, means, strict=True)]
-        out = blend(moved, w, v, cells=on_cells)
-        return jnp.sin(out.mean) * out.var
-
-    means = [s.mean for s in stats]
-    check_grads(lambda w, v, *m: mixed(w, v, m, True), (w, v, *means), order=2, modes=("fwd", "rev"))
-    cotangent = jnp.asarray(rng.normal(size=(8, 6)))
-    got = jax.vjp(lambda w, v, *m: mixed(w, v, m, True), w, v, *means)[1](cotangent)
-    want = jax.vjp(lambda w, v, *m: mixed(w, v, m, False), w, v, *means)[1](cotangent)
-    for g, e in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14)
-
-
-def test_reverse_mode_of_the_cell_blend_sums_every_weight_in_one_reduction(rng):
-    stats = scopes_of_every_shape(rng)
-    stats = [ScopeStats(s.mean.astype(jnp.float32), s.var.astype(jnp.float32)) for s in stats]
-    grad = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(blend(stats, w, w, cells=True).mean))))
-    text = grad.lower(jnp.ones(4)).compile().as_text()
-    assert text.count(" reduce(") + text.count(" reduce-window(") == 1, text
