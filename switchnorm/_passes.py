@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from switchnorm._stats import power_of_two_scale, safe_count
+from switchnorm._stats import power_of_two_scale, safe_count, unstack
 
 Array = jax.Array
 
@@ -118,9 +118,10 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     """
     if count < MIN_COUNT_FOR_BOUNDARY or not tracing_for_cpu():
         return cells
-    stacked = jnp.stack([jnp.stack([c, jnp.zeros_like(c)], axis=-1) for c in cells], axis=-2)
-    summed = lax.cumsum(stacked, axis=stacked.ndim - 1)
-    return tuple(summed[..., i, 1] for i in range(len(cells)))
+    stacked = jnp.stack(cells)
+    # Stacked on leading axes, so that each array comes out contiguous for the pass over x.
+    summed = lax.cumsum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)[1]
+    return tuple(unstack(summed))
 
 
 def _centred(x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None) -> Array:
