@@ -233,15 +233,17 @@ def shifted_sums(
     s1, s2 = _cell_sum(cells, keep), _cell_sum(cells * cells, keep)
     raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
+    # Each branch returns its five (N, C) arrays as one stack: one kernel writes them, where the
+    # raw branch otherwise spends four (K and u written out, the sums copied out of the cond).
     def as_raw(operands):
         _, _, s1, s2 = operands
         zeros, ones = jnp.zeros_like(s1), jnp.ones_like(s1)
-        return zeros, ones, ones, s1, s2
+        return jnp.stack([zeros, ones, ones, s1, s2])
 
     def shifted(operands):
-        return _shifted(operands[0], operands[1], compute_dtype)
+        return jnp.stack(_shifted(operands[0], operands[1], compute_dtype))
 
-    return (*lax.cond(raw, as_raw, shifted, (x, keep, s1, s2)), raw, count)
+    return (*unstack(lax.cond(raw, as_raw, shifted, (x, keep, s1, s2))), raw, count)
 
 
 def normalize_pass(
