@@ -243,7 +243,8 @@ def shifted_sums(
     def shifted(operands):
         return jnp.stack(_shifted(operands[0], operands[1], compute_dtype))
 
-    return (*unstack(lax.cond(raw, as_raw, shifted, (x, keep, s1, s2))), raw, count)
+    shift, unit, inverse_unit, s1, s2 = unstack(lax.cond(raw, as_raw, shifted, (x, keep, s1, s2)))
+    return shift, unit, inverse_unit, s1, s2, raw, count
 
 
 def normalize_pass(
