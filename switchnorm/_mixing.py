@@ -79,8 +79,8 @@ def _small_softmax(logits: Array) -> Array:
     infinite gap sends the weight to 1 / inf = 0. A finite gap above about
     88 does too, where ``jax.nn.softmax`` gives a weight below 1e-38.
     """
-    gaps = logits[..., None, :] - logits[..., :, None]  # [..., k, j] = l_j - l_k
-    gaps = jnp.where(logits[..., None, :] == logits[..., :, None], 0.0, gaps)
+    other, own = logits[..., None, :], logits[..., :, None]  # [..., k, j]: l_j and l_k
+    gaps = jnp.where(other == own, 0.0, other - own)
     return 1.0 / _unrolled(jnp.add, jnp.exp(gaps))
 
 

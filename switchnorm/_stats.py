@@ -123,6 +123,17 @@ class ScopeStats(NamedTuple):
     var: Array
 
 
+def _moment_terms(shift: Array, mean: Array, var: Array, ref: Array) -> tuple[Array, Array]:
+    """``(1 / u, terms)``: each cell's mean ``e`` and mean square ``var + e^2`` about ``ref``, stacked.
+
+    Both in units u of ``ref``'s power of two (squares in u^2), so that they do
+    not overflow; a scope's moments are their (weighted) means over its cells.
+    """
+    unit, inverse_unit = power_of_two_scale(ref)
+    in_frame = (mean + (shift - ref)) * unit  # the cell means about ref
+    return inverse_unit, jnp.stack([in_frame, var * unit * unit + in_frame * in_frame])
+
+
 def _from_moments(
     ref: Array, shift: Array, moments: Array, inverse_unit: Array, shape: tuple[int, ...]
 ) -> ScopeStats:
@@ -167,12 +178,9 @@ def _combine(cells: CellStats, axis: int, axis_name: Any = None, axis_index_grou
     ref = lax.stop_gradient(first(shift) + first(mean))  # any frame gives the same statistics
     if axis_name is not None:
         ref = lax.pmean(ref, axis_name, axis_index_groups=axis_index_groups)
-    unit, inverse_unit = power_of_two_scale(ref)
-    in_frame = (mean + (shift - ref)) * unit  # the cell means about r, in units of r's power of two
+    inverse_unit, terms = _moment_terms(shift, mean, var, ref)
     # One reduction for both moments: each reduction is a kernel of its own on a CPU.
-    moments = jnp.mean(
-        jnp.stack([in_frame, var * unit * unit + in_frame * in_frame]), axis + 1, keepdims=True
-    )
+    moments = jnp.mean(terms, axis + 1, keepdims=True)
     if axis_name is not None:  # equal local batches, as flax.linen.BatchNorm assumes
         moments = lax.pmean(moments, axis_name, axis_index_groups=axis_index_groups)
     return _from_moments(ref, shift, moments, inverse_unit, mean.shape)
@@ -204,14 +212,9 @@ def _combine_counted(
     if axis_name is not None:  # the frame of the devices that hold a masked-in element
         holds = jnp.max(filled, axis=axis, keepdims=True)
         ref = psum(ref * holds) / jnp.maximum(psum(holds), 1.0)
-    unit, inverse_unit = power_of_two_scale(ref)
-    in_frame = (mean + (shift - ref)) * unit
+    inverse_unit, terms = _moment_terms(shift, mean, var, ref)
     # The count and both weighted moments in one reduction (one psum across devices).
-    sums = jnp.sum(
-        jnp.stack([count, count * in_frame, count * (var * unit * unit + in_frame * in_frame)]),
-        axis + 1,
-        keepdims=True,
-    )
+    sums = jnp.sum(jnp.concatenate([count[None], count * terms]), axis + 1, keepdims=True)
     if axis_name is not None:
         sums = psum(sums)
     total, weighted = jnp.split(sums, [1])

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax.test_util import check_grads
 
 from switchnorm._mixing import SMALL_SOFTMAX_MAX_K, mixing_weights_from_logits
@@ -32,24 +33,9 @@ def exact_cells(x64: np.ndarray, keep: np.ndarray | None = None):
 
 
 def float64_scope(x64: np.ndarray, name: str, keep: np.ndarray | None = None, groups: int = 1):
-    """(mean, var) of the scope of every (n, c) cell, (N, C)-shaped, from the kept elements in float64."""
-    n, m, c = x64.shape
-    keep = np.ones(x64.shape, bool) if keep is None else keep
-    per = {"bn": lambda a: a.transpose(1, 0, 2).reshape(1, n * m, c), "ln": lambda a: a.reshape(n, m * c, 1)}
-    if name == "gn":
-        per["gn"] = lambda a: (
-            a.reshape(n, m, groups, c // groups).transpose(0, 1, 3, 2).reshape(n, -1, groups)
-        )
-    xs, ks = per[name](x64), per[name](keep)
-    total = ks.sum(axis=1, keepdims=True)
-    mean = np.where(ks, xs, 0.0).sum(axis=1, keepdims=True) / total
-    var = np.where(ks, (xs - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / total
-    widen = {
-        "bn": lambda v: np.broadcast_to(v.reshape(1, c), (n, c)),
-        "ln": lambda v: np.broadcast_to(v.reshape(n, 1), (n, c)),
-    }
-    widen["gn"] = lambda v: np.repeat(v.reshape(n, groups), c // groups, axis=1)
-    return widen[name](mean), widen[name](var)
+    """(mean, var) of the scope of every (n, c) cell, (N, C)-shaped: the float64 reference's."""
+    mean, var = reference.scope_stats(x64, name, groups, keep)
+    return tuple(np.broadcast_to(a, x64.shape)[:, 0, :] for a in (mean, var))
 
 
 def first_cell_mean(x64: np.ndarray, name: str, keep: np.ndarray) -> np.ndarray:
