@@ -64,12 +64,18 @@ def _axis(name: str) -> int:
     return 0 if name == "bn" else 1
 
 
-def _scope_sums(x: Array, name: str) -> tuple[Array, Array]:
-    """``(sum x, sum x^2)`` over bn's scope or ln's (:func:`_axis`)."""
+def _scope_sums(x: Array, name: str, compute_dtype: Any) -> tuple[Array, Array]:
+    """``(sum x, sum x^2)`` over bn's scope or ln's (:func:`_axis`), in ``compute_dtype``.
+
+    Each of the four reductions converts half-precision x at a site of its own
+    (:func:`switchnorm._passes.converted`), so none shares a float32 copy of x.
+    """
+    site = 0 if name == "bn" else 2
+    wide, apart = _passes.converted(x, compute_dtype, site), _passes.converted(x, compute_dtype, site + 1)
     # bn squares x as x * x, ln as |x| * |x| (the same numbers): one shared square would be
     # written out for XLA:CPU's two reductions to read; two different ones fuse into each.
-    square = x * x if name == "bn" else jnp.abs(x) * jnp.abs(x)
-    return jnp.sum(x, _axis(name), keepdims=True), jnp.sum(square, _axis(name), keepdims=True)
+    square = apart * apart if name == "bn" else jnp.abs(apart) * jnp.abs(apart)
+    return jnp.sum(wide, _axis(name), keepdims=True), jnp.sum(square, _axis(name), keepdims=True)
 
 
 def _raw_scope(s1: Array, s2: Array, count: int) -> Scope:
@@ -105,7 +111,6 @@ def normalize_dense(
     use_custom_vjp: bool = True,
 ) -> tuple[Array, BatchStats | None]:
     """``switch_norm`` of (N, C) input: scope statistics (raw or two-pass), blend, one elementwise pass."""
-    values = x.astype(compute_dtype)
     names = [k for k in config.normalizers if not (k == "bn" and config.use_running_average)]
     blend = functools.partial(_blend_and_normalize, config, compute_dtype, out_dtype)
 
@@ -122,7 +127,7 @@ def normalize_dense(
 
     if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
         return two_pass((x, inputs, bias, None))
-    sums = {k: _scope_sums(values, k) for k in names}
+    sums = {k: _scope_sums(x, k, compute_dtype) for k in names}
     # Everything travels as operands (a custom VJP's functions may close over no tracer).
     operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
     if use_custom_vjp:

@@ -100,6 +100,31 @@ def raw_sums_pay_off() -> bool:
     return tracing_for_cpu()
 
 
+def converted(v: Array, compute_dtype: Any, site: int = 0) -> Array:
+    """``v.astype(compute_dtype)``, converted apart from every other ``site``.
+
+    XLA:CPU's reduction fusions read a ``convert`` of half-precision input
+    only where no other kernel reads that same convert. Where two reductions
+    (``sum x`` and ``sum x^2``), or a reduction and the normalize pass, share
+    one, XLA writes out a float32 copy of the whole array for them all: with
+    bfloat16 x and dy, temporaries of 6 times x's bytes. Site k puts k
+    optimization barriers between v and its convert. XLA's CSE merges equal
+    barriers but not nestings of different depth, and removes them all
+    afterwards, so each kernel converts the half-precision array itself.
+    Applied on the CPU only, where it was measured, and only where there is
+    a convert to keep apart.
+    """
+    if v.dtype != jnp.dtype(compute_dtype) and tracing_for_cpu():
+        for _ in range(site):
+            v = lax.optimization_barrier(v)
+    return v.astype(compute_dtype)
+
+
+def _widened(v: Array, compute_dtype: Any, site: int = 0) -> Array:
+    """``v`` as (N, m, C) cells in ``compute_dtype``, :func:`converted` at ``site``."""
+    return _to_cells(converted(v, compute_dtype, site))
+
+
 def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     """The (N, C) arrays unchanged, computed before the pass over x that reads them.
 
@@ -124,13 +149,13 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     return tuple(unstack(summed))
 
 
-def _centred(x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None) -> Array:
+def _centred(x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None, site: int = 0) -> Array:
     """x - K per cell, (N, m, C); exactly zero when every cell holds one element.
 
     With one element per cell K is x itself, or under a mask (``keep``) x where
-    kept and 0 elsewhere (:func:`_first_kept`); XLA is told so.
+    kept and 0 elsewhere (:func:`_first_kept`); XLA is told so. ``site`` as :func:`converted`.
     """
-    cells = _to_cells(x).astype(compute_dtype)
+    cells = _widened(x, compute_dtype, site)
     if cells.shape[1] == 1:
         return jnp.zeros_like(cells) if keep is None else jnp.where(keep, 0.0, cells)
     return cells - _per_cell(shift)
@@ -229,8 +254,8 @@ def shifted_sums(
     count = cell_counts(x, keep, compute_dtype)
     if not raw_sums_pay_off():
         return (*_shifted(x, keep, compute_dtype), None, count)
-    cells = _to_cells(x).astype(compute_dtype)
-    s1, s2 = _cell_sum(cells, keep), _cell_sum(cells * cells, keep)
+    cells, apart = _widened(x, compute_dtype), _widened(x, compute_dtype, site=1)
+    s1, s2 = _cell_sum(cells, keep), _cell_sum(apart * apart, keep)
     raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
     # Each branch returns its five (N, C) arrays as one stack: one kernel writes them, where the
@@ -255,7 +280,7 @@ def normalize_pass(
     The mean is removed in K's frame, so float32 keeps its digits when
     |mean| >> std (folding it into ``x * a + b`` would lose them).
     """
-    cells = _to_cells(x).astype(compute_dtype)
+    cells = _widened(x, compute_dtype, site=2)  # sites 0 and 1: the statistics pass's sums
     y = (cells - _per_cell(shift) - _per_cell(mix_mean)) * _per_cell(a)
     if bias is not None:
         y = y + bias.astype(compute_dtype)
@@ -317,16 +342,20 @@ def _backward_sums(
     of dy and x themselves, which XLA:CPU's reduction fusions take without
     writing out an x-sized temporary, and no worse a cancellation than the
     forward's. Otherwise the centred form, in K's frame.
+
+    ``dy`` and ``x`` come in their own dtypes, converted here at sites 0 and 1
+    of dy and site 3 of x (:func:`converted`; x's sites 0-2 are the forward's).
     """
-    r1 = jnp.sum(dy, axis=1)
+    r1 = jnp.sum(_widened(dy, compute_dtype), axis=1)
 
     def raw_form(operands):
         dy, x, _, mix_mean, r1, _ = operands
-        return jnp.sum(dy * _to_cells(x).astype(compute_dtype), axis=1) - mix_mean * r1
+        return jnp.sum(_widened(dy, compute_dtype, 1) * _widened(x, compute_dtype, 3), axis=1) - mix_mean * r1
 
     def centred_form(operands):
         dy, x, shift, mix_mean, _, keep = operands
-        return jnp.sum(dy * (_centred(x, shift, compute_dtype, keep) - _per_cell(mix_mean)), axis=1)
+        centred = _centred(x, shift, compute_dtype, keep, site=3) - _per_cell(mix_mean)
+        return jnp.sum(_widened(dy, compute_dtype, 1) * centred, axis=1)
 
     operands = (dy, x, shift, mix_mean, r1, keep)
     if raw is None:  # the forward took the shifted sums without a check
@@ -393,10 +422,10 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     (mix_mean, a, _), graph_vjp = jax.vjp(
         lambda s1, s2, inputs: graph(shift, inverse_unit, s1, s2, count, inputs), s1, s2, inputs
     )
-    dy, batch_stats_bar = cotangents
-    dy = _to_cells(dy).astype(compute_dtype)
+    dy, batch_stats_bar = cotangents  # dy in y's dtype: :func:`converted` converts it per kernel
+    bias_bar = None
     keep = mask_cells(mask, x)
-    centred = _centred(x, shift, compute_dtype, keep)
+    centred = _centred(x, shift, compute_dtype, keep, site=4)  # sites 0-3: the other passes'
     # Every element is normalized by mix_mean and a: r1, r2 sum over all of them.
     r1, r2 = _backward_sums(dy, x, shift, mix_mean, raw, compute_dtype, keep)
     g1, g2, inputs_bar = graph_vjp((_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar))
@@ -406,10 +435,11 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     through_sums = _per_cell(g1) + _per_cell(g2) * centred
     if keep is not None:
         through_sums = jnp.where(keep, through_sums, 0.0)
-    dx = (_per_cell(a) * dy + through_sums).reshape(x.shape).astype(x.dtype)
-    # From the same (N, m, C) view as r1 (XLA merges sum(r1, 0) into a reduce
-    # of the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
-    bias_bar = None if bias is None else _like(jnp.sum(dy, axis=(0, 1)), bias).astype(bias.dtype)
+    dx = (_per_cell(a) * _widened(dy, compute_dtype, 3) + through_sums).reshape(x.shape).astype(x.dtype)
+    # From an (N, m, C) view as r1's (XLA merges sum(r1, 0) into a reduce of
+    # the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
+    if bias is not None:
+        bias_bar = _like(jnp.sum(_widened(dy, compute_dtype, 2), axis=(0, 1)), bias).astype(bias.dtype)
     return dx, inputs_bar, bias_bar, None
 
 

@@ -11,7 +11,7 @@ import pytest
 import reference
 from jax.test_util import check_grads
 
-from switchnorm import _passes, switch_norm
+from switchnorm import _passes, default_normalizers, switch_norm
 from switchnorm._core import switch_norm_autodiff
 
 ALL = reference.ALL
@@ -136,6 +136,42 @@ def test_dense_raw_sums_write_no_x_sized_temporary(rng):
     entry = text[text.index("\nENTRY") :]
     entry = entry[: entry.index("\n}")]  # the sums and the check; the branches normalize
     assert not re.findall(r"= f32\[256,128\]\S* fusion\(.*", entry)
+
+
+def f32_copies_of_x(fn, *args, shape) -> list[str]:
+    """The float32 fusions of x's size (any layout of its elements) in ``fn``'s compiled ENTRY computation."""
+    text = jax.jit(fn).lower(*args).compile(compiler_options={"xla_cpu_use_fusion_emitters": True}).as_text()
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    size = int(np.prod(shape))
+    found = re.findall(r"= f32\[([\d,]+)\]\S* fusion\(", entry)
+    return [dims for dims in found if int(np.prod([int(d) for d in dims.split(",")])) == size]
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16, 64), (256, 128)])
+def test_bfloat16_input_is_never_copied_to_float32(rng, shape):
+    # Every reduction and the normalize pass convert bfloat16 x (and dy) themselves: a convert
+    # shared by two kernels is written out by XLA:CPU as a float32 copy of the whole array.
+    x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    k = 4 if len(shape) > 2 else 2
+    logits, scale = jnp.arange(k) * 0.1, jnp.ones(shape[-1])
+    arrays = {"scale": scale, "bias": scale, "running_mean": scale, "running_var": scale}
+
+    def layer(x, logits, use_running_average=False):
+        normalizers = default_normalizers(x.ndim)
+        return switch_norm(
+            x, logits, -logits, **arrays, normalizers=normalizers, use_running_average=use_running_average
+        )[0]
+
+    assert f32_copies_of_x(layer, x, logits, shape=shape) == []
+    assert f32_copies_of_x(functools.partial(layer, use_running_average=True), x, logits, shape=shape) == []
+    if len(shape) > 2:  # the (N, C) path's backward is JAX's autodiff of its sums
+
+        def loss(x, logits, dy):
+            return jnp.sum(layer(x, logits) * dy)
+
+        dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+        assert f32_copies_of_x(jax.grad(loss, argnums=(0, 1)), x, logits, dy, shape=shape) == []
 
 
 @pytest.mark.parametrize("weights", ["layer", "sample"])
