@@ -68,7 +68,7 @@ def _scope_sums(x: Array, name: str, compute_dtype: Any) -> tuple[Array, Array]:
     """``(sum x, sum x^2)`` over bn's scope or ln's (:func:`_axis`), in ``compute_dtype``.
 
     Each of the four reductions converts half-precision x at a site of its own
-    (:func:`switchnorm._passes.converted`), so none shares a float32 copy of x.
+    (:func:`switchnorm._passes.converted`, sites 0-3), so none shares a float32 copy of x.
     """
     site = 0 if name == "bn" else 2
     wide, apart = _passes.converted(x, compute_dtype, site), _passes.converted(x, compute_dtype, site + 1)
@@ -76,6 +76,32 @@ def _scope_sums(x: Array, name: str, compute_dtype: Any) -> tuple[Array, Array]:
     # written out for XLA:CPU's two reductions to read; two different ones fuse into each.
     square = apart * apart if name == "bn" else jnp.abs(apart) * jnp.abs(apart)
     return jnp.sum(wide, _axis(name), keepdims=True), jnp.sum(square, _axis(name), keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _sums_of_scopes(x: Array, names: tuple[str, ...], compute_dtype: Any) -> tuple[tuple[Array, Array], ...]:
+    """:func:`_scope_sums` of every scope in ``names``, with a backward pass of one elementwise kernel.
+
+    ``dx = sum_k g1_k + 2 x sum_k g2_k``, from x converted at a site of its own
+    (4). Under autodiff each square's derivative reads the forward's convert
+    of x (a float32 copy written out for half-precision x) and ln's reads
+    ``|x|``, which XLA then also writes out.
+    """
+    return tuple(_scope_sums(x, name, compute_dtype) for name in names)
+
+
+def _sums_forward(x, names, compute_dtype):
+    return _sums_of_scopes(x, names, compute_dtype), x
+
+
+def _sums_backward(names, compute_dtype, x, cotangents):
+    del names
+    g1 = functools.reduce(jnp.add, [c1 for c1, _ in cotangents])
+    g2 = functools.reduce(jnp.add, [c2 for _, c2 in cotangents])
+    return ((g1 + 2.0 * g2 * _passes.converted(x, compute_dtype, 4)).astype(x.dtype),)
+
+
+_sums_of_scopes.defvjp(_sums_forward, _sums_backward)
 
 
 def _raw_scope(s1: Array, s2: Array, count: int) -> Scope:
@@ -127,7 +153,10 @@ def normalize_dense(
 
     if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
         return two_pass((x, inputs, bias, None))
-    sums = {k: _scope_sums(x, k, compute_dtype) for k in names}
+    if use_custom_vjp:
+        sums = dict(zip(names, _sums_of_scopes(x, tuple(names), compute_dtype), strict=True))
+    else:  # plain autodiff, forward mode included
+        sums = {k: _scope_sums(x, k, compute_dtype) for k in names}
     # Everything travels as operands (a custom VJP's functions may close over no tracer).
     operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
     if use_custom_vjp:

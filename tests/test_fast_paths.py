@@ -126,6 +126,16 @@ def test_dense_input_matches_float64_for_every_normalizer(rng, normalizers, offs
         np.testing.assert_allclose(stats.mean, bn_mean, rtol=1e-6, atol=1e-5)
 
 
+def f32_copies_of_x(fn, *args, shape) -> list[str]:
+    """The float32 fusions of x's size (any layout of its elements) in ``fn``'s compiled ENTRY computation."""
+    text = jax.jit(fn).lower(*args).compile(compiler_options={"xla_cpu_use_fusion_emitters": True}).as_text()
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    size = int(np.prod(shape))
+    found = re.findall(r"= f32\[([\d,]+)\]\S* fusion\(", entry)
+    return [dims for dims in found if int(np.prod([int(d) for d in dims.split(",")])) == size]
+
+
 def test_dense_raw_sums_write_no_x_sized_temporary(rng):
     # bn's and ln's sums of squares read x itself: one shared x * x would be written out
     # for XLA:CPU's two reductions (compiled as a user's program is, fusion emitters on).
@@ -136,16 +146,10 @@ def test_dense_raw_sums_write_no_x_sized_temporary(rng):
     entry = text[text.index("\nENTRY") :]
     entry = entry[: entry.index("\n}")]  # the sums and the check; the branches normalize
     assert not re.findall(r"= f32\[256,128\]\S* fusion\(.*", entry)
-
-
-def f32_copies_of_x(fn, *args, shape) -> list[str]:
-    """The float32 fusions of x's size (any layout of its elements) in ``fn``'s compiled ENTRY computation."""
-    text = jax.jit(fn).lower(*args).compile(compiler_options={"xla_cpu_use_fusion_emitters": True}).as_text()
-    entry = text[text.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}")]
-    size = int(np.prod(shape))
-    found = re.findall(r"= f32\[([\d,]+)\]\S* fusion\(", entry)
-    return [dims for dims in found if int(np.prod([int(d) for d in dims.split(",")])) == size]
+    # The backward's dx reads x itself: under autodiff it read ln's |x| (from |x| * |x|),
+    # which XLA then wrote out for the forward's reduction and the backward to share.
+    grad = jax.grad(lambda x, dy: jnp.sum(layer(x) * dy))
+    assert f32_copies_of_x(grad, x, x, shape=x.shape) == ["256,128"]  # dx itself, nothing more
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 16, 64), (256, 128)])
@@ -165,13 +169,12 @@ def test_bfloat16_input_is_never_copied_to_float32(rng, shape):
 
     assert f32_copies_of_x(layer, x, logits, shape=shape) == []
     assert f32_copies_of_x(functools.partial(layer, use_running_average=True), x, logits, shape=shape) == []
-    if len(shape) > 2:  # the (N, C) path's backward is JAX's autodiff of its sums
 
-        def loss(x, logits, dy):
-            return jnp.sum(layer(x, logits) * dy)
+    def loss(x, logits, dy):
+        return jnp.sum(layer(x, logits) * dy)
 
-        dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
-        assert f32_copies_of_x(jax.grad(loss, argnums=(0, 1)), x, logits, dy, shape=shape) == []
+    dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    assert f32_copies_of_x(jax.grad(loss, argnums=(0, 1)), x, logits, dy, shape=shape) == []
 
 
 @pytest.mark.parametrize("weights", ["layer", "sample"])
