@@ -64,13 +64,19 @@ def _axis(name: str) -> int:
     return 0 if name == "bn" else 1
 
 
+_SITES = {"bn": 0, "ln": 2}
+"""Each scope's convert sites of x (:func:`switchnorm._passes.converted`): its sum, then its squares'."""
+_DX_SITE = 4
+"""The backward's convert site of x (:func:`_sums_of_scopes`)."""
+
+
 def _scope_sums(x: Array, name: str, compute_dtype: Any) -> tuple[Array, Array]:
     """``(sum x, sum x^2)`` over bn's scope or ln's (:func:`_axis`), in ``compute_dtype``.
 
     Each of the four reductions converts half-precision x at a site of its own
-    (:func:`switchnorm._passes.converted`, sites 0-3), so none shares a float32 copy of x.
+    (:func:`switchnorm._passes.converted`), so none shares a float32 copy of x.
     """
-    site = 0 if name == "bn" else 2
+    site = _SITES[name]
     wide, apart = _passes.converted(x, compute_dtype, site), _passes.converted(x, compute_dtype, site + 1)
     # bn squares x as x * x, ln as |x| * |x| (the same numbers): one shared square would be
     # written out for XLA:CPU's two reductions to read; two different ones fuse into each.
@@ -83,7 +89,7 @@ def _sums_of_scopes(x: Array, names: tuple[str, ...], compute_dtype: Any) -> tup
     """:func:`_scope_sums` of every scope in ``names``, with a backward pass of one elementwise kernel.
 
     ``dx = sum_k g1_k + 2 x sum_k g2_k``, from x converted at a site of its own
-    (4). Under autodiff each square's derivative reads the forward's convert
+    (:data:`_DX_SITE`). Under autodiff each square's derivative reads the forward's convert
     of x (a float32 copy written out for half-precision x) and ln's reads
     ``|x|``, which XLA then also writes out.
     """
@@ -98,7 +104,7 @@ def _sums_backward(names, compute_dtype, x, cotangents):
     del names
     g1 = functools.reduce(jnp.add, [c1 for c1, _ in cotangents])
     g2 = functools.reduce(jnp.add, [c2 for _, c2 in cotangents])
-    return ((g1 + 2.0 * g2 * _passes.converted(x, compute_dtype, 4)).astype(x.dtype),)
+    return ((g1 + 2.0 * g2 * _passes.converted(x, compute_dtype, _DX_SITE)).astype(x.dtype),)
 
 
 _sums_of_scopes.defvjp(_sums_forward, _sums_backward)

@@ -120,6 +120,11 @@ def converted(v: Array, compute_dtype: Any, site: int = 0) -> Array:
     return v.astype(compute_dtype)
 
 
+# The kernels of one layer that convert half-precision x or dy, each at its own site (:func:`converted`).
+X_SUM, X_SQUARES, X_NORMALIZE, X_BACKWARD_SUM, X_DX = range(5)
+DY_SUM, DY_X_SUM, DY_BIAS, DY_DX = range(4)
+
+
 def _widened(v: Array, compute_dtype: Any, site: int = 0) -> Array:
     """``v`` as (N, m, C) cells in ``compute_dtype``, :func:`converted` at ``site``."""
     return _to_cells(converted(v, compute_dtype, site))
@@ -149,7 +154,9 @@ def _fusion_boundary(*cells: Array, count: int) -> tuple[Array, ...]:
     return tuple(unstack(summed))
 
 
-def _centred(x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None, site: int = 0) -> Array:
+def _centred(
+    x: Array, shift: Array, compute_dtype: Any, keep: Array | None = None, site: int = X_SUM
+) -> Array:
     """x - K per cell, (N, m, C); exactly zero when every cell holds one element.
 
     With one element per cell K is x itself, or under a mask (``keep``) x where
@@ -254,7 +261,7 @@ def shifted_sums(
     count = cell_counts(x, keep, compute_dtype)
     if not raw_sums_pay_off():
         return (*_shifted(x, keep, compute_dtype), None, count)
-    cells, apart = _widened(x, compute_dtype), _widened(x, compute_dtype, site=1)
+    cells, apart = _widened(x, compute_dtype, X_SUM), _widened(x, compute_dtype, X_SQUARES)
     s1, s2 = _cell_sum(cells, keep), _cell_sum(apart * apart, keep)
     raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
@@ -280,7 +287,7 @@ def normalize_pass(
     The mean is removed in K's frame, so float32 keeps its digits when
     |mean| >> std (folding it into ``x * a + b`` would lose them).
     """
-    cells = _widened(x, compute_dtype, site=2)  # sites 0 and 1: the statistics pass's sums
+    cells = _widened(x, compute_dtype, X_NORMALIZE)
     y = (cells - _per_cell(shift) - _per_cell(mix_mean)) * _per_cell(a)
     if bias is not None:
         y = y + bias.astype(compute_dtype)
@@ -343,19 +350,19 @@ def _backward_sums(
     writing out an x-sized temporary, and no worse a cancellation than the
     forward's. Otherwise the centred form, in K's frame.
 
-    ``dy`` and ``x`` come in their own dtypes, converted here at sites 0 and 1
-    of dy and site 3 of x (:func:`converted`; x's sites 0-2 are the forward's).
+    ``dy`` and ``x`` come in their own dtypes, each converted at its own site (:func:`converted`).
     """
-    r1 = jnp.sum(_widened(dy, compute_dtype), axis=1)
+    r1 = jnp.sum(_widened(dy, compute_dtype, DY_SUM), axis=1)
 
     def raw_form(operands):
         dy, x, _, mix_mean, r1, _ = operands
-        return jnp.sum(_widened(dy, compute_dtype, 1) * _widened(x, compute_dtype, 3), axis=1) - mix_mean * r1
+        products = _widened(dy, compute_dtype, DY_X_SUM) * _widened(x, compute_dtype, X_BACKWARD_SUM)
+        return jnp.sum(products, axis=1) - mix_mean * r1
 
     def centred_form(operands):
         dy, x, shift, mix_mean, _, keep = operands
-        centred = _centred(x, shift, compute_dtype, keep, site=3) - _per_cell(mix_mean)
-        return jnp.sum(_widened(dy, compute_dtype, 1) * centred, axis=1)
+        centred = _centred(x, shift, compute_dtype, keep, X_BACKWARD_SUM) - _per_cell(mix_mean)
+        return jnp.sum(_widened(dy, compute_dtype, DY_X_SUM) * centred, axis=1)
 
     operands = (dy, x, shift, mix_mean, r1, keep)
     if raw is None:  # the forward took the shifted sums without a check
@@ -425,7 +432,7 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     dy, batch_stats_bar = cotangents  # dy in y's dtype: :func:`converted` converts it per kernel
     bias_bar = None
     keep = mask_cells(mask, x)
-    centred = _centred(x, shift, compute_dtype, keep, site=4)  # sites 0-3: the other passes'
+    centred = _centred(x, shift, compute_dtype, keep, X_DX)
     # Every element is normalized by mix_mean and a: r1, r2 sum over all of them.
     r1, r2 = _backward_sums(dy, x, shift, mix_mean, raw, compute_dtype, keep)
     g1, g2, inputs_bar = graph_vjp((_like(-a * r1, mix_mean), _like(r2, a), batch_stats_bar))
@@ -435,11 +442,11 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     through_sums = _per_cell(g1) + _per_cell(g2) * centred
     if keep is not None:
         through_sums = jnp.where(keep, through_sums, 0.0)
-    dx = (_per_cell(a) * _widened(dy, compute_dtype, 3) + through_sums).reshape(x.shape).astype(x.dtype)
+    dx = (_per_cell(a) * _widened(dy, compute_dtype, DY_DX) + through_sums).reshape(x.shape).astype(x.dtype)
     # From an (N, m, C) view as r1's (XLA merges sum(r1, 0) into a reduce of
     # the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
     if bias is not None:
-        bias_bar = _like(jnp.sum(_widened(dy, compute_dtype, 2), axis=(0, 1)), bias).astype(bias.dtype)
+        bias_bar = _like(jnp.sum(_widened(dy, compute_dtype, DY_BIAS), axis=(0, 1)), bias).astype(bias.dtype)
     return dx, inputs_bar, bias_bar, None
 
 
