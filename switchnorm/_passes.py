@@ -34,6 +34,9 @@ Important details:
   cell graph each cell's count of them; the normalize pass and r1, r2 still
   cover every element, and dx's terms through s1, s2 are zero at padding
   (docs/design.md, "Masks").
+* Half-precision x and dy are converted to the compute dtype by each kernel
+  that reads them (:func:`converted`): a convert shared by two kernels is
+  written out by XLA:CPU as a float32 copy of the whole array.
 * Reverse mode of any order works (the backward pass is plain JAX); forward
   mode (``jax.jvp``, ``jax.jacfwd``) does not, as for any ``jax.custom_vjp``:
   :func:`normalize_autodiff` is the same layer under plain autodiff for that.
