@@ -177,6 +177,22 @@ def test_bfloat16_input_is_never_copied_to_float32(rng, shape):
     assert f32_copies_of_x(jax.grad(loss, argnums=(0, 1)), x, logits, dy, shape=shape) == []
 
 
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "off-the-cpu"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_convert_barriers_only_on_the_cpu_and_only_for_half_precision(monkeypatch, rng, on_cpu, dtype):
+    # The barriers keep converts apart for XLA:CPU; elsewhere, or with nothing to convert,
+    # the traced program must be the plain one.
+    monkeypatch.setattr(_passes, "tracing_for_cpu", lambda: on_cpu)
+    x = jnp.asarray(rng.normal(size=(4, 3, 3, 8)), dtype)
+    logits = jnp.zeros(4)
+
+    def loss(x, logits):
+        return jnp.sum(switch_norm(x, logits, logits)[0].astype(jnp.float32))
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, logits))
+    assert ("optimization_barrier" in jaxpr) == (on_cpu and dtype == jnp.bfloat16)
+
+
 @pytest.mark.parametrize("weights", ["layer", "sample"])
 def test_dense_two_pass_path_blends_relative_to_each_element(rng, weights):
     # One sample at 1e4 sends the batch to the two-pass branch. With ln's weights near 1, that
