@@ -433,7 +433,6 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
         lambda s1, s2, inputs: graph(shift, inverse_unit, s1, s2, count, inputs), s1, s2, inputs
     )
     dy, batch_stats_bar = cotangents  # dy in y's dtype: :func:`converted` converts it per kernel
-    bias_bar = None
     keep = mask_cells(mask, x)
     centred = _centred(x, shift, compute_dtype, keep, X_DX)
     # Every element is normalized by mix_mean and a: r1, r2 sum over all of them.
@@ -448,6 +447,7 @@ def _backward(graph, compute_dtype, out_dtype, residuals, cotangents):
     dx = (_per_cell(a) * _widened(dy, compute_dtype, DY_DX) + through_sums).reshape(x.shape).astype(x.dtype)
     # From an (N, m, C) view as r1's (XLA merges sum(r1, 0) into a reduce of
     # the 4-D dy, which then needs a second float32 copy of bfloat16 dy).
+    bias_bar = None
     if bias is not None:
         bias_bar = _like(jnp.sum(_widened(dy, compute_dtype, DY_BIAS), axis=(0, 1)), bias).astype(bias.dtype)
     return dx, inputs_bar, bias_bar, None
