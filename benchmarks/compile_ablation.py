@@ -1,0 +1,123 @@
+"""What each part of SwitchNorm costs XLA to compile: ablations of one training step.
+
+    python -m benchmarks.compile_ablation                 # 5 interleaved repeats
+    python -m benchmarks.compile_ablation --repeats 9
+
+The step is :mod:`benchmarks.compile_time`'s (``resnet2d`` with SwitchNorm's four
+default normalizers, batch 8 of 8x8x1), traced and compiled afresh with parts of the
+layer replaced. The replacements compute wrong values: they exist only to say what
+a part costs to compile, so that the aim of 1.5x Flax BatchNorm's compile time can
+be weighed against what the layer must compute.
+
+* ``sn``: the layer as it is.
+* ``no_cond``: the shifted statistics pass taken at once, without the raw-sum
+  check and its ``lax.cond`` (as off the CPU, ``_passes.raw_sums_pay_off``).
+* ``trivial_graph``: the cell graph replaced by one mean and variance per
+  cell, no scopes and no blend (its VJP is then that of a few elementwise operations).
+* ``trivial_graph_no_cond``: both.
+* ``no_graph_vjp``: the cell graph kept in the forward, its VJP in the backward
+  replaced by elementwise products; the backward's passes over x are kept.
+* ``flax_bn``: ``nnx.BatchNorm`` in the same places, the baseline of the ratios.
+
+Repeats interleave the variants (each first clears JAX's caches); medians are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from benchmarks.compile_time import _commit, time_compile
+from switchnorm import _cell_graph, _passes
+from switchnorm._stats import BatchStats
+
+
+def _trivial_graph(config, compute_dtype, shift, inverse_unit, s1, s2, count, inputs):
+    """A cell graph that reads every input once: each cell's own mean and variance, no blend."""
+    del config, compute_dtype, shift
+    mean = s1 * inverse_unit / count
+    var = s2 * inverse_unit * inverse_unit / count - mean * mean
+    weight = jnp.sum(inputs.mean_logits) + jnp.sum(inputs.var_logits)
+    a = lax.rsqrt(var + 1e-5) if inputs.scale is None else lax.rsqrt(var + 1e-5) * inputs.scale
+    return mean * weight, a, BatchStats(mean[0], var[0])
+
+
+_real_vjp = jax.vjp
+
+
+def _vjp_without_graph(fun: Callable, *primals):
+    """``jax.vjp``, except for the cell graph's in ``_passes._backward``: elementwise products instead."""
+    if "_backward" not in getattr(fun, "__qualname__", ""):
+        return _real_vjp(fun, *primals)
+    out = fun(*primals)
+    mix_mean, a, _ = out
+    inputs = primals[2]
+
+    def backward(cotangents):
+        mean_bar, a_bar, _ = cotangents
+        inputs_bar = jax.tree.map(lambda v: jnp.zeros_like(v) + 1e-9 * jnp.sum(mean_bar), inputs)
+        return mean_bar * mix_mean, a_bar * a, inputs_bar
+
+    return out, backward
+
+
+@contextlib.contextmanager
+def ablation(name: str) -> Iterator[None]:
+    """The layer with the parts ``name`` replaces (module docstring) replaced, for one trace."""
+    patches = []
+    if name in ("no_cond", "trivial_graph_no_cond"):
+        patches.append(mock.patch.object(_passes, "raw_sums_pay_off", lambda: False))
+    if name in ("trivial_graph", "trivial_graph_no_cond"):
+        patches.append(mock.patch.object(_cell_graph, "cell_graph", _trivial_graph))
+    if name == "no_graph_vjp":
+        patches.append(mock.patch.object(_passes.jax, "vjp", _vjp_without_graph))
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        _cell_graph._jitted_graph.cache_clear()  # the jitted graph closes over cell_graph
+        yield
+    _cell_graph._jitted_graph.cache_clear()
+
+
+VARIANTS = ("sn", "no_cond", "trivial_graph", "trivial_graph_no_cond", "no_graph_vjp", "flax_bn")
+
+
+def compile_seconds(name: str, batch: int, size: int) -> float:
+    """Seconds to trace, lower and compile a fresh step of the variant."""
+    with ablation(name):
+        lower_s, compile_s = time_compile("flax_bn" if name == "flax_bn" else "sn", batch, size)
+    return lower_s + compile_s
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=8)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_compilation_cache", False)
+    compile_seconds("sn", args.batch, args.size)  # warm JAX's own imports and caches once, untimed
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            samples[name].append(compile_seconds(name, args.batch, args.size))
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    print(
+        f"trace + lower + compile of one resnet2d train step, batch {args.batch} of {args.size}x{args.size}x1, "
+        f"median of {args.repeats}; jax {jax.__version__}, {jax.devices()[0].device_kind}, commit {_commit()}"
+    )
+    print(f"{'variant':<22} {'total s':>8} {'/ flax_bn':>10}")
+    for name, seconds in medians.items():
+        print(f"{name:<22} {seconds:>8.3f} {seconds / medians['flax_bn']:>10.2f}")
+    return medians
+
+
+if __name__ == "__main__":
+    main()
