@@ -17,6 +17,10 @@ be weighed against what the layer must compute.
 * ``trivial_graph_no_cond``: both.
 * ``no_graph_vjp``: the cell graph kept in the forward, its VJP in the backward
   replaced by elementwise products; the backward's passes over x are kept.
+* ``flax_four``: no SwitchNorm: Flax's own ``BatchNorm``, ``GroupNorm`` with one
+  channel per group (in), ``LayerNorm`` over every axis but the batch (ln) and
+  ``GroupNorm`` (gn) in its places, their outputs blended by a softmax, as a
+  user without this library would write it (plain autodiff).
 * ``flax_bn``: ``nnx.BatchNorm`` in the same places, the baseline of the ratios.
 
 Repeats interleave the variants (each first clears JAX's caches); medians are printed.
@@ -32,11 +36,13 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 from benchmarks.compile_time import _commit, time_compile
-from switchnorm import _cell_graph, _passes
+from switchnorm import _cell_graph, _passes, default_num_groups
 from switchnorm._stats import BatchStats
+from switchnorm.train import models
 
 
 def _trivial_graph(config, compute_dtype, shift, inverse_unit, s1, s2, count, inputs):
@@ -68,6 +74,35 @@ def _vjp_without_graph(fun: Callable, *primals):
     return out, backward
 
 
+class FlaxFour(nnx.Module):
+    """Flax's bn, in, ln and gn layers on the same input, outputs blended by a softmax, then scale and bias."""
+
+    def __init__(self, features: int, *, rngs: nnx.Rngs):
+        plain = dict(use_scale=False, use_bias=False, epsilon=1e-5, rngs=rngs)
+        self.layers = nnx.List(
+            [
+                nnx.BatchNorm(features, **plain),
+                nnx.GroupNorm(features, num_groups=features, **plain),
+                nnx.LayerNorm(features, reduction_axes=(-3, -2, -1), **plain),
+                nnx.GroupNorm(features, num_groups=default_num_groups(features), **plain),
+            ]
+        )
+        self.logits = nnx.Param(jnp.zeros(len(self.layers)))
+        self.scale = nnx.Param(jnp.ones(features))
+        self.bias = nnx.Param(jnp.zeros(features))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weights = jax.nn.softmax(self.logits[...])
+        y = sum(weights[i] * layer(x) for i, layer in enumerate(self.layers))
+        return y * self.scale[...] + self.bias[...]
+
+
+def _flax_four(norm, features, *, spatial, dtype=None, weights="layer", rngs):
+    """``models.make_norm`` with :class:`FlaxFour` in every place (the resnet's norms are all spatial)."""
+    del norm, spatial, dtype, weights
+    return FlaxFour(features, rngs=rngs)
+
+
 @contextlib.contextmanager
 def ablation(name: str) -> Iterator[None]:
     """The layer with the parts ``name`` replaces (module docstring) replaced, for one trace."""
@@ -78,6 +113,8 @@ def ablation(name: str) -> Iterator[None]:
         patches.append(mock.patch.object(_cell_graph, "cell_graph", _trivial_graph))
     if name == "no_graph_vjp":
         patches.append(mock.patch.object(_passes.jax, "vjp", _vjp_without_graph))
+    if name == "flax_four":
+        patches.append(mock.patch.object(models, "make_norm", _flax_four))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
@@ -86,7 +123,7 @@ def ablation(name: str) -> Iterator[None]:
     _cell_graph._jitted_graph.cache_clear()
 
 
-VARIANTS = ("sn", "no_cond", "trivial_graph", "trivial_graph_no_cond", "no_graph_vjp", "flax_bn")
+VARIANTS = ("sn", "no_cond", "trivial_graph", "trivial_graph_no_cond", "no_graph_vjp", "flax_four", "flax_bn")
 
 
 def compile_seconds(name: str, batch: int, size: int) -> float:
