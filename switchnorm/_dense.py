@@ -116,13 +116,25 @@ def _raw_scope(s1: Array, s2: Array, count: int) -> Scope:
     return Scope(stats.shift, stats.mean, stats.var)
 
 
-def _two_pass_scope(values: Array, name: str) -> Scope:
-    """A scope in two passes relative to its first element K: exact frames, no cancellation."""
-    axis = _axis(name)
-    shift = lax.stop_gradient(lax.slice_in_dim(values, 0, 1, axis=axis))
-    centred = values - shift
-    mean = jnp.mean(centred, axis, keepdims=True)
-    return Scope(shift, mean, jnp.mean(jnp.square(centred - mean), axis, keepdims=True))
+_TWO_PASS_SITES = {"bn": 1, "ln": 3}
+"""Each scope's sites (:func:`switchnorm._passes.apart`) in the two-pass branch: its mean's pass, then its variance's."""
+
+
+def _two_pass_scope(x: Array, name: str, compute_dtype: Any) -> Scope:
+    """A scope in two passes relative to its first element K: exact frames, no cancellation.
+
+    Each pass reads x, K (and the mean) :func:`switchnorm._passes.apart` at a site of its own:
+    sharing ``x - K``, XLA:CPU would write it out as an x-sized temporary for both passes (and
+    for the other scope's), memory the branch holds on every call though it rarely runs.
+    """
+    axis, site = _axis(name), _TWO_PASS_SITES[name]
+    shift = lax.stop_gradient(lax.slice_in_dim(x, 0, 1, axis=axis).astype(compute_dtype))
+    x1, shift1 = _passes.apart((x, shift), site)
+    mean = jnp.mean(x1.astype(compute_dtype) - shift1, axis, keepdims=True)
+    x2, shift2, mean2 = _passes.apart((x, shift, mean), site + 1)
+    return Scope(
+        shift, mean, jnp.mean(jnp.square(x2.astype(compute_dtype) - shift2 - mean2), axis, keepdims=True)
+    )
 
 
 def _check(sums: dict[str, tuple[Array, Array]], size: int) -> Array:
@@ -153,9 +165,8 @@ def normalize_dense(
 
     def two_pass(operands):
         x, inputs, bias, _ = operands
-        values = x.astype(compute_dtype)
-        scopes = {k: _two_pass_scope(values, k) for k in names}
-        return blend(values, scopes, inputs, bias, element_frame=True)
+        scopes = {k: _two_pass_scope(x, k, compute_dtype) for k in names}
+        return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=True)
 
     if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
         return two_pass((x, inputs, bias, None))

@@ -103,23 +103,34 @@ def raw_sums_pay_off() -> bool:
     return tracing_for_cpu()
 
 
-def converted(v: Array, compute_dtype: Any, site: int = 0) -> Array:
-    """``v.astype(compute_dtype)``, converted apart from every other ``site``.
+def apart(values: Any, site: int) -> Any:
+    """``values`` (an array or a tuple of them) unchanged, kept apart from every other ``site``.
 
-    XLA:CPU's reduction fusions read a ``convert`` of half-precision input
-    only where no other kernel reads that same convert. Where two reductions
-    (``sum x`` and ``sum x^2``), or a reduction and the normalize pass, share
-    one, XLA writes out a float32 copy of the whole array for them all: with
-    bfloat16 x and dy, temporaries of 6 times x's bytes. Site k puts k
-    optimization barriers between v and its convert. XLA's CSE merges equal
-    barriers but not nestings of different depth, and removes them all
-    afterwards, so each kernel converts the half-precision array itself.
-    Applied on the CPU only, where it was measured, and only where there is
-    a convert to keep apart.
+    XLA:CPU's reduction fusions read an elementwise producer of x (a convert of
+    half-precision x, ``x - K`` with K broadcast from (N, C)) only where no
+    other kernel reads that same producer. Where two reductions (``sum x`` and
+    ``sum x^2``, ``sum (x - K)`` and ``sum (x - K)^2``), or a reduction and the
+    normalize pass, share one, XLA writes it out as an x-sized array for them
+    all. Site k puts k optimization barriers between the values and their
+    readers: XLA's CSE merges equal barriers but not nestings of different
+    depth, so each kernel computes its own producer; a barrier itself
+    computes nothing. Applied on the CPU only, where it was measured.
     """
-    if v.dtype != jnp.dtype(compute_dtype) and tracing_for_cpu():
+    if tracing_for_cpu():
         for _ in range(site):
-            v = lax.optimization_barrier(v)
+            values = lax.optimization_barrier(values)
+    return values
+
+
+def converted(v: Array, compute_dtype: Any, site: int = 0) -> Array:
+    """``v.astype(compute_dtype)``, converted :func:`apart` from every other ``site``.
+
+    With bfloat16 x and dy a convert shared by two kernels was a float32 copy of
+    the whole array: temporaries of 6 times x's bytes. Only where there is a
+    convert to keep apart; float32 x is read by each kernel as it is.
+    """
+    if v.dtype != jnp.dtype(compute_dtype):
+        v = apart(v, site)
     return v.astype(compute_dtype)
 
 
@@ -233,11 +244,23 @@ def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, A
     are finite (a deviation times u is at least about 2^-24 in float32 when not
     zero, so nothing underflows).
     """
-    cells = _to_cells(x).astype(compute_dtype)
-    shift = lax.stop_gradient(_first_kept(cells, keep))
+    # K from x in its own dtype: a convert of all of x here would be shared with the sums.
+    shift = lax.stop_gradient(_first_kept(_to_cells(x), keep).astype(compute_dtype))
     unit, inverse_unit = power_of_two_scale(shift)
-    scaled = (cells - _per_cell(shift)) * _per_cell(unit)
-    return shift, unit, inverse_unit, _cell_sum(scaled, keep), _cell_sum(scaled * scaled, keep)
+
+    def scaled(site: int) -> tuple[Array, Array | None]:
+        """``(x - K) u`` and the mask, :func:`apart` at ``site`` for half-precision x."""
+        operands = (x, shift, unit, keep)
+        x_, shift_, unit_, keep_ = operands if x.dtype == jnp.dtype(compute_dtype) else apart(operands, site)
+        return (_to_cells(x_).astype(compute_dtype) - _per_cell(shift_)) * _per_cell(unit_), keep_
+
+    # Float32 x: XLA:CPU writes (x - K) u out once, in y's buffer, and both sums read it: faster
+    # than two reductions that each broadcast K (each about twice a raw sum's time). Half-precision
+    # x: that buffer would be a float32 array twice x's size, so each sum converts x and computes
+    # (x - K) u itself (sites 1 and 2: at site 0 a sum would share its convert with K's slice).
+    d1, keep1 = scaled(1)
+    d2, keep2 = scaled(2)
+    return shift, unit, inverse_unit, _cell_sum(d1, keep1), _cell_sum(d2 * d2, keep2)
 
 
 def shifted_sums(
@@ -251,8 +274,8 @@ def shifted_sums(
     overflowed. Otherwise (a ``lax.cond``, so data that passes pays only the
     check on (N, C) arrays) the pass is taken again with K the cell's first
     element, a constant for differentiation, in units u of a power of two
-    near 1 / max(|K|, 1) (:func:`_shifted`); XLA:CPU's reductions then need
-    ``(x - K) u`` written out.
+    near 1 / max(|K|, 1) (:func:`_shifted`); on XLA:CPU ``(x - K) u`` is then
+    written out for float32 x.
 
     Where raw sums do not pay off (:func:`raw_sums_pay_off`: off the CPU) the
     shifted sums are taken at once and ``raw`` is None: no check, no ``lax.cond``.

@@ -174,6 +174,35 @@ def test_bfloat16_input_is_never_copied_to_float32(rng, shape):
     assert f32_copies_of_x(jax.grad(loss, argnums=(0, 1)), x, logits, dy, shape=shape) == []
 
 
+def temporaries_over_x(fn, x, *args) -> float:
+    """The compiled temporary memory of ``fn(x, *args)`` over x's bytes: every ``lax.cond`` branch included."""
+    compiled = jax.jit(fn).lower(x, *args).compile(compiler_options={"xla_cpu_use_fusion_emitters": True})
+    return compiled.memory_analysis().temp_size_in_bytes / x.nbytes
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((16, 16, 16, 64), jnp.bfloat16), ((256, 128), jnp.float32), ((256, 128), jnp.bfloat16)],
+    ids=["spatial-bfloat16", "dense-float32", "dense-bfloat16"],
+)
+def test_the_fallback_passes_hold_no_x_sized_temporary(rng, shape, dtype):
+    # The rarely taken branches (shifted sums; the (N, C) path's two passes) are allocated on every
+    # call. Each of their reductions computes x - K itself: shared, XLA:CPU wrote it out, a float32
+    # array twice bfloat16 x's bytes (and per scope on (N, C)). Float32 spatial x shares y's buffer.
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    normalizers = default_normalizers(len(shape))
+    logits = jnp.zeros(len(normalizers))
+
+    def layer(x, logits):
+        return switch_norm(x, logits, logits, normalizers=normalizers)[0]
+
+    assert temporaries_over_x(layer, x, logits) < 0.25
+    if len(shape) > 2:  # (N, C): the two-pass branch's backward is autodiff's, x-sized arrays and all
+        dy = jnp.asarray(rng.normal(size=shape), dtype)
+        grad = jax.grad(lambda x, logits, dy: jnp.sum(layer(x, logits).astype(jnp.float32) * dy), (0, 1))
+        assert temporaries_over_x(grad, x, logits, dy) < 0.25
+
+
 @pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "off-the-cpu"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_convert_barriers_only_on_the_cpu_and_only_for_half_precision(monkeypatch, rng, on_cpu, dtype):
