@@ -287,8 +287,8 @@ def shifted_sums(
     count = cell_counts(x, keep, compute_dtype)
     if not raw_sums_pay_off():
         return (*_shifted(x, keep, compute_dtype), None, count)
-    cells, apart = _widened(x, compute_dtype, X_SUM), _widened(x, compute_dtype, X_SQUARES)
-    s1, s2 = _cell_sum(cells, keep), _cell_sum(apart * apart, keep)
+    cells, for_squares = _widened(x, compute_dtype, X_SUM), _widened(x, compute_dtype, X_SQUARES)
+    s1, s2 = _cell_sum(cells, keep), _cell_sum(for_squares * for_squares, keep)
     raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
     # Each branch returns its five (N, C) arrays as one stack: one kernel writes them, where the
