@@ -28,7 +28,6 @@ Repeats interleave the variants (each first clears JAX's caches); medians are pr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from benchmarks.compile_time import _commit, time_compile
+from benchmarks.compile_time import _commit, step_arguments, time_compile
 from switchnorm import _cell_graph, _passes, default_num_groups
 from switchnorm._stats import BatchStats
 from switchnorm.train import models
@@ -134,12 +133,7 @@ def compile_seconds(name: str, batch: int, size: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=8)
-    args = parser.parse_args(argv)
-    jax.config.update("jax_enable_compilation_cache", False)
+    args = step_arguments(argv, __doc__)
     compile_seconds("sn", args.batch, args.size)  # warm JAX's own imports and caches once, untimed
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.repeats):

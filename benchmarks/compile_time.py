@@ -98,13 +98,19 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_arguments(argv: list[str] | None, doc: str) -> argparse.Namespace:
+    """``--repeats``, ``--batch`` and ``--size`` of a compile-time benchmark; JAX's persistent cache turned off."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=8)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args = step_arguments(argv, __doc__)
     time_compile("sn", args.batch, args.size)  # warm JAX's own imports and caches once, untimed
     samples: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):
