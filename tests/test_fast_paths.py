@@ -205,18 +205,24 @@ def test_the_fallback_passes_hold_no_x_sized_temporary(rng, shape, dtype):
 
 @pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "off-the-cpu"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_convert_barriers_only_on_the_cpu_and_only_for_half_precision(monkeypatch, rng, on_cpu, dtype):
-    # The barriers keep converts apart for XLA:CPU; elsewhere, or with nothing to convert,
-    # the traced program must be the plain one.
+@pytest.mark.parametrize("shape", [(4, 3, 3, 8), (16, 8)], ids=["spatial", "dense"])
+def test_barriers_only_on_the_cpu_and_only_where_they_keep_a_temporary_away(
+    monkeypatch, rng, on_cpu, dtype, shape
+):
+    # The barriers (_passes.apart) keep converts, and the fallback passes' x - K, apart for
+    # XLA:CPU; elsewhere the traced program must be the plain one. Float32 spatial x has none:
+    # nothing to convert, and its shifted sums share one buffer on purpose (it lives in y's).
     monkeypatch.setattr(_passes, "tracing_for_cpu", lambda: on_cpu)
-    x = jnp.asarray(rng.normal(size=(4, 3, 3, 8)), dtype)
-    logits = jnp.zeros(4)
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    normalizers = default_normalizers(len(shape))
+    logits = jnp.zeros(len(normalizers))
 
     def loss(x, logits):
-        return jnp.sum(switch_norm(x, logits, logits)[0].astype(jnp.float32))
+        return jnp.sum(switch_norm(x, logits, logits, normalizers=normalizers)[0].astype(jnp.float32))
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, logits))
-    assert ("optimization_barrier" in jaxpr) == (on_cpu and dtype == jnp.bfloat16)
+    wanted = on_cpu and (dtype == jnp.bfloat16 or len(shape) == 2)
+    assert ("optimization_barrier" in jaxpr) == wanted
 
 
 @pytest.mark.parametrize("weights", ["layer", "sample"])
