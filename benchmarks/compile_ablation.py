@@ -50,7 +50,9 @@ def _trivial_graph(config, compute_dtype, shift, inverse_unit, s1, s2, count, in
     mean = s1 * inverse_unit / count
     var = s2 * inverse_unit * inverse_unit / count - mean * mean
     weight = jnp.sum(inputs.mean_logits) + jnp.sum(inputs.var_logits)
-    a = lax.rsqrt(var + 1e-5) if inputs.scale is None else lax.rsqrt(var + 1e-5) * inputs.scale
+    a = lax.rsqrt(var + 1e-5)
+    if inputs.scale is not None:
+        a = a * inputs.scale
     return mean * weight, a, BatchStats(mean[0], var[0])
 
 

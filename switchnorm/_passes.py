@@ -248,19 +248,18 @@ def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, A
     shift = lax.stop_gradient(_first_kept(_to_cells(x), keep).astype(compute_dtype))
     unit, inverse_unit = power_of_two_scale(shift)
 
-    def scaled(site: int) -> tuple[Array, Array | None]:
-        """``(x - K) u`` and the mask, :func:`apart` at ``site`` for half-precision x."""
-        operands = (x, shift, unit, keep)
-        x_, shift_, unit_, keep_ = operands if x.dtype == jnp.dtype(compute_dtype) else apart(operands, site)
-        return (_to_cells(x_).astype(compute_dtype) - _per_cell(shift_)) * _per_cell(unit_), keep_
-
     # Float32 x: XLA:CPU writes (x - K) u out once, in y's buffer, and both sums read it: faster
     # than two reductions that each broadcast K (each about twice a raw sum's time). Half-precision
     # x: that buffer would be a float32 array twice x's size, so each sum converts x and computes
     # (x - K) u itself (sites 1 and 2: at site 0 a sum would share its convert with K's slice).
-    d1, keep1 = scaled(1)
-    d2, keep2 = scaled(2)
-    return shift, unit, inverse_unit, _cell_sum(d1, keep1), _cell_sum(d2 * d2, keep2)
+    half_precision = x.dtype != jnp.dtype(compute_dtype)
+
+    def scaled_sum(site: int, square: bool) -> Array:
+        x_, shift_, unit_, keep_ = apart((x, shift, unit, keep), site if half_precision else 0)
+        scaled = (_to_cells(x_).astype(compute_dtype) - _per_cell(shift_)) * _per_cell(unit_)
+        return _cell_sum(scaled * scaled if square else scaled, keep_)
+
+    return shift, unit, inverse_unit, scaled_sum(1, False), scaled_sum(2, True)
 
 
 def shifted_sums(
