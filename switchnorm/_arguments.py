@@ -222,11 +222,13 @@ def _as_axes(features: int | tuple[int, ...]) -> tuple[int, ...]:
 
 
 def channels_last(x: Any, mask: Any, features: int | tuple[int, ...]) -> tuple[Any, Any]:
-    """``x`` and its call-time ``mask`` (checked, broadcast to x) with the feature axes moved last.
+    """``x`` and its call-time ``mask`` (checked, of x's rank) with the feature axes moved last.
 
     Several feature axes (Linen's ``axis=(1, 3)``) are then flattened into one channel axis,
-    in their order; :func:`channels_back` undoes it. The front ends' first step; ``x`` itself
-    is checked after, by :func:`check_input`.
+    in their order; :func:`channels_back` undoes it. A mask keeps its length-1 axes, except
+    feature axes that some feature axis of it does not share (those are broadcast, so that
+    they flatten to the channel axis). The front ends' first step; ``x`` itself is checked
+    after, by :func:`check_input`.
     """
     axes = _as_axes(features)
     shape = getattr(x, "shape", None)
@@ -235,6 +237,9 @@ def channels_last(x: Any, mask: Any, features: int | tuple[int, ...]) -> tuple[A
     if shape is None or axes == (len(shape) - 1,):
         return x, mask
     rank, k = len(shape), len(axes)
+    if mask is not None and any(mask.shape[a % rank] != 1 for a in axes):
+        full = {a % rank for a in axes}
+        mask = jnp.broadcast_to(mask, tuple(shape[i] if i in full else mask.shape[i] for i in range(rank)))
 
     def move(a: Any) -> Any:
         moved = jnp.moveaxis(a, axes, tuple(range(rank - k, rank)))
@@ -312,7 +317,10 @@ def check_shape(name: str, value: Any, shape: tuple[int, ...], why: str) -> None
 
 
 def check_mask(mask: Any, shape: tuple[int, ...]) -> Any:
-    """A call-time ``mask`` broadcast to the input's ``shape``, or None; raises if it cannot be one.
+    """A call-time ``mask`` of the input's rank, or None; raises if it cannot be one.
+
+    Its length-1 axes are kept, not broadcast to ``shape``: a padding mask (N, L, 1) stays
+    1/C of x's size through the layer (:func:`switchnorm._passes.mask_cells`).
 
     As for Flax's BatchNorm, LayerNorm and GroupNorm: booleans, True where an
     element counts towards the statistics, of a shape that broadcasts to the
@@ -337,4 +345,4 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> Any:
         raise ValueError(
             f"mask has shape {tuple(mask_shape)}, which does not broadcast to the input's {shape}."
         )
-    return jnp.broadcast_to(mask, shape)
+    return jnp.reshape(mask, (1,) * (len(shape) - len(mask_shape)) + tuple(mask_shape))

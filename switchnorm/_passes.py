@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -183,28 +183,68 @@ def _centred(
 
 
 def mask_cells(mask: Array | None, x: Array) -> Array | None:
-    """A call-time mask (broadcastable to x) as (N, m, C) booleans: which elements the statistics read."""
-    return None if mask is None else _to_cells(jnp.broadcast_to(mask, x.shape))
+    """A call-time mask (broadcastable to x) as cells: which elements the statistics read.
 
-
-def _cell_sum(values: Array, keep: Array | None) -> Array:
-    """``sum_s values`` per cell, over the masked-in elements only when ``keep`` is given.
-
-    A select, not a product: a masked-out NaN or inf (padding) must not reach the sums.
+    (N, m, C) booleans, but with a length-1 batch or channel axis where the
+    mask has one: a padding mask of one value per position of a sample,
+    (N, L, 1), stays 1/C of x's size rather than being written out at x's
+    shape (as an operand of the statistics pass's ``lax.cond`` it would be).
     """
-    return jnp.sum(values if keep is None else jnp.where(keep, values, 0.0), axis=1)
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+    return _to_cells(jnp.broadcast_to(mask, (mask.shape[0], *x.shape[1:-1], mask.shape[-1])))
 
 
-def cell_counts(x: Array, keep: Array | None, compute_dtype: Any) -> Array | int:
-    """Elements per cell: the int m, or with a mask the (N, C) counts of masked-in elements."""
-    return _count(x) if keep is None else jnp.sum(keep, axis=1).astype(compute_dtype)
+def _weights(keep: Array) -> Array:
+    """The mask as 0/1 int8 weights, of ``keep``'s shape, for the sums to multiply by.
+
+    XLA:CPU's reductions convert int8 inside their kernel but not booleans: a
+    convert of ``keep`` was written out as an x-sized int32 or float32 array.
+    The int8 copy, one byte an element, is kept from merging with the readers'
+    converts by a barrier (:func:`apart`); each reader converts it at a site of
+    its own (:func:`converted`).
+    """
+    return apart(keep.astype(jnp.int8), 1)
+
+
+def _zeroed(x: Array, keep: Array) -> Array:
+    """x as (N, m, C) cells, 0 where masked out: a masked-out NaN or inf (padding) reaches no sum.
+
+    A select in x's dtype, written once: XLA:CPU's reductions do not fuse a
+    select, and a select in each sum was a float32 array of x's size apiece.
+    After it the sums multiply by :func:`_weights`, which they fuse.
+    """
+    # Behind a barrier: XLA:CPU computes a bfloat16 select in float32, and would have the sums read that.
+    return apart(jnp.where(keep, _to_cells(x), jnp.zeros((), x.dtype)), 1)
+
+
+MASK_COUNT = 3
+"""The convert site (:func:`converted`) of the mask weights in their count."""
+
+
+def cell_counts(
+    x: Array, keep: Array | None, compute_dtype: Any, weights: Array | None = None
+) -> Array | int:
+    """Elements per cell: the int m, or with a mask the (N, C) counts of masked-in elements.
+
+    ``weights`` are ``keep``'s :func:`_weights`, where the caller has them. The
+    float sum of 0/1 weights is exact up to 2^24 elements per cell in float32,
+    beyond which the count itself has no exact float32 value.
+    """
+    if keep is None:
+        return _count(x)
+    weights = _weights(keep) if weights is None else weights
+    counts = jnp.sum(converted(weights, compute_dtype, MASK_COUNT), axis=1)
+    return jnp.broadcast_to(counts, (x.shape[0], x.shape[-1]))
 
 
 def _first_kept(cells: Array, keep: Array | None) -> Array:
     """K per cell: its first element, or with a mask its first masked-in one (0 for an empty cell)."""
     if keep is None:
         return cells[:, 0, :]
-    first = jnp.argmax(keep, axis=1)[:, None, :]
+    first = jnp.broadcast_to(jnp.argmax(keep, axis=1)[:, None, :], (cells.shape[0], 1, cells.shape[2]))
     return jnp.where(jnp.any(keep, axis=1), jnp.take_along_axis(cells, first, axis=1)[:, 0, :], 0.0)
 
 
@@ -235,29 +275,51 @@ def raw_sums_suffice(within_bound: Array, s2: Array) -> Array:
     return jnp.sum(fails) == 0.0
 
 
-def _shifted(x: Array, keep: Array | None, compute_dtype: Any) -> tuple[Array, Array, Array, Array, Array]:
+class _Masked(NamedTuple):
+    """A mask as the statistics pass reads it: booleans, x zeroed where masked out, 0/1 weights."""
+
+    keep: Array
+    zeroed: Array
+    weights: Array
+
+
+def _masked(x: Array, keep: Array | None) -> _Masked | None:
+    """``keep`` with its :func:`_zeroed` x and :func:`_weights`, or None without a mask."""
+    return None if keep is None else _Masked(keep, _zeroed(x, keep), _weights(keep))
+
+
+def _shifted(
+    x: Array, masked: _Masked | None, compute_dtype: Any
+) -> tuple[Array, Array, Array, Array, Array]:
     """``(K, u, 1 / u, sum_s (x - K) u, sum_s ((x - K) u)^2)`` with K each cell's first (kept) element.
 
     u is the :func:`power_of_two_scale` of K, so the squares stay finite for data
     of any magnitude whose variance is representable. Powers of two scale
     exactly: the statistics are the unscaled ones, bit for bit, wherever those
     are finite (a deviation times u is at least about 2^-24 in float32 when not
-    zero, so nothing underflows).
+    zero, so nothing underflows). Under a mask the sums read x zeroed where
+    masked out, times the 0/1 weights (:class:`_Masked`).
     """
     # K from x in its own dtype: a convert of all of x here would be shared with the sums.
+    keep = None if masked is None else masked.keep
     shift = lax.stop_gradient(_first_kept(_to_cells(x), keep).astype(compute_dtype))
     unit, inverse_unit = power_of_two_scale(shift)
+    values = _to_cells(x) if masked is None else masked.zeroed
+    weights = None if masked is None else masked.weights
 
     # Float32 x: XLA:CPU writes (x - K) u out once, in y's buffer, and both sums read it: faster
     # than two reductions that each broadcast K (each about twice a raw sum's time). Half-precision
     # x: that buffer would be a float32 array twice x's size, so each sum converts x and computes
     # (x - K) u itself (sites 1 and 2: at site 0 a sum would share its convert with K's slice).
-    half_precision = x.dtype != jnp.dtype(compute_dtype)
+    # Under a mask y's buffer holds the zeroed x, and so each sum computes its own in float32 too.
+    shared = x.dtype == jnp.dtype(compute_dtype) and masked is None
 
     def scaled_sum(site: int, square: bool) -> Array:
-        x_, shift_, unit_, keep_ = apart((x, shift, unit, keep), site if half_precision else 0)
-        scaled = (_to_cells(x_).astype(compute_dtype) - _per_cell(shift_)) * _per_cell(unit_)
-        return _cell_sum(scaled * scaled if square else scaled, keep_)
+        values_, shift_, unit_, weights_ = apart((values, shift, unit, weights), 0 if shared else site)
+        scaled = (values_.astype(compute_dtype) - _per_cell(shift_)) * _per_cell(unit_)
+        if weights_ is not None:  # 0 or 1: the square's weight is the weight
+            scaled = scaled * weights_.astype(compute_dtype)
+        return jnp.sum(scaled * scaled if square else scaled, axis=1)
 
     return shift, unit, inverse_unit, scaled_sum(1, False), scaled_sum(2, True)
 
@@ -274,20 +336,24 @@ def shifted_sums(
     check on (N, C) arrays) the pass is taken again with K the cell's first
     element, a constant for differentiation, in units u of a power of two
     near 1 / max(|K|, 1) (:func:`_shifted`); on XLA:CPU ``(x - K) u`` is then
-    written out for float32 x.
+    written out for float32 x without a mask.
 
     Where raw sums do not pay off (:func:`raw_sums_pay_off`: off the CPU) the
     shifted sums are taken at once and ``raw`` is None: no check, no ``lax.cond``.
 
     ``keep`` (:func:`mask_cells`) restricts every sum to the masked-in
-    elements; ``count`` is then each cell's (N, C) count of them, else the int
-    m (:func:`cell_counts`).
+    elements: each sum reads x zeroed where masked out, written once, and
+    the shifted ones multiply by the mask as int8 (:func:`_zeroed`,
+    :func:`_weights`). ``count`` is then each cell's (N, C) count of them,
+    else the int m (:func:`cell_counts`).
     """
-    count = cell_counts(x, keep, compute_dtype)
+    masked = _masked(x, keep)
+    count = cell_counts(x, keep, compute_dtype, None if masked is None else masked.weights)
     if not raw_sums_pay_off():
-        return (*_shifted(x, keep, compute_dtype), None, count)
-    cells, for_squares = _widened(x, compute_dtype, X_SUM), _widened(x, compute_dtype, X_SQUARES)
-    s1, s2 = _cell_sum(cells, keep), _cell_sum(for_squares * for_squares, keep)
+        return (*_shifted(x, masked, compute_dtype), None, count)
+    values = x if masked is None else masked.zeroed
+    cells, for_squares = _widened(values, compute_dtype, X_SUM), _widened(values, compute_dtype, X_SQUARES)
+    s1, s2 = jnp.sum(cells, axis=1), jnp.sum(for_squares * for_squares, axis=1)
     raw = raw_sums_suffice(raw_sums_within_bound(s1, s2, count), s2)
 
     # Each branch returns its five (N, C) arrays as one stack: one kernel writes them, where the
@@ -300,7 +366,7 @@ def shifted_sums(
     def shifted(operands):
         return jnp.stack(_shifted(operands[0], operands[1], compute_dtype))
 
-    shift, unit, inverse_unit, s1, s2 = unstack(lax.cond(raw, as_raw, shifted, (x, keep, s1, s2)))
+    shift, unit, inverse_unit, s1, s2 = unstack(lax.cond(raw, as_raw, shifted, (x, masked, s1, s2)))
     return shift, unit, inverse_unit, s1, s2, raw, count
 
 

@@ -203,6 +203,35 @@ def test_the_fallback_passes_hold_no_x_sized_temporary(rng, shape, dtype):
         assert temporaries_over_x(grad, x, logits, dy) < 0.25
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "mask_shape, bound",
+    [((8, 256, 1), 0.25), ((8, 256, 32), 0.75)],
+    ids=["padding-mask", "element-mask"],
+)
+def test_masks_hold_no_x_sized_temporary(rng, dtype, mask_shape, bound):
+    # The sums read x zeroed where masked out, written once in x's dtype (in y's buffer for the
+    # forward), and multiply by the mask as int8: a select inside each sum, which XLA:CPU's
+    # reductions do not fuse, was a float32 array of x's size apiece (4x bfloat16 x's bytes with a
+    # padding mask), and so was the mask's convert for the counts. A padding mask keeps its
+    # length-1 channel axis throughout; an element mask costs its int8 copy (1/4 of float32 x).
+    shape = (8, 256, 32)
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    mask = jnp.asarray(np.broadcast_to(rng.random(mask_shape) < 0.7, mask_shape))
+    normalizers = default_normalizers(len(shape))
+    logits = jnp.zeros(len(normalizers))
+
+    def layer(x, logits, mask):
+        return switch_norm(x, logits, logits, normalizers=normalizers, num_groups=4, mask=mask)[0]
+
+    assert temporaries_over_x(layer, x, logits, mask) < bound
+    dy = jnp.asarray(rng.normal(size=shape), dtype)
+    grad = jax.grad(
+        lambda x, logits, mask, dy: jnp.sum(layer(x, logits, mask).astype(jnp.float32) * dy), (0, 1)
+    )
+    assert temporaries_over_x(grad, x, logits, mask, dy) < bound
+
+
 @pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "off-the-cpu"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", [(4, 3, 3, 8), (16, 8)], ids=["spatial", "dense"])

@@ -217,6 +217,43 @@ def test_linen_layer_with_a_mask_equals_linen_batchnorm_with_it(rng):
         )
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["raw-sums", "shifted-sums"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_a_mask_with_length_1_axes_equals_it_broadcast_to_x(rng, rank, dtype, offset):
+    # A padding mask, (N, *S, 1) (or (N, 1) for (N, C) input), is read at its own shape, 1/C of
+    # x's: counted, and multiplied into the sums, without being broadcast first. Broadcast to x's
+    # shape, the same mask must give the same output and statistics, on either statistics branch
+    # (mean 1e4 takes the shifted sums).
+    case = masked_case(rng, rank, dtype=np.float32)
+    if rank == 2:
+        case["mask"] = case["mask"][:, :1]
+    case["x"] = jnp.asarray(case["x"] + offset, dtype)
+    options = dict(normalizers=normalizers_for(rank), num_groups=3)
+    assert 1 in case["mask"].shape[1:]
+    got, got_stats = reference.call(jit_switch_norm, case, **options)
+    full = jnp.broadcast_to(case["mask"], case["x"].shape)
+    want, want_stats = reference.call(jit_switch_norm, dict(case, mask=full), **options)
+    # The same sums, maybe added in another order: equal to a few ulps.
+    assert_matches(got, want, ulps=4, dtype=dtype)
+    assert_matches(got_stats.mean, want_stats.mean, ulps=4)
+    assert_matches(got_stats.var, want_stats.var, ulps=4)
+
+
+def test_linen_feature_axes_take_a_mask_broadcast_along_some_of_them(rng):
+    # axis=(1, 3): the mask's feature axes flatten into the channel axis with x's, so one that is
+    # 1 along axis 3 only is broadcast along it first; one that is 1 along both stays 1.
+    x = reference.data(rng, (4, 3, 5, 2))
+    module = snn.SwitchNorm(use_running_average=False, axis=(1, 3), num_groups=2)
+    variables = module.init(jax.random.key(0), x)
+    for shape in [(4, 3, 5, 1), (4, 1, 5, 1), (5, 1)]:
+        mask = jnp.asarray(rng.random(shape) < 0.7).at[..., 0, :].set(True)
+        got, _ = module.apply(variables, x, mask=mask, mutable=["batch_stats"])
+        full = jnp.broadcast_to(mask, x.shape)
+        want, _ = module.apply(variables, x, mask=full, mutable=["batch_stats"])
+        assert_matches(got, want, ulps=4)
+
+
 @pytest.mark.parametrize("front_end", ["nnx", "linen"])
 def test_front_ends_move_the_mask_with_a_channels_first_axis(rng, front_end):
     # axis=1 (channels first): the mask is moved with x, so the result is the
