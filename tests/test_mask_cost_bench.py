@@ -14,7 +14,18 @@ def test_the_mask_keeps_a_prefix_of_at_least_half_of_each_sample():
 
 
 def test_the_table_has_a_row_per_shape():
-    report = mask_cost.main(["--shapes", "4x8x3", "2x4x4x3", "--repeats", "2"])
+    report = mask_cost.main(["--shapes", "4x8x3", "2x4x4x3", "--repeats", "2", "--dtype", "bfloat16"])
+    assert report.startswith("bfloat16:")
     rows = report.splitlines()[1:]
     assert [r.split()[0] for r in rows] == ["4x8x3", "2x4x4x3"]
     assert all(float(r.split()[1]) > 0 for r in rows)
+    assert all(float(r.split()[3]) >= 0 and r.split()[4].startswith("(") for r in rows)
+
+
+def test_the_temporaries_are_the_compiled_steps():
+    # Both steps hold the loss's own x-sized arrays; the mask adds less than a quarter of x's
+    # bytes (it keeps its length-1 channel axis). A column that read one program twice would
+    # show no difference at all.
+    plain, masked = mask_cost.steps((8, 256, 32), "bfloat16")
+    assert plain.temporaries > 0.0
+    assert 0.0 < masked.temporaries - plain.temporaries < 0.25
