@@ -5,7 +5,9 @@ works on x-sized arrays and only repeats what a scope's sums say directly: bn
 reduces x over the batch, ln over the channels (in and gn need a spatial
 extent). Here each scope's statistics are a few reductions of x, the blend is
 broadcast from (1, C) and (N, 1) statistics, and the normalize pass is one
-elementwise pass; JAX autodiff differentiates it, as Flax's BatchNorm.
+elementwise pass. JAX autodiff differentiates the raw-sum branch, as Flax's
+BatchNorm; the two-pass branch has the backward pass of
+:mod:`switchnorm._dense_vjp`, which holds no x-sized temporary.
 
 Important details:
 
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from switchnorm import _passes
+from switchnorm import _dense_vjp, _passes
 from switchnorm._cell_graph import (
     GraphConfig,
     GraphInputs,
@@ -145,42 +147,6 @@ def _check(sums: dict[str, tuple[Array, Array]], size: int) -> Array:
     return raw_sums_suffice(jnp.concatenate(within), jnp.concatenate([s2.ravel() for _, s2 in sums.values()]))
 
 
-def normalize_dense(
-    config: GraphConfig,
-    compute_dtype: Any,
-    out_dtype: Any,
-    x: Array,
-    inputs: GraphInputs,
-    bias: Array | None,
-    use_custom_vjp: bool = True,
-) -> tuple[Array, BatchStats | None]:
-    """``switch_norm`` of (N, C) input: scope statistics (raw or two-pass), blend, one elementwise pass."""
-    names = [k for k in config.normalizers if not (k == "bn" and config.use_running_average)]
-    blend = functools.partial(_blend_and_normalize, config, compute_dtype, out_dtype)
-
-    def raw(operands):
-        x, inputs, bias, sums = operands
-        scopes = {k: _raw_scope(s1, s2, x.size // s1.size) for k, (s1, s2) in sums.items()}
-        return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=False)
-
-    def two_pass(operands):
-        x, inputs, bias, _ = operands
-        scopes = {k: _two_pass_scope(x, k, compute_dtype) for k in names}
-        return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=True)
-
-    if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
-        return two_pass((x, inputs, bias, None))
-    if use_custom_vjp:
-        sums = dict(zip(names, _sums_of_scopes(x, tuple(names), compute_dtype), strict=True))
-    else:  # plain autodiff, forward mode included
-        sums = {k: _scope_sums(x, k, compute_dtype) for k in names}
-    # Everything travels as operands (a custom VJP's functions may close over no tracer).
-    operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
-    if use_custom_vjp:
-        return _chosen(raw, two_pass, suffice, operands)
-    return lax.cond(suffice, raw, two_pass, operands)
-
-
 def _blend_and_normalize(
     config: GraphConfig,
     compute_dtype: Any,
@@ -222,6 +188,48 @@ def _blend_and_normalize(
     return y.astype(out_dtype), batch_stats
 
 
+def _two_pass(
+    config: GraphConfig, compute_dtype: Any, out_dtype: Any, names: tuple[str, ...], operands: Any
+) -> tuple[tuple[Array, BatchStats | None], dict[str, Scope]]:
+    """The two-pass branch: each scope in two passes, the blend in each element's frame; and the scopes."""
+    x, inputs, bias, _ = operands
+    scopes = {k: _two_pass_scope(x, k, compute_dtype) for k in names}
+    out = _blend_and_normalize(
+        config, compute_dtype, out_dtype, x.astype(compute_dtype), scopes, inputs, bias, element_frame=True
+    )
+    return out, scopes
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _two_pass_lean(
+    config: GraphConfig, compute_dtype: Any, out_dtype: Any, names: tuple[str, ...], operands: Any
+) -> tuple[Array, BatchStats | None]:
+    """:func:`_two_pass`'s output, with the backward pass of :mod:`switchnorm._dense_vjp`.
+
+    Autodiff of the branch held six x-sized temporaries in float32 (fourteen times
+    bfloat16 x's bytes) on every call, though the branch rarely runs.
+    """
+    return _two_pass(config, compute_dtype, out_dtype, names, operands)[0]
+
+
+def _two_pass_lean_forward(config, compute_dtype, out_dtype, names, operands):
+    out, scopes = _two_pass(config, compute_dtype, out_dtype, names, operands)
+    return out, (operands, scopes)
+
+
+def _two_pass_lean_backward(config, compute_dtype, out_dtype, names, residuals, cotangent):
+    del out_dtype, names
+    (x, inputs, bias, sums), scopes = residuals
+    with_counts = {k: (*scope, x.shape[_axis(k)]) for k, scope in scopes.items()}
+    dx, inputs_bar, bias_bar = _dense_vjp.backward(
+        config, compute_dtype, x, inputs, bias, with_counts, *cotangent
+    )
+    return ((dx, inputs_bar, bias_bar, jax.tree.map(jnp.zeros_like, sums)),)
+
+
+_two_pass_lean.defvjp(_two_pass_lean_forward, _two_pass_lean_backward)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chosen(direct: Callable, fallback: Callable, choice: Array, operands: Any) -> Any:
     """``lax.cond(choice, direct, fallback, operands)``, differentiated through the branch taken only.
@@ -244,3 +252,38 @@ def _chosen_backward(direct, fallback, residuals, cotangent):
 
 
 _chosen.defvjp(_chosen_forward, _chosen_backward)
+
+
+def normalize_dense(
+    config: GraphConfig,
+    compute_dtype: Any,
+    out_dtype: Any,
+    x: Array,
+    inputs: GraphInputs,
+    bias: Array | None,
+    use_custom_vjp: bool = True,
+) -> tuple[Array, BatchStats | None]:
+    """``switch_norm`` of (N, C) input: scope statistics (raw or two-pass), blend, one elementwise pass."""
+    names = [k for k in config.normalizers if not (k == "bn" and config.use_running_average)]
+    blend = functools.partial(_blend_and_normalize, config, compute_dtype, out_dtype)
+
+    def raw(operands):
+        x, inputs, bias, sums = operands
+        scopes = {k: _raw_scope(s1, s2, x.size // s1.size) for k, (s1, s2) in sums.items()}
+        return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=False)
+
+    two_pass = functools.partial(_two_pass, config, compute_dtype, out_dtype, tuple(names))
+    if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
+        return two_pass((x, inputs, bias, None))[0]
+    if use_custom_vjp:
+        sums = dict(zip(names, _sums_of_scopes(x, tuple(names), compute_dtype), strict=True))
+    else:  # plain autodiff, forward mode included
+        sums = {k: _scope_sums(x, k, compute_dtype) for k in names}
+    # Everything travels as operands (a custom VJP's functions may close over no tracer).
+    operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
+    if use_custom_vjp:
+        # Per-sample weights read x itself (each element is its own cell): their branch keeps autodiff.
+        lean = config.weights != "sample"
+        fallback = functools.partial(_two_pass_lean, config, compute_dtype, out_dtype, tuple(names))
+        return _chosen(raw, fallback if lean else lambda ops: two_pass(ops)[0], suffice, operands)
+    return lax.cond(suffice, raw, lambda ops: two_pass(ops)[0], operands)
