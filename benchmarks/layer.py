@@ -224,6 +224,15 @@ class ResidualBlock(nn.Module):
         return nn.relu(x + self.norm()(h))
 
 
+def norm_factory(norm_name: str, train: bool) -> Callable[[], nn.Module]:
+    """A maker of the step's normalization layers: SwitchNorm ("sn") or Flax BatchNorm ("bn")."""
+    if norm_name == "sn":
+        return lambda: snn.SwitchNorm(use_running_average=not train)
+    if norm_name == "bn":
+        return lambda: nn.BatchNorm(use_running_average=not train, epsilon=1e-5)
+    raise ValueError(f"norm_name must be 'sn' or 'bn', got {norm_name!r}.")
+
+
 class ResidualCNN(nn.Module):
     """Stem conv, three residual blocks, global average pool, dense head."""
 
@@ -234,28 +243,38 @@ class ResidualCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        if self.norm_name == "sn":
-            norm = lambda: snn.SwitchNorm(use_running_average=not train)  # noqa: E731
-        elif self.norm_name == "bn":
-            norm = lambda: nn.BatchNorm(use_running_average=not train, epsilon=1e-5)  # noqa: E731
-        else:
-            raise ValueError(f"norm_name must be 'sn' or 'bn', got {self.norm_name!r}.")
+        norm = norm_factory(self.norm_name, train)
         x = nn.relu(norm()(nn.Conv(self.features, (3, 3), use_bias=False)(x)))
         for _ in range(self.num_blocks):
             x = ResidualBlock(self.features, norm)(x)
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def train_step_fns(batch: int, size: int, features: int, dtype: str):
-    """One jitted SGD-momentum training step per normalizer, with its arguments."""
+class DenseMLP(nn.Module):
+    """Dense layers of ``width`` features, each normalized: the (N, C) path. Then a dense head."""
+
+    norm_name: str = "sn"
+    width: int = 512
+    depth: int = 3
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        norm = norm_factory(self.norm_name, train)
+        for _ in range(self.depth):
+            x = nn.relu(norm()(nn.Dense(self.width)(x)))
+        return nn.Dense(self.num_classes)(x)
+
+
+def _sgd_steps(make_model: Callable[[str], nn.Module], x: jax.Array):
+    """For "sn" and "bn": the jitted training step of ``make_model(name)`` on x and random labels."""
     import optax
 
-    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3), jnp.dtype(dtype))
-    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    labels = jax.random.randint(jax.random.key(2), (x.shape[0],), 0, 10)
     tx = optax.sgd(0.1, momentum=0.9)
     fns = {}
     for name in ("sn", "bn"):
-        model = ResidualCNN(norm_name=name, features=features)
+        model = make_model(name)
         variables = model.init(jax.random.key(0), x)
         params, stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
@@ -276,6 +295,18 @@ def train_step_fns(batch: int, size: int, features: int, dtype: str):
 
         fns[name] = (jax.jit(step), (params, stats, opt_state, x, labels))
     return fns
+
+
+def train_step_fns(batch: int, size: int, features: int, dtype: str):
+    """One jitted SGD-momentum training step of the residual CNN per normalizer, with its arguments."""
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3), jnp.dtype(dtype))
+    return _sgd_steps(lambda name: ResidualCNN(norm_name=name, features=features), x)
+
+
+def mlp_step_fns(batch: int, inputs: int, width: int, dtype: str):
+    """One jitted SGD-momentum training step of :class:`DenseMLP` per normalizer, with its arguments."""
+    x = jax.random.normal(jax.random.key(1), (batch, inputs), jnp.dtype(dtype))
+    return _sgd_steps(lambda name: DenseMLP(norm_name=name, width=width), x)
 
 
 def resnet_step_fns(batch: int, size: int):

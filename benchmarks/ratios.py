@@ -37,8 +37,10 @@ from flax import nnx
 
 from benchmarks.layer import (
     SHAPES,
+    DenseMLP,
     build,
     calibrate,
+    mlp_step_fns,
     parse_shape,
     shape_str,
     timed,
@@ -126,13 +128,21 @@ def measure_shape(shape: tuple[int, ...], dtype: str, repeats: int, min_sample_s
     return row
 
 
-def train_step_peak_memory(batch: int = 32, size: int = 32, features: int = 32) -> dict[str, float]:
-    """Memory (bytes) of one compiled training step of the residual CNN, sn and bn: arguments + outputs + temporaries.
+MLP_STEP = {"batch": 1024, "inputs": 256, "width": 512}
+"""The (N, C) training step whose memory :func:`train_step_peak_memory` also reports."""
 
-    The steps are :func:`benchmarks.layer.train_step_fns`'s, the ones the harness times.
+
+def train_step_peak_memory(batch: int = 32, size: int = 32, features: int = 32) -> dict[str, float]:
+    """Memory (bytes) of one compiled training step, sn and bn: arguments + outputs + temporaries.
+
+    Keys "sn" and "bn": the residual CNN of :func:`benchmarks.layer.train_step_fns`, the step
+    the harness times; "mlp/sn" and "mlp/bn": :class:`benchmarks.layer.DenseMLP` at
+    :data:`MLP_STEP`, whose layers take the (N, C) path.
     """
+    steps = dict(train_step_fns(batch, size, features, "float32"))
+    steps.update({f"mlp/{k}": v for k, v in mlp_step_fns(**MLP_STEP, dtype="float32").items()})
     peaks = {}
-    for name, (step, args) in train_step_fns(batch, size, features, "float32").items():
+    for name, (step, args) in steps.items():
         memory = step.lower(*args).compile().memory_analysis()
         # XLA:CPU's peak_memory_in_bytes counts arguments and outputs only (1.25 MiB for both
         # here), so the peak is bounded by all buffers the step holds: arguments, outputs and
@@ -174,6 +184,9 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
             "",
             f"Training step (residual CNN, batch 32, 32x32x3, 32 features) memory (arguments + outputs + temporaries): sn {peaks['sn'] / 2**20:.2f} MiB, "
             f"bn {peaks['bn'] / 2**20:.2f} MiB, sn / bn = {peaks['sn'] / peaks['bn']:.3f}.",
+            f"Training step (MLP, {DenseMLP.depth} x Dense {MLP_STEP['width']} + norm, batch {MLP_STEP['batch']}, "
+            f"{MLP_STEP['inputs']} inputs), the same: sn {peaks['mlp/sn'] / 2**20:.2f} MiB, "
+            f"bn {peaks['mlp/bn'] / 2**20:.2f} MiB, sn / bn = {peaks['mlp/sn'] / peaks['mlp/bn']:.3f}.",
         ]
     return "\n".join(lines)
 
