@@ -88,6 +88,22 @@ def _small(config: GraphConfig, compute_dtype: Any, inputs: GraphInputs) -> tupl
     return weights, running, scale
 
 
+def _values(config: GraphConfig, x: Array, dy: Array, terms: list[Term], weights: Array, scale: Any) -> tuple:
+    """What :func:`_elementwise` reads, with every constant folded into a small array.
+
+    XLA:CPU's fused reductions take a scalar constant (epsilon, -1/2) as an
+    x-sized broadcast, written out by a kernel of its own; a (1, C) or (N, 1)
+    operand they broadcast themselves. So epsilon joins the first variance
+    term, -1/2 the scale (``-scale / 2``, the factor of dV), and Python ints
+    stay out of the barriers.
+    """
+    var_terms = [wv * t.var for wv, t in zip(weights[1], terms, strict=True)]
+    var_terms[0] = var_terms[0] + config.epsilon
+    channels = x.shape[-1]
+    half_scale = jnp.full((channels,), -0.5, weights.dtype) if scale is None else -0.5 * scale
+    return (x, dy, [t._replace(size=None) for t in terms], weights, var_terms, scale, half_scale)
+
+
 class _Elementwise(NamedTuple):
     """What each reduction and the dx pass compute per element: x, dy, D, r, dD, dV and the small arrays."""
 
@@ -109,22 +125,6 @@ def _elementwise(compute_dtype: Any, values: tuple, site: int) -> _Elementwise:
     r = lax.rsqrt(sum(var_terms))
     a = r if scale is None else r * scale
     return _Elementwise(x, dy, d, r, dy * a, dy * d * (r * r) * (r * half_scale), terms, weights)
-
-
-def _values(config: GraphConfig, x: Array, dy: Array, terms: list[Term], weights: Array, scale: Any) -> tuple:
-    """What :func:`_elementwise` reads, with every constant folded into a small array.
-
-    XLA:CPU's fused reductions take a scalar constant (epsilon, -1/2) as an
-    x-sized broadcast, written out by a kernel of its own; a (1, C) or (N, 1)
-    operand they broadcast themselves. So epsilon joins the first variance
-    term, -1/2 the scale (``-scale / 2``, the factor of dV), and Python ints
-    stay out of the barriers.
-    """
-    var_terms = [wv * t.var for wv, t in zip(weights[1], terms, strict=True)]
-    var_terms[0] = var_terms[0] + config.epsilon
-    channels = x.shape[-1]
-    half_scale = jnp.full((channels,), -0.5, weights.dtype) if scale is None else -0.5 * scale
-    return (x, dy, [t._replace(size=None) for t in terms], weights, var_terms, scale, half_scale)
 
 
 def terms_of(config: GraphConfig, scopes: dict[str, Any], running: ScopeStats | None) -> list[Term]:
