@@ -225,10 +225,10 @@ def channels_last(x: Any, mask: Any, features: int | tuple[int, ...]) -> tuple[A
     """``x`` and its call-time ``mask`` (checked, of x's rank) with the feature axes moved last.
 
     Several feature axes (Linen's ``axis=(1, 3)``) are then flattened into one channel axis,
-    in their order; :func:`channels_back` undoes it. A mask keeps its length-1 axes, except
-    feature axes that some feature axis of it does not share (those are broadcast, so that
-    they flatten to the channel axis). The front ends' first step; ``x`` itself is checked
-    after, by :func:`check_input`.
+    in their order; :func:`channels_back` undoes it. A mask keeps its length-1 axes; where any
+    of its feature axes is longer than 1, all of them are broadcast to x's, so that they
+    flatten into the channel axis. The front ends' first step; ``x`` itself is checked after,
+    by :func:`check_input`.
     """
     axes = _as_axes(features)
     shape = getattr(x, "shape", None)
