@@ -272,9 +272,11 @@ def normalize_dense(
         scopes = {k: _raw_scope(s1, s2, x.size // s1.size) for k, (s1, s2) in sums.items()}
         return blend(x.astype(compute_dtype), scopes, inputs, bias, element_frame=False)
 
-    two_pass = functools.partial(_two_pass, config, compute_dtype, out_dtype, tuple(names))
+    def two_pass(operands):
+        return _two_pass(config, compute_dtype, out_dtype, tuple(names), operands)[0]
+
     if not _passes.raw_sums_pay_off():  # off the CPU: two passes cost about what raw sums do, a cond more
-        return two_pass((x, inputs, bias, None))[0]
+        return two_pass((x, inputs, bias, None))
     if use_custom_vjp:
         sums = dict(zip(names, _sums_of_scopes(x, tuple(names), compute_dtype), strict=True))
     else:  # plain autodiff, forward mode included
@@ -283,7 +285,8 @@ def normalize_dense(
     operands, suffice = (x, inputs, bias, sums), _check(sums, x.size)
     if use_custom_vjp:
         # Per-sample weights read x itself (each element is its own cell): their branch keeps autodiff.
-        lean = config.weights != "sample"
-        fallback = functools.partial(_two_pass_lean, config, compute_dtype, out_dtype, tuple(names))
-        return _chosen(raw, fallback if lean else lambda ops: two_pass(ops)[0], suffice, operands)
-    return lax.cond(suffice, raw, lambda ops: two_pass(ops)[0], operands)
+        fallback = two_pass
+        if config.weights != "sample":
+            fallback = functools.partial(_two_pass_lean, config, compute_dtype, out_dtype, tuple(names))
+        return _chosen(raw, fallback, suffice, operands)
+    return lax.cond(suffice, raw, two_pass, operands)

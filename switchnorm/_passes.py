@@ -224,18 +224,15 @@ MASK_COUNT = 3
 """The convert site (:func:`converted`) of the mask weights in their count."""
 
 
-def cell_counts(
-    x: Array, keep: Array | None, compute_dtype: Any, weights: Array | None = None
-) -> Array | int:
+def cell_counts(x: Array, weights: Array | None, compute_dtype: Any) -> Array | int:
     """Elements per cell: the int m, or with a mask the (N, C) counts of masked-in elements.
 
-    ``weights`` are ``keep``'s :func:`_weights`, where the caller has them. The
-    float sum of 0/1 weights is exact up to 2^24 elements per cell in float32,
-    beyond which the count itself has no exact float32 value.
+    ``weights`` are the mask's :func:`_weights` (None without a mask). The float
+    sum of 0/1 weights is exact up to 2^24 elements per cell in float32, beyond
+    which the count itself has no exact float32 value.
     """
-    if keep is None:
+    if weights is None:
         return _count(x)
-    weights = _weights(keep) if weights is None else weights
     counts = jnp.sum(converted(weights, compute_dtype, MASK_COUNT), axis=1)
     return jnp.broadcast_to(counts, (x.shape[0], x.shape[-1]))
 
@@ -348,7 +345,7 @@ def shifted_sums(
     else the int m (:func:`cell_counts`).
     """
     masked = _masked(x, keep)
-    count = cell_counts(x, keep, compute_dtype, None if masked is None else masked.weights)
+    count = cell_counts(x, None if masked is None else masked.weights, compute_dtype)
     if not raw_sums_pay_off():
         return (*_shifted(x, masked, compute_dtype), None, count)
     values = x if masked is None else masked.zeroed
@@ -498,7 +495,7 @@ def _forward(graph, compute_dtype, out_dtype, x, inputs, bias, mask):
         s1 = s2 = jnp.zeros_like(shift)
         unit = inverse_unit = jnp.ones_like(shift)
         raw = None
-        count = cell_counts(x, keep, compute_dtype)
+        count = cell_counts(x, None if keep is None else _weights(keep), compute_dtype)
     else:
         shift, unit, inverse_unit, s1, s2, raw, count = shifted_sums(x, compute_dtype, keep)
     mix_mean, a, batch_stats = graph(shift, inverse_unit, s1, s2, count, inputs)
