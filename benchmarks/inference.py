@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 import switchnorm
+from benchmarks.heap import keep_freed_memory
 from benchmarks.layer import calibrate, timed
 from switchnorm.train import models
 
@@ -159,11 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-sample-s", type=float, default=0.05)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
+    heap = keep_freed_memory()
     shape = (args.size, args.size, 3)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, *shape)), jnp.float32)
     results = measure(variants(shape), x, args.repeats, args.min_sample_s)
     device = jax.devices()[0]
-    print(f"{device.device_kind} ({jax.default_backend()}), {platform.machine()}; x {tuple(x.shape)}")
+    print(f"{device.device_kind} ({jax.default_backend()}), {platform.machine()}; x {tuple(x.shape)}; {heap}")
     print(report(results))
     if args.json:
         with open(args.json, "w") as f:

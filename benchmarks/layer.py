@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.heap import keep_freed_memory
 from switchnorm import default_normalizers, default_num_groups
 from switchnorm import linen as snn
 
@@ -419,6 +420,7 @@ def markdown(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- jax {report['jax']} ({report['backend']}: {report['devices']}), flax {report['flax']}",
         f"- host: {report['host']}",
+        f"- heap: {report.get('heap', 'not recorded')}",
         f"- repeats: {report['repeats']} interleaved samples, median; "
         f"each sample >= {report['min_sample_s'] * 1e3:.0f} ms of back-to-back calls",
         "",
@@ -531,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="one small shape, float32, 5 repeats, small training step"
     )
     args = parser.parse_args(argv)
+    heap = keep_freed_memory()
     if args.quick:
         args.shapes, args.dtypes, args.repeats = [(32, 32, 32, 64)], ["float32"], 5
         args.train_batch, args.train_size = 16, 16
@@ -549,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backend": jax.default_backend(),
         "devices": f"{len(jax.devices())} x {device.device_kind}",
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "heap": heap,
         "repeats": args.repeats,
         "min_sample_s": args.min_sample_ms / 1e3,
         "results": [],

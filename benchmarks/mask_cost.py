@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import switchnorm
+from benchmarks.heap import keep_freed_memory
 
 SHAPES = ("32x32x32x64", "8x256x64", "128x8x8x128")
 
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtype", default="float32", help="x's dtype, e.g. bfloat16")
     args = parser.parse_args(argv)
+    heap = keep_freed_memory()
     lines = [
-        f"{args.dtype}: masked / unmasked fwd+bwd time (median, lower quartile); temporaries / x, masked (unmasked)"
+        f"{args.dtype}: masked / unmasked fwd+bwd time (median, lower quartile); temporaries / x, masked (unmasked)",
     ]
     for text in args.shapes:
         plain, masked = steps(tuple(int(n) for n in text.split("x")), args.dtype)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{text:<16} {statistics.median(r):>6.2f} {np.percentile(r, 25):>6.2f}"
             f"   {masked.temporaries:.3f} ({plain.temporaries:.3f})"
         )
-    report = "\n".join(lines)
+    report = "\n".join([*lines, f"heap: {heap}"])
     print(report)
     return report
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.heap import keep_freed_memory
 from benchmarks.layer import (
     SHAPES,
     DenseMLP,
@@ -233,8 +234,8 @@ def sweep(out_dir: str, dtype: str, repeats: int, min_sample_s: float) -> list[s
     return written
 
 
-def provenance(argv: list[str] | None) -> str:
-    """Command, date, machine, commit and versions, one line each."""
+def provenance(argv: list[str] | None, heap: str) -> str:
+    """Command, date, machine, commit, versions and the heap setting (:mod:`benchmarks.heap`), one line each."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -251,6 +252,7 @@ def provenance(argv: list[str] | None) -> str:
             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"{jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.1f}",
             f"- commit: {commit}; jax {jax.__version__}, flax {flax.__version__}",
+            f"- heap: {heap}",
         ]
     )
 
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--sweep", action="store_true", help="also draw docs/figures/sweep-*.png")
     parser.add_argument("--figures", default=os.path.join(os.path.dirname(__file__), "..", "docs", "figures"))
     args = parser.parse_args(argv)
+    heap = keep_freed_memory()
     min_sample_s = args.min_sample_ms / 1e3
     rows = []
     for dtype in args.dtypes:
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(measure_shape(shape, dtype, args.repeats, min_sample_s))
             print("measured", row_line(rows[-1]), flush=True)  # a timeout keeps the rows so far
     peaks = train_step_peak_memory() if args.memory else {}
-    report = provenance(argv) + "\n\n" + table(rows, peaks)
+    report = provenance(argv, heap) + "\n\n" + table(rows, peaks)
     print(report)
     if args.sweep:
         for path in sweep(args.figures, "float32", args.repeats, min_sample_s):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.heap import keep_freed_memory
 from benchmarks.layer import SHAPES, WEIGHTS_VARIANTS, build, compile_ahead, parse_shape, shape_str
 from benchmarks.ratios import _interleaved, _ratio, _spread
 
@@ -78,8 +79,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def provenance(argv: list[str] | None) -> str:
-    """Command, date, machine with its load average, commit and versions."""
+def provenance(argv: list[str] | None, heap: str) -> str:
+    """Command, date, machine with its load average, commit, versions and the heap setting."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     args = " ".join(argv if argv is not None else os.sys.argv[1:])
     with open("/proc/loadavg") as f:
@@ -90,6 +91,7 @@ def provenance(argv: list[str] | None) -> str:
             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; load average at the end {load}",
             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"{jax.devices()[0].device_kind}; commit {commit.strip() or 'unknown'}, jax {jax.__version__}",
+            f"- heap: {heap}",
         ]
     )
 
@@ -102,13 +104,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--min-sample-ms", type=float, default=20.0)
     args = parser.parse_args(argv)
+    heap = keep_freed_memory()
     rows = []
     for dtype in args.dtypes:
         for shape in args.shapes:
             for mode in args.modes:
                 rows.append(measure_shape(shape, dtype, mode, args.repeats, args.min_sample_ms / 1e3))
                 print(f"measured {rows[-1]['shape']} {dtype} {mode}", flush=True)
-    report = provenance(argv) + "\n\n" + table(rows)
+    report = provenance(argv, heap) + "\n\n" + table(rows)
     print(report)
     return report
 

@@ -16,7 +16,8 @@ def test_the_mask_keeps_a_prefix_of_at_least_half_of_each_sample():
 def test_the_table_has_a_row_per_shape():
     report = mask_cost.main(["--shapes", "4x8x3", "2x4x4x3", "--repeats", "2", "--dtype", "bfloat16"])
     assert report.startswith("bfloat16:")
-    rows = report.splitlines()[1:]
+    rows, heap = report.splitlines()[1:-1], report.splitlines()[-1]
+    assert heap.startswith("heap: ")
     assert [r.split()[0] for r in rows] == ["4x8x3", "2x4x4x3"]
     assert all(float(r.split()[1]) > 0 for r in rows)
     assert all(float(r.split()[3]) >= 0 and r.split()[4].startswith("(") for r in rows)
