@@ -3,6 +3,7 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,12 @@ print(statistics.median(faults[-20:]))
 
 def _faults_per_call(mode: str) -> tuple[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", _PROBE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root, where `benchmarks` is
     ).stdout.splitlines()
     return out[-2], float(out[-1])
 
