@@ -9,11 +9,13 @@ import pytest
 
 # Each call returns a fresh 25.7 MB float32 array (8x56x56x256), dropped before the next. The
 # heap grows to its high-water mark over the first calls; then, with freed memory kept, a call
-# faults in no page, and without it, every call faults in its whole output again.
+# faults in no page. Without it, on the idle machine, most calls fault their whole output in
+# again (163 of 240 in docs/performance.md); how many depends on which thread XLA runs a call
+# on, and under the test suite's own load it can be none, so that half is not asserted here.
 _PROBE = """
-import resource, statistics, sys
+import resource, statistics
 from benchmarks.heap import keep_freed_memory
-said = keep_freed_memory() if sys.argv[1] == "keep" else "default"
+said = keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0 + 1.0)
 x = jnp.ones((8, 56, 56, 256))
@@ -27,9 +29,9 @@ print(statistics.median(faults[-20:]))
 """
 
 
-def _faults_per_call(mode: str) -> tuple[str, float]:
+def _faults_per_call() -> tuple[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode],
+        [sys.executable, "-c", _PROBE],
         capture_output=True,
         text=True,
         check=True,
@@ -41,15 +43,7 @@ def _faults_per_call(mode: str) -> tuple[str, float]:
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc")
 def test_kept_memory_takes_the_page_faults_out_of_repeated_calls():
-    said, kept = _faults_per_call("keep")
+    said, kept = _faults_per_call()
     assert said.startswith("glibc malloc keeping freed memory"), said
     # One output is 6,272 pages of 4 KiB: a call that faults it in again counts thousands.
     assert kept < 100, kept
-
-
-@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc")
-def test_without_it_the_calls_fault_their_outputs_in_again():
-    # The cause the module names, still present: if glibc or XLA stop returning the memory,
-    # this fails and benchmarks.heap can go.
-    _, default = _faults_per_call("default")
-    assert default > 1000, default
