@@ -32,7 +32,7 @@ def keep_freed_memory() -> str:
     """Set glibc's malloc to keep freed buffers up to 32 MiB; return what was done, for the report."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such symbol; no process handle (Windows)
         return "malloc as the platform set it (no glibc mallopt)"
     if not all(mallopt(option, value) for option, value in _SETTINGS):
         return "malloc as the platform set it (mallopt refused)"
