@@ -15,9 +15,10 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
 from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, default_num_groups
 from switchnorm._collapse import ChannelAffine, CollapsedNorm, CollapseReport, collapse
-from switchnorm._core import radius_schedule, switch_norm
+from switchnorm._core import switch_norm
+from switchnorm._param_labels import param_labels, weight_decay_mask
 from switchnorm._recalibrate import recalibrate, recalibrate_variables
-from switchnorm._sparsestmax import sparsestmax
+from switchnorm._sparsestmax import radius_schedule, sparsestmax
 from switchnorm._stats import BatchStats
 from switchnorm.inspect import LayerWeightArrays, format_mixing_weights, mixing_weight_arrays, mixing_weights
 from switchnorm.nnx import MixingRadius, SwitchNorm, set_radius
@@ -40,10 +41,12 @@ __all__ = [
     "format_mixing_weights",
     "mixing_weight_arrays",
     "mixing_weights",
+    "param_labels",
     "radius_schedule",
     "recalibrate",
     "recalibrate_variables",
     "set_radius",
     "sparsestmax",
     "switch_norm",
+    "weight_decay_mask",
 ]

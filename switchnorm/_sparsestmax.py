@@ -46,6 +46,8 @@ Important details this module takes care of:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,3 +278,23 @@ def sparsestmax(z: jax.Array, radius) -> jax.Array:
             f"{z.shape[:-1]} of logits {z.shape}; pass a scalar or one radius per row."
         )
     return _sparsestmax(z, radius)
+
+
+def radius_schedule(step: Any, total_steps: int, final: float = 1.0) -> jax.Array:
+    """Sparsestmax's radius at ``step``: rising linearly from 0 to ``final`` over ``total_steps``.
+
+    ``final * clip(step / total_steps, 0, 1)``, as Sparse Switchable Normalization anneals it. At
+    a radius of at least ``sqrt(1 - 1/K)`` every output of sparsestmax is one-hot (K normalizers),
+    and that is below 1 for every K, so the default ``final=1.0`` leaves every layer on exactly one
+    normalizer by the end. ``step`` may be traced (inside a jitted train step).
+
+    Example::
+
+      >>> import switchnorm
+      >>> [float(switchnorm.radius_schedule(s, 4)) for s in (0, 2, 4, 9)]
+      [0.0, 0.5, 1.0, 1.0]
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"radius_schedule needs total_steps as a positive int, got {total_steps!r}.")
+    fraction = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
+    return final * fraction

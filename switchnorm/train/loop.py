@@ -38,8 +38,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from switchnorm._core import radius_schedule
 from switchnorm._recalibrate import recalibrate
+from switchnorm._sparsestmax import radius_schedule
 from switchnorm.inspect import mixing_weights
 from switchnorm.nnx import set_radius
 from switchnorm.train import config as run_config

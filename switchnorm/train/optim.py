@@ -1,85 +1,35 @@
-"""Optax pieces for training SwitchNorm models: the weight-decay mask, labels and the optimizers.
+"""The optimizers of the training wing: SGD or AdamW, the mixing logits left out of weight decay.
 
 The mixing logits choose between normalizers; the SN paper learns them
-freely, without weight decay, which would pull every layer back towards the
-uniform blend. :func:`weight_decay_mask` builds the optax mask that leaves them
-out; :func:`make_optimizer` uses it. Sparse SN (Shao et al., 2019) goes
-further and trains the logits with a tenth of the learning rate and clipped
-gradients: :func:`param_labels` tells the logits apart for
-``optax.multi_transform``, and ``make_optimizer(mixing_lr_scale=...,
-mixing_clip=...)`` builds that treatment. This module imports only jax and optax.
+freely, without weight decay (:func:`switchnorm.weight_decay_mask`, the
+default ``mask`` here). Sparse SN (Shao et al., 2019) goes further and trains
+the logits with a tenth of the learning rate and clipped gradients:
+``make_optimizer(mixing_lr_scale=..., mixing_clip=...)`` builds that
+treatment through ``optax.multi_transform`` and
+:func:`switchnorm.param_labels`. This module imports only optax and the layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
-import jax
 import optax
 
-MIXING_LOGITS = ("mean_logits", "var_logits")
-"""The names of SwitchNorm's mixing-logit parameters."""
+from switchnorm._param_labels import MIXING, MIXING_LOGITS, REST, param_labels, weight_decay_mask
 
-MIXING = "mixing"
-REST = "rest"
-"""The two labels of :func:`param_labels`."""
+__all__ = [
+    "MIXING",
+    "MIXING_LOGITS",
+    "OPTIMIZERS",
+    "REST",
+    "make_optimizer",
+    "param_labels",
+    "warmup_cosine",
+    "weight_decay_mask",
+]
 
 OPTIMIZERS = ("sgd", "adamw")
 """The choices of ``make_optimizer(name=...)``."""
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str | None:
-    """The parameter's own name: the last key of its path that is not a Variable's ``value``."""
-    for key in reversed(path):
-        name = getattr(key, "key", getattr(key, "name", None))
-        if name not in ("value", "raw_value"):
-            return None if name is None else str(name)
-    return None
-
-
-def weight_decay_mask(params: Any, exclude: Collection[str] = MIXING_LOGITS) -> Any:
-    """A pytree of bools, shaped like ``params``: True where weight decay applies.
-
-    A leaf is excluded when its own name (the last key of its path) is in
-    ``exclude``; by default that is every SwitchNorm layer's ``mean_logits``
-    and ``var_logits``. Works on NNX ``State`` objects, Linen params dicts and
-    any other pytree keyed by name. Pass it (or a ``functools.partial`` of it)
-    as the ``mask`` of ``optax.add_decayed_weights`` or ``optax.adamw``.
-
-    Example::
-
-      >>> import jax.numpy as jnp, optax
-      >>> from switchnorm.train import weight_decay_mask
-      >>> params = {"norm": {"mean_logits": jnp.zeros(4), "scale": jnp.ones(8)}}
-      >>> weight_decay_mask(params)
-      {'norm': {'mean_logits': False, 'scale': True}}
-      >>> tx = optax.adamw(1e-3, weight_decay=1e-4, mask=weight_decay_mask)
-    """
-    excluded = frozenset(exclude)
-    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in excluded, params)
-
-
-def param_labels(params: Any, mixing: Collection[str] = MIXING_LOGITS) -> Any:
-    """A pytree of labels, shaped like ``params``: ``"mixing"`` for the mixing logits, else ``"rest"``.
-
-    A leaf is a mixing logit when its own name (the last key of its path) is in
-    ``mixing``, as in :func:`weight_decay_mask`. Pass it as the ``param_labels``
-    of ``optax.multi_transform`` to give the logits their own optimizer.
-
-    Example::
-
-      >>> import jax.numpy as jnp, optax
-      >>> from switchnorm.train.optim import param_labels
-      >>> params = {"norm": {"mean_logits": jnp.zeros(4), "scale": jnp.ones(8)}}
-      >>> param_labels(params)
-      {'norm': {'mean_logits': 'mixing', 'scale': 'rest'}}
-      >>> tx = optax.multi_transform({"mixing": optax.sgd(1e-3), "rest": optax.adamw(1e-2)}, param_labels)
-    """
-    names = frozenset(mixing)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: MIXING if _leaf_name(path) in names else REST, params
-    )
 
 
 def warmup_cosine(learning_rate: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
