@@ -59,7 +59,7 @@ bench: $(STAMP)
 ## MUTATE_FILES and counts those the core's reference tests (see [tool.mutmut] in
 ## pyproject.toml) catch. Runs every MUTATE_STRIDE-th mutant of each function, at nice 19.
 ## Results: `$(VENV)/bin/mutmut results`, one mutant's diff: `$(VENV)/bin/mutmut show NAME`.
-MUTATE_FILES := switchnorm/_core.py switchnorm/_stats.py switchnorm/_cell_graph.py switchnorm/_passes.py switchnorm/_dense.py
+MUTATE_FILES := switchnorm/_core.py switchnorm/_stats.py switchnorm/_passes.py switchnorm/_xla_cpu.py switchnorm/_mixing.py
 MUTATE_STRIDE ?= 12
 MUTMUT := mutmut==3.8.1
 mutate: $(STAMP)

@@ -10,10 +10,12 @@ a part costs to compile, so that the aim of 1.5x Flax BatchNorm's compile time c
 be weighed against what the layer must compute.
 
 * ``sn``: the layer as it is.
-* ``no_cond``: the shifted statistics pass taken at once, without the raw-sum
-  check and its ``lax.cond`` (as off the CPU, ``_passes.raw_sums_pay_off``).
-* ``trivial_graph``: the cell graph replaced by one mean and variance per
-  cell, no scopes and no blend (its VJP is then that of a few elementwise operations).
+* ``no_cond``: the plain statistics and backward passes, without the raw-sum
+  check and its ``lax.cond`` (as off the CPU: the ``raw_sums`` workaround of
+  ``switchnorm._xla_cpu`` switched off).
+* ``trivial_graph``: the (N, C) graph between the passes replaced by one mean and
+  variance per cell, no scopes and no blend (its VJP is then that of a few
+  elementwise operations).
 * ``trivial_graph_no_cond``: both.
 * ``no_graph_vjp``: the cell graph kept in the forward, its VJP in the backward
   replaced by elementwise products; the backward's passes over x are kept.
@@ -39,20 +41,20 @@ from flax import nnx
 from jax import lax
 
 from benchmarks.compile_time import _commit, step_arguments, time_compile
-from switchnorm import _cell_graph, _passes, default_num_groups
+from switchnorm import _core, _xla_cpu, default_num_groups
 from switchnorm._stats import BatchStats
 from switchnorm.train import models
 
 
-def _trivial_graph(config, compute_dtype, shift, inverse_unit, s1, s2, count, inputs):
-    """A cell graph that reads every input once: each cell's own mean and variance, no blend."""
-    del config, compute_dtype, shift
-    mean = s1 * inverse_unit / count
-    var = s2 * inverse_unit * inverse_unit / count - mean * mean
-    weight = jnp.sum(inputs.mean_logits) + jnp.sum(inputs.var_logits)
+def _trivial_graph(config, sums, count, arrays):
+    """An (N, C) graph that reads every input once: each cell's own mean and variance, no blend."""
+    del config
+    mean = sums.s1 * sums.inverse_unit / count
+    var = sums.s2 * sums.inverse_unit * sums.inverse_unit / count - mean * mean
+    weight = jnp.sum(arrays.mean_logits) + jnp.sum(arrays.var_logits)
     a = lax.rsqrt(var + 1e-5)
-    if inputs.scale is not None:
-        a = a * inputs.scale
+    if arrays.scale is not None:
+        a = a * arrays.scale
     return mean * weight, a, BatchStats(mean[0], var[0])
 
 
@@ -60,17 +62,17 @@ _real_vjp = jax.vjp
 
 
 def _vjp_without_graph(fun: Callable, *primals):
-    """``jax.vjp``, except for the cell graph's in ``_passes._backward``: elementwise products instead."""
+    """``jax.vjp``, except for the (N, C) graph's in ``_core._backward``: elementwise products instead."""
     if "_backward" not in getattr(fun, "__qualname__", ""):
         return _real_vjp(fun, *primals)
     out = fun(*primals)
     mix_mean, a, _ = out
-    inputs = primals[2]
+    arrays = primals[2]
 
     def backward(cotangents):
         mean_bar, a_bar, _ = cotangents
-        inputs_bar = jax.tree.map(lambda v: jnp.zeros_like(v) + 1e-9 * jnp.sum(mean_bar), inputs)
-        return mean_bar * mix_mean, a_bar * a, inputs_bar
+        arrays_bar = jax.tree.map(lambda v: jnp.zeros_like(v) + 1e-9 * jnp.sum(mean_bar), arrays)
+        return mean_bar * mix_mean, a_bar * a, arrays_bar
 
     return out, backward
 
@@ -109,19 +111,19 @@ def ablation(name: str) -> Iterator[None]:
     """The layer with the parts ``name`` replaces (module docstring) replaced, for one trace."""
     patches = []
     if name in ("no_cond", "trivial_graph_no_cond"):
-        patches.append(mock.patch.object(_passes, "raw_sums_pay_off", lambda: False))
+        patches.append(mock.patch.object(_xla_cpu, "DISABLED", frozenset({"raw_sums"})))
     if name in ("trivial_graph", "trivial_graph_no_cond"):
-        patches.append(mock.patch.object(_cell_graph, "cell_graph", _trivial_graph))
+        patches.append(mock.patch.object(_core, "_graph_of_sums", _trivial_graph))
     if name == "no_graph_vjp":
-        patches.append(mock.patch.object(_passes.jax, "vjp", _vjp_without_graph))
+        patches.append(mock.patch.object(_core.jax, "vjp", _vjp_without_graph))
     if name == "flax_four":
         patches.append(mock.patch.object(models, "make_norm", _flax_four))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        _cell_graph._jitted_graph.cache_clear()  # the jitted graph closes over cell_graph
+        jax.clear_caches()  # the layer's jitted program was traced without the patches
         yield
-    _cell_graph._jitted_graph.cache_clear()
+    jax.clear_caches()
 
 
 VARIANTS = ("sn", "no_cond", "trivial_graph", "trivial_graph_no_cond", "no_graph_vjp", "flax_four", "flax_bn")

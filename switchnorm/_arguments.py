@@ -296,11 +296,7 @@ def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None =
             f"the input has shape {shape}: no channels (its last axis has size 0) to normalize; "
             "SwitchNorm needs at least one channel."
         )
-    if num_features is not None and shape[-1] != num_features:
-        raise ValueError(
-            f"the input has {shape[-1]} channels (last axis of shape {shape}) "
-            f"but the layer was built for num_features={num_features}."
-        )
+    check_channels(shape, num_features)
     if len(shape) == 2:
         spatial = [n for n in normalizers if n in SPATIAL_NORMALIZERS]
         if spatial:
@@ -308,6 +304,15 @@ def check_input(x: Any, normalizers: tuple[str, ...], num_features: int | None =
                 f"normalizers {spatial} need a spatial extent, but the input has shape "
                 f"{shape} (N, C); use ('bn', 'ln') for dense features."
             )
+
+
+def check_channels(shape: tuple[int, ...], num_features: int | None) -> None:
+    """Raises a ValueError unless the channels-last ``shape`` has ``num_features`` channels (None: any)."""
+    if num_features is not None and shape[-1] != num_features:
+        raise ValueError(
+            f"the input has {shape[-1]} channels (last axis of shape {shape}) "
+            f"but the layer was built for num_features={num_features}."
+        )
 
 
 def check_shape(name: str, value: Any, shape: tuple[int, ...], why: str) -> None:

@@ -8,7 +8,7 @@ computes only the chosen statistics, with the weights fixed:
 
 * :class:`CollapsedNorm`: the chosen normalizers' statistics alone (mean and variance may
   come from different normalizers), through the same core as :class:`switchnorm.SwitchNorm`
-  (:func:`switchnorm._core.normalize_checked`), fed logits whose softmax is exactly one-hot.
+  (:func:`switchnorm._core.layer`), fed logits whose softmax is exactly one-hot.
 * :class:`ChannelAffine`: a layer that chose bn for both, in inference mode, is a fixed
   per-channel ``y = x * a + b`` (``a = scale / sqrt(running_var + epsilon)``,
   ``b = bias - running_mean * a``), which XLA fuses into the preceding convolution's
@@ -33,9 +33,7 @@ from flax import nnx
 from flax.typing import PromoteDtypeFn
 from jax import lax
 
-from switchnorm import _arguments, _core, _stats
-from switchnorm._cell_graph import GraphConfig
-from switchnorm.inspect import mixing_weight_arrays
+from switchnorm import _arguments, _core, _mixing
 from switchnorm.nnx import SwitchNorm
 
 __all__ = ["ChannelAffine", "CollapseReport", "CollapsedLayer", "CollapsedNorm", "LayerChoice", "collapse"]
@@ -143,8 +141,24 @@ class CollapsedNorm(nnx.Module):
             promote_dtype=layer.promote_dtype,
         )
 
-    def _arrays(self) -> _core.LayerArrays:
-        return _core.LayerArrays(
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Normalizes ``x`` (features on ``axis``) with the chosen statistics; ``mask`` as SwitchNorm's."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        config = _core.Config(
+            self.normalizers,
+            self.num_groups or 1,
+            self.epsilon,
+            bool(use_running_average),
+            self.axis_name,
+            self.axis_index_groups,
+        )
+        spec = _core.LayerSpec(
+            config, False, (self.axis,), self.num_features, self.dtype, self.promote_dtype, self.momentum
+        )
+        arrays = _core.LayerArrays(
             mean_logits=_one_hot_logits(self.normalizers, self.mean_normalizer),
             var_logits=_one_hot_logits(self.normalizers, self.var_normalizer),
             scale=self.scale[...] if self.scale is not None else None,
@@ -152,35 +166,11 @@ class CollapsedNorm(nnx.Module):
             running_mean=self.mean[...] if self.mean is not None else None,
             running_var=self.var[...] if self.var is not None else None,
         )
-
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Normalizes ``x`` (features on ``axis``) with the chosen statistics; ``mask`` as SwitchNorm's."""
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        shape = tuple(getattr(x, "shape", ()))
-        feature = _arguments.feature_axis(self.axis, len(shape))
-        x, mask = _arguments.channels_last(x, mask, feature)
-        _arguments.check_input(x, self.normalizers, self.num_features)
-        config = GraphConfig(
-            normalizers=self.normalizers,
-            num_groups=self.num_groups or 1,
-            epsilon=self.epsilon,
-            use_running_average=bool(use_running_average),
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-        )
-        x, arrays = _core.promote_arrays(self.promote_dtype, x, self._arrays(), self.dtype)
-        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
-        if batch_stats is not None:
+        y, mean, var = _core.layer(self, spec, x, arrays, mask)
+        if mean is not None:
             assert self.mean is not None and self.var is not None  # __init__ keeps them with bn
-            stop = lax.stop_gradient
-            self.mean[...] = _stats.update_running_average(
-                self.mean[...], stop(batch_stats.mean), self.momentum
-            )
-            self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
-        return _arguments.channels_back(y, feature, shape)
+            self.mean[...], self.var[...] = mean, var
+        return y
 
 
 class ChannelAffine(nnx.Module):
@@ -389,11 +379,15 @@ def _least_weights(path: str, layer: SwitchNorm) -> dict[str, dict[str, float]]:
             "input, so no fixed choice can replace the layer; collapse handles weights='layer' "
             "and weights='channel' layers."
         )
-    arrays = mixing_weight_arrays(layer)[""]
-    return {
-        kind: dict(zip(arrays.names, np.min(np.atleast_2d(w), axis=0).tolist(), strict=True))
-        for kind, w in (("mean", arrays.mean), ("var", arrays.var))
-    }
+    names = layer.blended_normalizers
+    index = np.array([layer.normalizers.index(n) for n in names])
+    radius = 0.0 if layer.radius is None else layer.radius[...]
+    least = {}
+    for kind, logits in (("mean", layer.mean_logits[...]), ("var", layer.var_logits[...])):
+        logits = jnp.swapaxes(logits, -1, -2) if layer.weights == "channel" else logits  # normalizers last
+        weights = np.asarray(_mixing.mixing_weights_from_logits(logits[..., index], layer.mixing, radius))
+        least[kind] = dict(zip(names, np.min(np.atleast_2d(weights), axis=0).tolist(), strict=True))
+    return least
 
 
 def _describe(path: str, layer: SwitchNorm, min_weight: float) -> CollapsedLayer:

@@ -131,6 +131,7 @@ def _copies_arrays(
 
 def _captured_arrays(path: str, records: Sequence[CapturedWeights]) -> LayerWeightArrays:
     """A ``"sample"`` layer's weights over every sample it saw in the forward pass."""
+    records = [r for r in records if r.weights is not None]
     if not records:
         raise ValueError(
             f"layer {path!r} has weights='sample' but was not called by the forward pass on batch=; "
@@ -139,7 +140,7 @@ def _captured_arrays(path: str, records: Sequence[CapturedWeights]) -> LayerWeig
     names = records[0].names
     if any(r.names != names for r in records):
         raise ValueError(f"layer {path!r} blended {[r.names for r in records]} in one forward pass.")
-    weights = np.concatenate([r.weights for r in records], axis=1)  # (2, N, K) over every call
+    weights = np.concatenate([r.weights for r in records if r.weights is not None], axis=1)  # (2, N, K)
     return LayerWeightArrays("sample", names, weights[0], weights[1])
 
 
@@ -231,6 +232,10 @@ def _tree_layer_arrays(
     if mode == "channel":
         mean_logits, var_logits = np.swapaxes(mean_logits, -1, -2), np.swapaxes(var_logits, -1, -2)
     names = _names_for(path, mean_logits.shape[-1], normalizers)
+    blended = captured.get(path, []) if captured is not None else []
+    if blended and blended[0].names != names:  # a default layer on (N, C) input: bn and ln of its four
+        index = [names.index(n) for n in blended[0].names]
+        mean_logits, var_logits, names = mean_logits[..., index], var_logits[..., index], blended[0].names
     if "radius" in radii:
         return _copies_arrays(path, mode, mean_logits, var_logits, names, "sparsestmax", radii["radius"])
     return _copies_arrays(path, mode, mean_logits, var_logits, names)
@@ -336,9 +341,9 @@ def mixing_weight_arrays(
     radii = variables.get("mixing_radius", {}) if "params" in variables else {}
     captured = None
     sample = _sample_layer_paths(tree)
-    if sample:
-        if batch is None or forward is None:
-            raise _sample_needs_batch(sample[0], linen=True)
+    if sample and (batch is None or forward is None):
+        raise _sample_needs_batch(sample[0], linen=True)
+    if batch is not None and forward is not None:  # what each layer blends, and per-sample weights
         captured = _run_capturing(model_or_variables, batch, forward)
     out: dict[str, LayerWeightArrays] = {}
     _from_tree(tree, (), normalizers, out, radii, captured)
@@ -390,15 +395,18 @@ def mixing_weights(
         names of every layer's logits, or a dict from layer path to names. By
         default a layer with 4 logits is read as ("bn", "in", "ln", "gn") and
         one with 2 as ("bn", "ln"), the layer's own defaults.
-      batch: the input the model runs on, needed only with ``weights="sample"``
-        layers (ignored otherwise: no forward pass is taken).
+      batch: the input the model runs on, needed with ``weights="sample"`` layers;
+        with Linen variables (and ``forward``) it also tells which normalizers each
+        layer blends (below).
       forward: ``forward(model_or_variables, batch)``, the forward pass, for a
         model not called as ``model(batch)`` and for Linen variables.
 
-    An NNX layer built with the default normalizers keeps logits for all four
-    but blends only "bn" and "ln" on (N, C) features; once it has been called
-    on such input it reports those two, weighted as it blends them, as the
-    Linen layer does (which creates only those two logits).
+    A layer built with the default normalizers holds logits for all four, in
+    both front ends, but blends only "bn" and "ln" on (N, C) features. An NNX
+    layer that has been called on such input reports those two, weighted as it
+    blends them. Linen variables do not say what input a layer saw: give
+    ``batch`` and ``forward`` for the same report, or ``normalizers={path:
+    ("bn", "ln")}``; without either such a layer's four logits read as all four.
 
     A stack of layers (``nn.scan``, ``nn.vmap``, ``nnx.vmap``, ``nnx.scan``) holds
     logits of shape (L, K) ((L, K, C) for ``"channel"``), the copies on the leading

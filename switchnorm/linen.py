@@ -12,7 +12,7 @@ from flax import linen as nn
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from switchnorm import _arguments, _core, _mixing, _sample_weights, _stats
+from switchnorm import _arguments, _core, _mixing
 
 __all__ = ["SwitchNorm"]
 
@@ -148,36 +148,20 @@ class SwitchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        shape = tuple(getattr(x, "shape", ()))
-        features = _arguments.feature_axes(_arguments.check_axes(self.axis), len(shape))
-        x, mask = _arguments.channels_last(x, mask, features)
-        feature_shape = tuple(shape[a] for a in features) if len(shape) >= 2 else ()
-        y = self._channels_last(x, use_running_average, mask, feature_shape)
-        return _arguments.channels_back(y, features, shape)
-
-    def _channels_last(
-        self, x: Array, use_running_average: bool, mask: Array | None, feature_shape: tuple[int, ...]
-    ) -> Array:
-        """The layer on channels-last ``x``: its variables, the core, the running-average update.
-
-        ``feature_shape`` is the shape of the feature axes, flattened into x's last axis:
-        scale, bias and the running averages have that shape, as in ``nn.BatchNorm``.
-        """
-        config, momentum = self._checked_config(x, use_running_average)
-        num_channels = x.shape[-1]
-        flat = (num_channels,)
-        num_normalizers = len(config.normalizers)
-        logits_shape = _mixing.logits_shape(config.weights, num_normalizers, num_channels)
-        mean_logits = self.param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
-        var_logits = self.param("var_logits", initializers.zeros, logits_shape, self.param_dtype)
+        spec, feature_shape = self._spec(x, use_running_average)
+        config = spec.config
+        num_channels = math.prod(feature_shape)
+        logits_shape = _mixing.logits_shape(config.weights, len(config.normalizers), num_channels)
+        self._refuse_logits_of_two(spec, logits_shape)
+        param = self.param
+        mean_logits = param("mean_logits", initializers.zeros, logits_shape, self.param_dtype)
+        var_logits = param("var_logits", initializers.zeros, logits_shape, self.param_dtype)
         sample_map = None
         if config.weights == "sample":
-            map_shape = _mixing.sample_map_shape(num_normalizers)
-            sample_map = self.param("sample_map", initializers.zeros, map_shape, self.param_dtype)
-        scale = (
-            self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
-        )
-        bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+            map_shape = _mixing.sample_map_shape(len(config.normalizers))
+            sample_map = param("sample_map", initializers.zeros, map_shape, self.param_dtype)
+        scale = param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+        bias = param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
         ra_mean = ra_var = None
         if "bn" in config.normalizers:
             stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -187,54 +171,78 @@ class SwitchNorm(nn.Module):
         if config.mixing == "sparsestmax":
             radius = self.variable("mixing_radius", "radius", jnp.zeros, (), jnp.float32).value
 
+        def flat(v: Any) -> Any:
+            return None if v is None else jnp.reshape(v, (num_channels,))
+
         arrays = _core.LayerArrays(
-            mean_logits=mean_logits,
-            var_logits=var_logits,
-            scale=scale.reshape(flat) if scale is not None else None,
-            bias=bias.reshape(flat) if bias is not None else None,
-            running_mean=ra_mean.value.reshape(flat) if ra_mean is not None else None,
-            running_var=ra_var.value.reshape(flat) if ra_var is not None else None,
-            radius=radius,
-            sample_map=sample_map,
+            mean_logits,
+            var_logits,
+            flat(scale),
+            flat(bias),
+            flat(ra_mean.value if ra_mean is not None else None),
+            flat(ra_var.value if ra_var is not None else None),
+            radius,
+            sample_map,
         )
-        _sample_weights.record("/".join(self.path), config, x, arrays, mask)  # while mixing_weights reads
-        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
-        if batch_stats is not None and not self.is_initializing():
-            # Batch statistics come only from the "bn" term, which created both running averages above.
-            assert ra_mean is not None and ra_var is not None
-            ra_mean.value = _stats.update_running_average(
-                ra_mean.value, batch_stats.mean.reshape(feature_shape), momentum
-            )
-            ra_var.value = _stats.update_running_average(
-                ra_var.value, batch_stats.var.reshape(feature_shape), momentum
-            )
+        y, mean, var = _core.layer("/".join(self.path), spec, x, arrays, mask)
+        if mean is not None and not self.is_initializing():
+            assert ra_mean is not None and ra_var is not None  # made above: bn is among the normalizers
+            ra_mean.value, ra_var.value = mean.reshape(feature_shape), var.reshape(feature_shape)
         return y
 
-    def _checked_config(self, x: Array, use_running_average: bool) -> tuple[_core.GraphConfig, float]:
-        """The checked configuration for this input, and the checked momentum."""
-        rank = len(getattr(x, "shape", ()))
+    def _spec(self, x: Array, use_running_average: bool) -> tuple[_core.LayerSpec, tuple[int, ...]]:
+        """The checked static description of this call, and the shape of the feature axes."""
+        shape = tuple(getattr(x, "shape", ()))
+        axes = _arguments.check_axes(self.axis)
+        features = _arguments.feature_axes(axes, len(shape)) if len(shape) >= 2 else ()
+        feature_shape = tuple(shape[a] for a in features)
+        num_channels = math.prod(feature_shape) if feature_shape else 1
         normalizers = _arguments.validate_normalizers(
-            _arguments.default_normalizers(rank) if self.normalizers is None else self.normalizers
+            _arguments.NORMALIZERS if self.normalizers is None else self.normalizers
         )
-        _arguments.check_input(x, normalizers, self._built_for())
-        num_channels = x.shape[-1]
-        config = _core.GraphConfig(
-            normalizers=normalizers,
-            num_groups=(
-                _arguments.resolve_num_groups(num_channels, self.num_groups, self.group_size)
-                if "gn" in normalizers
-                else 1
-            ),
-            epsilon=_arguments.check_epsilon(self.epsilon),
-            use_running_average=bool(use_running_average),
-            axis_name=None if self.is_initializing() else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mixing=_arguments.check_mixing(self.mixing),
-            weights=_arguments.check_weights(self.weights),
+        groups = 1
+        if "gn" in normalizers:
+            groups = _arguments.resolve_num_groups(num_channels, self.num_groups, self.group_size)
+        config = _core.Config(
+            normalizers,
+            groups,
+            _arguments.check_epsilon(self.epsilon),
+            bool(use_running_average),
+            None if self.is_initializing() else self.axis_name,
+            self.axis_index_groups,
+            _arguments.check_mixing(self.mixing),
+            _arguments.check_weights(self.weights),
         )
         _arguments.check_flag("use_fast_variance", self.use_fast_variance)
         _arguments.check_flag("force_float32_reductions", self.force_float32_reductions)
-        return config, _arguments.check_momentum(self.momentum)
+        momentum = _arguments.check_momentum(self.momentum)
+        spec = _core.LayerSpec(
+            config, self.normalizers is None, axes, self._built_for(), self.dtype, None, momentum
+        )
+        if (
+            len(shape) >= 2
+        ):  # before variables of another channel count are asked for (the core checks the rest)
+            rest = tuple(n for i, n in enumerate(shape) if i not in features)
+            _arguments.check_channels((*rest, num_channels), spec.num_features)
+        return spec, feature_shape
+
+    def _refuse_logits_of_two(self, spec: _core.LayerSpec, logits_shape: tuple[int, ...]) -> None:
+        """A clear error for the logits of a default layer on (N, C) input saved by an earlier version.
+
+        Such a layer now holds logits for all four normalizers (and blends bn and ln), as
+        the NNX layer does; it used to hold bn's and ln's only.
+        """
+        if not spec.default_normalizers or not self.has_variable("params", "mean_logits"):
+            return
+        held: tuple[int, ...] = self.get_variable("params", "mean_logits").shape
+        if held[:1] == (2,) and logits_shape[:1] == (4,):
+            raise ValueError(
+                f"layer {'/'.join(self.path) or '(root)'!r}: mean_logits of shape {held} were saved by an "
+                "earlier version, in which a layer with the default normalizers held bn's and ln's "
+                "logits on (N, C) input; it now holds all four (blending bn and ln there), as the NNX "
+                "layer does. Build this layer with normalizers=('bn', 'ln') to load these logits as "
+                "they are."
+            )
 
     def _built_for(self) -> int | None:
         """The channel count of the variables already created, if any."""

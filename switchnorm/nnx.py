@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from switchnorm import _arguments, _core, _mixing, _sample_weights, _stats
+from switchnorm import _arguments, _core, _mixing
 from switchnorm._sparsestmax import _checked_radius
 
 __all__ = ["MixingRadius", "SwitchNorm", "set_radius"]
@@ -226,12 +226,6 @@ class SwitchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def _active_normalizers(self, rank: int) -> tuple[str, ...]:
-        """The normalizers this layer blends for an input of the given rank."""
-        if self.uses_default_normalizers and rank == 2:
-            return _arguments.default_normalizers(rank)
-        return self.normalizers
-
     @property
     def blended_normalizers(self) -> tuple[str, ...]:
         """The normalizers the last call blended: ``normalizers`` before any call.
@@ -239,8 +233,30 @@ class SwitchNorm(nnx.Module):
         A layer built with the default normalizers blends only ("bn", "ln") on
         (N, C) input; :func:`switchnorm.mixing_weights` reports those.
         """
-        rank = self.last_input_rank
-        return self.normalizers if rank is None else self._active_normalizers(rank)
+        if self.last_input_rank is None:
+            return self.normalizers
+        return _core.blended(self._spec(False), self.last_input_rank)
+
+    def _spec(self, use_running_average: bool) -> _core.LayerSpec:
+        config = _core.Config(
+            self.normalizers,
+            self.num_groups or 1,
+            self.epsilon,
+            bool(use_running_average),
+            self.axis_name,
+            self.axis_index_groups,
+            self.mixing,
+            self.weights,
+        )
+        return _core.LayerSpec(
+            config,
+            self.uses_default_normalizers,
+            (self.axis,),
+            self.num_features,
+            self.dtype,
+            self.promote_dtype,
+            self.momentum,
+        )
 
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
@@ -261,36 +277,12 @@ class SwitchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError("No use_running_average argument was given to SwitchNorm.")
-        shape = tuple(getattr(x, "shape", ()))
-        rank = len(shape)
-        feature = _arguments.feature_axis(self.axis, rank)
-        x, mask = _arguments.channels_last(x, mask, feature)
-        active = self._active_normalizers(rank)
-        _arguments.check_input(x, active, self.num_features)  # rank, dtype, channel count
-        self._record_rank(rank)
-        uses_bn = "bn" in active
-        config = _core.GraphConfig(
-            normalizers=active,
-            num_groups=self.num_groups or 1,
-            epsilon=self.epsilon,
-            use_running_average=bool(use_running_average),
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mixing=self.mixing,
-            weights=self.weights,
-        )
-        x, arrays = _core.promote_arrays(self.promote_dtype, x, self._arrays(active, uses_bn), self.dtype)
-        _sample_weights.record(self, config, x, arrays, mask)  # only while mixing_weights reads them
-        y, batch_stats = _core.normalize_checked(config, x, arrays, self.dtype, mask=mask)
-        if batch_stats is not None:
-            stop = jax.lax.stop_gradient
-            # Batch statistics come only from the "bn" term, and __init__ made both running averages for it.
+        y, mean, var = _core.layer(self, self._spec(use_running_average), x, _arrays(self), mask)
+        self._record_rank(len(getattr(x, "shape", ())))
+        if mean is not None:  # bn's batch statistics: the layer holds running averages
             assert self.mean is not None and self.var is not None
-            self.mean[...] = _stats.update_running_average(
-                self.mean[...], stop(batch_stats.mean), self.momentum
-            )
-            self.var[...] = _stats.update_running_average(self.var[...], stop(batch_stats.var), self.momentum)
-        return _arguments.channels_back(y, feature, shape)
+            self.mean[...], self.var[...] = mean, var
+        return y
 
     def _record_rank(self, rank: int) -> None:
         """Sets ``last_input_rank``, a static attribute, where it changes and NNX allows it.
@@ -306,25 +298,24 @@ class SwitchNorm(nnx.Module):
         except flax.errors.TraceContextError:
             pass
 
-    def _arrays(self, active: tuple[str, ...], uses_bn: bool) -> _core.LayerArrays:
-        """The parameters and running averages, with the logits of the ``active`` normalizers."""
-        mean_logits, var_logits = self.mean_logits[...], self.var_logits[...]
-        sample_map = self.sample_map[...] if self.sample_map is not None else None
-        if active != self.normalizers:
-            index = [self.normalizers.index(n) for n in active]
-            mean_logits, var_logits = mean_logits[jnp.array(index)], var_logits[jnp.array(index)]
-            if sample_map is not None:
-                sample_map = _mixing.select_normalizers(sample_map, index)
-        return _core.LayerArrays(
-            mean_logits=mean_logits,
-            var_logits=var_logits,
-            scale=self.scale[...] if self.scale is not None else None,
-            bias=self.bias[...] if self.bias is not None else None,
-            running_mean=self.mean[...] if uses_bn and self.mean is not None else None,
-            running_var=self.var[...] if uses_bn and self.var is not None else None,
-            radius=self.radius[...] if self.radius is not None else 0.0,
-            sample_map=sample_map,
-        )
+
+def _value(variable: Any) -> Any:
+    """A variable's array, or None for an absent one (``nnx.data(None)``)."""
+    return None if variable is None else variable[...]
+
+
+def _arrays(layer: Any) -> _core.LayerArrays:
+    """What the layer body reads of an NNX layer (or a collapsed one): its parameters and state."""
+    return _core.LayerArrays(
+        mean_logits=layer.mean_logits[...],
+        var_logits=layer.var_logits[...],
+        scale=_value(layer.scale),
+        bias=_value(layer.bias),
+        running_mean=_value(layer.mean),
+        running_var=_value(layer.var),
+        radius=_value(getattr(layer, "radius", None)) if getattr(layer, "radius", None) is not None else 0.0,
+        sample_map=_value(getattr(layer, "sample_map", None)),
+    )
 
 
 def set_radius(model: nnx.Module, radius: Any) -> int:

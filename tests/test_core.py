@@ -385,18 +385,17 @@ def test_default_normalizers_drop_in_and_gn_on_dense_features():
 
 
 def _count_graph_traces(monkeypatch) -> int:
-    """How often the cell graph's Python code runs while tracing a gradient through two equal layers."""
-    from switchnorm import _cell_graph
+    """How often the (N, C) graph's Python code runs while tracing a gradient through two equal layers."""
+    from switchnorm import _core
 
     calls = []
-    original = _cell_graph.cell_graph
+    original = _core.mixed
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_cell_graph, "cell_graph", counting)
-    _cell_graph._jitted_graph.cache_clear()
+    monkeypatch.setattr(_core, "mixed", counting)
     jax.clear_caches()
     x, logits = jnp.ones((4, 3, 3, 8)) + jnp.arange(8.0), jnp.zeros(4)
 
@@ -405,22 +404,59 @@ def _count_graph_traces(monkeypatch) -> int:
         z, _ = switch_norm(y * 2.0, logits, logits, num_groups=2, epsilon=0.37)
         return jnp.sum(z * jnp.arange(8.0))
 
-    jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, logits)
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, logits)
+    finally:
+        jax.clear_caches()  # no later test may reuse a graph traced under the patch
     return len(calls)
 
 
-def test_equal_layers_trace_the_cell_graph_once_a_direction(monkeypatch):
-    # Once for the forward and once, in another trace context, for the backward: both layers
-    # share them (four traces without the cache).
-    assert _count_graph_traces(monkeypatch) == 2
+def test_equal_layers_share_their_traces(monkeypatch):
+    # The layer's program is jitted by its configuration: the two equal layers trace the
+    # (N, C) graph once in the forward and in the backward's rematerialized forward and its
+    # VJP (three traces), where each layer tracing its own would give six.
+    assert _count_graph_traces(monkeypatch) == 3
 
 
-def test_equal_configurations_share_one_jitted_graph_and_unhashable_ones_fall_back():
-    from switchnorm._cell_graph import GraphConfig, graph_for
+def test_equal_configurations_share_one_compiled_program_and_unhashable_ones_fall_back():
+    from switchnorm import _core
 
-    def config(groups):
-        return GraphConfig(("bn", "in"), 1, 1e-5, False, "batch", groups)
+    def compiled(groups):
+        config = _core.Config(("bn", "in"), 1, 1e-5, False, "batch", groups, "softmax", "layer")
+        return _core._compiled(_core.normalize, _core._normalize_jit, config, None, True)
 
-    assert graph_for(config(((0, 1),)), jnp.float32) is graph_for(config(((0, 1),)), jnp.float32)
-    fallback = graph_for(config([[0, 1]]), jnp.float32)  # lists: no cache key, traced at each use
-    assert fallback.func.__name__ == "cell_graph" and fallback.args[0].axis_index_groups == [[0, 1]]
+    first, second = compiled(((0, 1),)), compiled(((0, 1),))
+    assert first.func is _core._normalize_jit and first.args == second.args
+    fallback = compiled([[0, 1]])  # lists: no cache key, traced at each use
+    assert fallback.func is _core.normalize and fallback.args[0].axis_index_groups == [[0, 1]]
+
+
+def test_an_eager_layer_compiles_nothing_after_its_first_call():
+    # The layer's program is jitted by its configuration: an un-jitted call, init or apply
+    # of an equal layer on arrays of the same shapes reuses it (as Flax's BatchNorm does).
+    from flax import nnx
+
+    from switchnorm import linen as snn
+
+    compiles = []
+
+    def listener(name: str, seconds: float, **kwargs) -> None:
+        if "backend_compile" in name:
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        x = jnp.ones((4, 6, 6, 8))
+        x2 = x * 2.0  # the same type (jnp.full would give a weakly typed array)
+        layer = switchnorm.SwitchNorm(8, rngs=nnx.Rngs(0))
+        module = snn.SwitchNorm()
+        layer(x)
+        variables = module.init(jax.random.key(0), x, use_running_average=False)
+        module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+        before = len(compiles)
+        switchnorm.SwitchNorm(8, rngs=nnx.Rngs(1))(x2)
+        variables = module.init(jax.random.key(1), x2, use_running_average=False)
+        module.apply(variables, x2, use_running_average=False, mutable=["batch_stats"])
+        assert len(compiles) == before
+    finally:
+        jax.monitoring.clear_event_listeners()

@@ -114,15 +114,26 @@ def test_layers_come_in_the_order_of_the_tree():
 
 
 def test_linen_variables_dict(linen_variables):
-    weights = switchnorm.mixing_weights(linen_variables)
-    assert set(weights) == {"stem", "block/norm", "head_norm"}
+    # Without a forward pass the dense head's four logits read as all four normalizers; with
+    # one, the head reports bn and ln, the two it blends on (N, C) input.
     params = linen_variables["params"]
-    for path, names, layer in (
-        ("stem", switchnorm.NORMALIZERS, params["stem"]),
-        ("block/norm", switchnorm.NORMALIZERS, params["block"]["norm"]),
-        ("head_norm", ("bn", "ln"), params["head_norm"]),  # dense input: the 2-logit default
+    forward = lambda v, x: LinenModel().apply(v, x, train=False)  # noqa: E731
+    for weights, head in (
+        (switchnorm.mixing_weights(linen_variables), switchnorm.NORMALIZERS),
+        (
+            switchnorm.mixing_weights(linen_variables, batch=jnp.ones((2, 4, 4, 4)), forward=forward),
+            ("bn", "ln"),
+        ),
     ):
-        assert_weights_are_softmax(weights[path], names, layer["mean_logits"], layer["var_logits"])
+        assert set(weights) == {"stem", "block/norm", "head_norm"}
+        used = [switchnorm.NORMALIZERS.index(n) for n in head]
+        for path, names, layer, index in (
+            ("stem", switchnorm.NORMALIZERS, params["stem"], slice(None)),
+            ("block/norm", switchnorm.NORMALIZERS, params["block"]["norm"], slice(None)),
+            ("head_norm", head, params["head_norm"], used),
+        ):
+            mean_logits, var_logits = (np.asarray(layer[k])[index] for k in ("mean_logits", "var_logits"))
+            assert_weights_are_softmax(weights[path], names, mean_logits, var_logits)
 
 
 def test_params_tree_reads_like_the_variables_dict(linen_variables):

@@ -117,11 +117,24 @@ def test_variables_are_named_and_initialised_like_batchnorm(rng):
     np.testing.assert_array_equal(stats["var"], np.ones(C))
 
 
-def test_default_normalizers_follow_the_input_rank(rng):
+def test_default_layers_hold_all_four_logits_at_every_rank_and_blend_bn_and_ln_on_dense(rng):
+    # The NNX layer's rule: its parameters are fixed before it sees an input.
     dense = init(snn.SwitchNorm(), data(rng, SHAPES[2]))
     image = init(snn.SwitchNorm(), data(rng, SHAPES[4]))
-    assert dense["params"]["mean_logits"].shape == (2,)
-    assert image["params"]["mean_logits"].shape == (4,)
+    assert dense["params"]["mean_logits"].shape == image["params"]["mean_logits"].shape == (4,)
+    x = data(rng, SHAPES[2])
+    logits = np.array([0.3, 9.0, -0.4, 9.0])  # in's and gn's logits (index 1, 3) must not count
+    params = {**dense["params"], "mean_logits": logits, "var_logits": -logits}
+    y, _ = train(snn.SwitchNorm(), {**dense, "params": params}, x)
+    want, _, _ = reference.switch_norm(x, logits[[0, 2]], -logits[[0, 2]], normalizers=("bn", "ln"))
+    assert_matches(y, want)
+
+
+def test_logits_of_two_saved_for_a_default_dense_layer_are_refused_with_the_fix(rng):
+    x = data(rng, SHAPES[2])
+    old = init(snn.SwitchNorm(normalizers=("bn", "ln")), x)  # what a default layer held before
+    with pytest.raises(ValueError, match=r"normalizers=\('bn', 'ln'\) to load these logits"):
+        snn.SwitchNorm().apply(old, x, use_running_average=False, mutable=["batch_stats"])
 
 
 def test_without_bn_there_is_no_batch_stats_collection(rng):
@@ -145,10 +158,11 @@ def test_random_parameters_match_float64_reference(rng, rank):
     variables = with_random_params(init(module, x), rng)
     p = variables["params"]
     normalizers = ALL if rank > 2 else ("bn", "ln")
+    used = [ALL.index(n) for n in normalizers]  # a default layer holds all four logits
     y_ref, _, _ = reference.switch_norm(
         x,
-        p["mean_logits"],
-        p["var_logits"],
+        np.asarray(p["mean_logits"])[used],
+        np.asarray(p["var_logits"])[used],
         scale=p["scale"],
         bias=p["bias"],
         normalizers=normalizers,

@@ -1,15 +1,23 @@
-"""Merging cells into a scope (moments about the first cell's mean, docs/design.md section 3) and
-the softmax of a few logits with no reduction: both against float64 and jax.nn.softmax."""
+"""The statistics of ``switchnorm._stats``: cells merged into each normalizer's scope (moments about
+the first cell's mean, docs/design.md section 3), against float64 NumPy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from jax.test_util import check_grads
 
-from switchnorm._mixing import SMALL_SOFTMAX_MAX_K, mixing_weights_from_logits
-from switchnorm._stats import cell_stats, scope_stats
+from switchnorm import _stats
+from switchnorm._stats import cell_stats
+
+
+def scope_stats(cells, name, num_groups=1):
+    """One normalizer's mean (relative to each cell's shift) and variance, broadcast to the cells."""
+    stats = _stats.normalizer_stats(name, cells, num_groups)
+    shape = _stats.shape_of(cells)
+    return _stats.Stats(
+        None, jnp.broadcast_to(_stats.relative(stats, cells.shift), shape), jnp.broadcast_to(stats.var, shape)
+    )
+
 
 UNIT_ROUNDOFF = 2.0**-24
 """float32's unit round-off."""
@@ -101,71 +109,59 @@ def test_group_scopes_keep_their_digits_with_a_lone_channel_first(rng):
     np.testing.assert_allclose(np.asarray(got.var, np.float64), var, rtol=1e-5)
 
 
-# --------------------------------------------------------------------------
-# The softmax of a few logits: jax.nn.softmax's values and derivatives, no reduction.
-# --------------------------------------------------------------------------
-
-
-def some_logits(rng, shape, dtype):
-    """Random logits with a gap of 1e3 and a -inf in the first row: exact zeros and ones."""
-    logits = rng.normal(size=shape) * 3.0
-    if shape[-1] > 1:
-        logits.reshape(-1, shape[-1])[0, :2] = (1e3, -np.inf)
-    return jnp.asarray(logits, dtype)
-
-
-@pytest.mark.parametrize("shape", [(4,), (2, 4), (2, 4, 7), (2, 9, 3), (1,), (2, SMALL_SOFTMAX_MAX_K)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_the_small_softmax_equals_jax_softmax_exact_zeros_included(rng, x64, shape, dtype):
-    logits = some_logits(rng, shape, dtype)
-    got, want = mixing_weights_from_logits(logits), jax.nn.softmax(logits)
-    assert got.dtype == want.dtype
-    np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0)
-    assert np.all((np.asarray(got) == 0) == (np.asarray(want) == 0))
-
-
-def test_the_small_softmax_has_the_derivatives_of_jax_softmax(rng, x64):
-    logits = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float64)
-    check_grads(mixing_weights_from_logits, (logits,), order=2, modes=("fwd", "rev"))
-    cotangent = jnp.asarray(rng.normal(size=logits.shape))
-    got = jax.vjp(mixing_weights_from_logits, logits)[1](cotangent)[0]
-    want = jax.vjp(jax.nn.softmax, logits)[1](cotangent)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
-
-
-@pytest.mark.parametrize("k", [2, 4, SMALL_SOFTMAX_MAX_K])
-def test_the_small_softmax_compiles_to_no_reduction_forward_or_backward(k):
-    # Each reduction is a kernel of its own on XLA:CPU; the weights are in every layer's graph.
-    logits = jnp.zeros((2, k))
-    loss = lambda lg: jnp.vdot(mixing_weights_from_logits(lg), jnp.arange(2.0 * k).reshape(2, k))  # noqa: E731
-    for fn in (mixing_weights_from_logits, jax.grad(loss)):
-        text = jax.jit(fn).lower(logits).compile().as_text()
-        assert " reduce(" not in text and "reduce-window(" not in text, text
-
-
-@pytest.mark.parametrize("name", ["bn", "ln", "gn"])
+@pytest.mark.parametrize("name", ["bn", "in", "ln", "gn"])
 @pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
-def test_each_scope_is_merged_in_one_reduction(rng, name, masked):
-    # Both moments (with a mask, the count too) come from one reduction: each is a kernel on a CPU.
-    x64 = rng.normal(size=(8, 4, 6))
-    cells = exact_cells(x64, rng.uniform(size=x64.shape) < 0.7 if masked else None)
-    merge = jax.jit(lambda cells: scope_stats(cells, name, num_groups=3))
-    text = merge.lower(cells).compile().as_text()
-    reductions = text.count(" reduce(") + text.count(" reduce-window(")
-    assert reductions == 1 + masked, text  # a mask adds the argmax that finds the first kept cell
+def test_every_normalizer_is_its_scopes_mean_and_variance(rng, name, masked):
+    shape = (6, 5, 8)
+    x64 = np.float32(rng.normal(size=shape) * 2 + 3).astype(np.float64)
+    keep = rng.uniform(size=shape) < 0.7 if masked else None
+    got = scope_stats(exact_cells(x64, keep), name, num_groups=4)
+    mean, var = float64_scope(x64, name, keep, groups=4)
+    shift = np.asarray(exact_cells(x64, keep).shift, np.float64)
+    np.testing.assert_allclose(shift + np.asarray(got.mean, np.float64), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.var, np.float64), var, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
-def test_reverse_mode_of_the_merges_and_the_weights_has_no_pad(rng, masked):
-    # Indexing a stacked result transposes into a pad per slice, each a kernel on a CPU.
-    x64 = rng.normal(size=(8, 4, 6))
-    cells = exact_cells(x64, rng.uniform(size=x64.shape) < 0.7 if masked else None)
+@pytest.mark.parametrize("axis, name", [(0, "bn"), (1, "ln")])
+def test_cells_in_absolute_terms_merge_about_zero(rng, axis, name):
+    # (N, C) input's raw form: each element a cell, its mean the element, no shift.
+    x64 = np.float32(rng.normal(size=(16, 6)) + 1.5).astype(np.float64)
+    cells = _stats.Cells(None, jnp.asarray(x64, jnp.float32), jnp.zeros((), jnp.float32), 1)
+    got = _stats.merge(cells, axis)
+    assert np.all(np.asarray(got.frame) == 0)
+    np.testing.assert_allclose(got.mean, x64.mean(axis, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(got.var, x64.var(axis, keepdims=True), rtol=1e-5)
 
-    def loss(mean, logits):
-        moved = cells._replace(mean=mean)
-        stats = [scope_stats(moved, name, num_groups=3) for name in ("bn", "ln", "gn")]
-        return jnp.sum(mixing_weights_from_logits(logits) ** 2) * sum(jnp.sum(s.mean + s.var) for s in stats)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    text = grad.lower(cells.mean, jnp.zeros((2, 3))).compile().as_text()
-    assert " pad(" not in text, text
+def test_the_frame_is_the_first_non_empty_cells_mean_and_the_mean_is_relative_to_it(rng):
+    x64 = np.float32(rng.normal(size=(5, 4, 3)) + 1e3).astype(np.float64)
+    keep = np.ones(x64.shape, bool)
+    keep[0] = False  # sample 0 holds nothing: bn's frame is sample 1's mean
+    stats = _stats.merge(exact_cells(x64, keep), 0)
+    np.testing.assert_allclose(stats.frame[0], x64[1].mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(stats.frame, np.float64)[0] + np.asarray(stats.mean, np.float64)[0],
+        x64[1:].mean(axis=(0, 1)),
+        rtol=1e-7,
+    )
+
+
+def test_blend_sums_the_weighted_statistics_in_each_cells_frame():
+    shift = jnp.asarray([[10.0, 20.0]])
+    a = _stats.Stats(jnp.asarray([[11.0, 21.0]]), jnp.asarray([[1.0, 2.0]]), jnp.asarray([[4.0, 9.0]]))
+    b = _stats.Stats(jnp.zeros((1, 2)), jnp.asarray([[30.0, 40.0]]), jnp.asarray([[1.0, 1.0]]))
+    mean, var = _stats.blend([a, b], shift, [0.25, 0.75], [0.5, 0.5])
+    np.testing.assert_allclose(mean, [[0.25 * 2 + 0.75 * 20, 0.25 * 3 + 0.75 * 20]])
+    np.testing.assert_allclose(var, [[2.5, 5.0]])
+
+
+def test_power_of_two_scale_is_exact_and_keeps_squares_finite():
+    v = jnp.asarray([0.0, 0.3, 1.0, 3.0, -1e4, 1e30, 3e38], jnp.float32)
+    unit, inverse = _stats.power_of_two_scale(v)
+    assert np.all(np.asarray(unit * inverse) == 1.0)  # exact powers of two
+    assert np.all(np.log2(np.asarray(unit, np.float64)) == np.round(np.log2(np.asarray(unit, np.float64))))
+    assert np.all(np.asarray(unit)[:3] == 1.0)  # |v| <= 1: no scaling
+    assert np.all(np.isfinite(np.asarray(unit * unit)) & (np.asarray(unit * unit) > 0))
+    scaled = np.abs(np.asarray(v * unit, np.float64))
+    assert np.all(scaled[3:5] < 2.0) and np.all(scaled[3:5] >= 1.0)  # |v| u in [1, 2)
+    assert np.all(np.asarray(unit)[5:] == 2.0**-63)  # capped, so that u^2 is a normal float32
