@@ -21,7 +21,8 @@ tests/test_linen.py: 206 s of CPU against 94 s). XLA's graph passes still run, b
 the older emitters fuse a little differently (they do not split a long reduction in
 two), so the kernel-count tests ask for the user's emitters, and test_pipeline.py
 runs the value tests again with JAX's defaults (``SWITCHNORM_TEST_COMPILE=default``
-turns the fast settings off for a whole run).
+turns the fast settings off for a whole run). ``SWITCHNORM_TEST_SEAM=off`` traces the
+plain forms of every pass on the CPU as well (``switchnorm._xla_cpu.ENABLED``).
 """
 
 import importlib.util
@@ -64,6 +65,11 @@ def _compile_fast() -> None:
 
 if os.environ.get("SWITCHNORM_TEST_COMPILE") != "default":  # the user's pipeline: see test_pipeline.py
     _compile_fast()  # XLA reads its flags when the backend starts (the first computation), not at import
+
+if os.environ.get("SWITCHNORM_TEST_SEAM") == "off":  # the plain forms on the CPU too: see test_pipeline.py
+    from switchnorm import _xla_cpu
+
+    _xla_cpu.ENABLED = False
 
 _CACHE_SETTINGS = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the tests' programs compile fast

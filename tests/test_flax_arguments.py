@@ -109,6 +109,35 @@ def test_nnx_axis_equals_the_layer_on_channels_last_input_moved_back(rng, rank, 
         np.testing.assert_allclose(moved.mean[...], last.mean[...], atol=1e-7)
 
 
+def test_axis_1_on_rank_3_input_whose_length_equals_the_channels_is_the_channels_last_layer(rng):
+    # (N, C, L) with L == C: a layer that took the last axis for the channels would give
+    # output of the right shape, from the wrong statistics and parameters.
+    x = jnp.moveaxis(data(rng, (4, C, C)), -1, 1)  # (N, C, L) from (N, L, C)
+    moved = switchnorm.SwitchNorm(C, axis=1, num_groups=1, rngs=nnx.Rngs(0))
+    last = switchnorm.SwitchNorm(C, num_groups=1, rngs=nnx.Rngs(0))
+    random_logits(moved, rng)
+    last.mean_logits[...], last.var_logits[...] = moved.mean_logits[...], moved.var_logits[...]
+    moved.scale[...] = last.scale[...] = jnp.arange(1.0, C + 1.0)
+    want = jnp.moveaxis(nnx_step(last, jnp.moveaxis(x, 1, -1)), -1, 1)
+    np.testing.assert_allclose(nnx_step(moved, x), want, atol=1e-6)
+    np.testing.assert_allclose(moved.mean[...], last.mean[...], atol=1e-7)
+
+    linen_moved, linen_last = snn.SwitchNorm(axis=1, num_groups=1), snn.SwitchNorm(num_groups=1)
+    variables = linen_moved.init(jax.random.key(0), x, use_running_average=False)
+    params = {
+        **variables["params"],
+        "mean_logits": moved.mean_logits[...],
+        "var_logits": moved.var_logits[...],
+        "scale": moved.scale[...],
+    }
+    variables = {**variables, "params": params}
+    y, updates = linen_train(linen_moved, variables, x)
+    y_last, updates_last = linen_train(linen_last, variables, jnp.moveaxis(x, 1, -1))
+    np.testing.assert_allclose(y, want, atol=1e-6)
+    np.testing.assert_allclose(y, jnp.moveaxis(y_last, -1, 1), atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], updates_last["batch_stats"]["mean"], atol=1e-7)
+
+
 @pytest.mark.parametrize("rank", [3, 4])
 def test_nnx_axis_with_bn_alone_equals_flax_batchnorm_with_that_axis(rng, rank):
     ours = switchnorm.SwitchNorm(C, axis=1, normalizers=("bn",), rngs=nnx.Rngs(0))
