@@ -414,10 +414,40 @@ def _copy(model: nnx.Module) -> nnx.Module:
     return nnx.merge(*nnx.split(model))
 
 
+def _references(root: Any, target: Any) -> list[tuple[Any, Any]]:
+    """Every ``(parent, key)`` at which the graph of ``root`` holds ``target``: a shared layer has several.
+
+    ``nnx.iter_graph`` visits each node once, at its first path; this walks every edge.
+    """
+    found, seen = [], set()
+
+    def walk(node: Any) -> None:
+        implementation = nnx.graph.get_node_impl(node)
+        if id(node) in seen or implementation is None:  # a leaf
+            return
+        seen.add(id(node))
+        for key, child in implementation.node_dict(node).items():
+            if child is target:
+                found.append((node, key))
+            else:
+                walk(child)
+
+    walk(root)
+    return found
+
+
+def _put(parent: Any, key: Any, value: Any) -> None:
+    if isinstance(parent, nnx.Module) and isinstance(key, str):
+        setattr(parent, key, value)
+    else:
+        parent[key] = value
+
+
 def apply_choices(model: nnx.Module, choices: dict[str, LayerChoice]) -> nnx.Module:
     """A copy of ``model`` with the SwitchNorm at each path of ``choices`` replaced as it says.
 
-    The collapsed layers take their arrays from the SwitchNorms they replace. What
+    The collapsed layers take their arrays from the SwitchNorms they replace; a layer held at
+    several places (shared) is replaced by one collapsed layer, shared at each of them. What
     :func:`collapse` does once it has chosen; also how a collapsed run's model is rebuilt
     from a fresh one (the arrays then come from its checkpoint).
     """
@@ -431,13 +461,8 @@ def apply_choices(model: nnx.Module, choices: dict[str, LayerChoice]) -> nnx.Mod
         replacement = _replacement(node, choice)
         if not path:
             return replacement
-        parent: Any = new
-        for step in path[:-1]:
-            parent = parent[step] if isinstance(step, int) else getattr(parent, step)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = replacement
-        else:
-            setattr(parent, path[-1], replacement)
+        for parent, name in _references(new, node):
+            _put(parent, name, replacement)
     return new
 
 

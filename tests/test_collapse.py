@@ -155,6 +155,60 @@ def test_a_root_switch_norm_collapses_to_a_layer(x):
     np.testing.assert_allclose(collapsed(x), norm(x), rtol=0, atol=1e-6)
 
 
+class Shared(nnx.Module):
+    """One SwitchNorm held at two places and called at both."""
+
+    def __init__(self, norm):
+        self.first, self.second = norm, norm
+
+    def __call__(self, x):
+        return self.second(self.first(x) * 2.0)
+
+
+def test_a_shared_layer_is_collapsed_at_every_place_that_holds_it(x):
+    net = _net(second=("ln", "gn"))
+    shared = Shared(net.norm2)
+    collapsed, report = switchnorm.collapse(shared, batch=x)
+    assert [layer.path for layer in report.layers] == ["first"]  # one layer, reported once
+    assert isinstance(collapsed.first, switchnorm.CollapsedNorm) and collapsed.second is collapsed.first
+    np.testing.assert_allclose(collapsed(x), shared(x), atol=1e-5)
+    assert isinstance(shared.second, switchnorm.SwitchNorm)  # the model given is left as it was
+
+
+class Stacked(nnx.Module):
+    """Three SwitchNorms stacked by ``nnx.vmap`` and applied in turn by ``nnx.scan``."""
+
+    def __init__(self, chosen: str):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            norm = switchnorm.SwitchNorm(SHAPE[-1], mixing="sparsestmax", rngs=rngs)
+            norm.mean_logits[...] = norm.var_logits[...] = _logits(chosen)
+            return norm
+
+        self.layers = make(nnx.Rngs(0))
+        switchnorm.set_radius(self, 1.0)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return layer(x) + 1.0
+
+        return body(x, self.layers)
+
+
+def test_layers_stacked_by_nnx_vmap_collapse_as_one_stacked_layer(x):
+    stacked = Stacked("ln")
+    stacked.eval()
+    collapsed, report = switchnorm.collapse(stacked, batch=x)
+    assert [(layer.path, layer.mean, layer.var, layer.form) for layer in report.layers] == [
+        ("layers", "ln", "ln", "normalizer")
+    ]
+    assert isinstance(collapsed.layers, switchnorm.CollapsedNorm)
+    np.testing.assert_allclose(collapsed(x), stacked(x), atol=1e-5)
+    assert report.max_change is not None and report.max_change < 1e-5
+
+
 def _to_float16(args, *, dtype=None):
     """A promote_dtype that casts every array to float16, whatever ``dtype`` asks."""
     return tuple(None if a is None else jnp.asarray(a, jnp.float16) for a in args)
