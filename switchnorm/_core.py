@@ -193,13 +193,23 @@ def _normalize_autodiff(config, compute_dtype, out_dtype, x, arrays, keep):
 # -- (N, C) input: one element per cell -----------------------------------------------------------
 
 
-def _dense(config: Config, compute_dtype: Any, out_dtype: Any, x: Array, arrays: LayerArrays, keep: Any):
+def _dense(
+    config: Config,
+    compute_dtype: Any,
+    out_dtype: Any,
+    x: Array,
+    arrays: LayerArrays,
+    keep: Any,
+    steered: bool,
+):
     """(N, C) input: the same statistics and blend on cells of one element, differentiated by autodiff.
 
     Each element is a cell of its own and its own shift (0 where masked out), so that no
     mean near 1e4 is subtracted from x in float32, and each scope's reductions read x
     through a difference of their own. On the CPU each scope is first taken in absolute
-    terms, from reductions of x itself (:func:`switchnorm._xla_cpu.dense`).
+    terms, from reductions of x itself (:func:`switchnorm._xla_cpu.dense`), unless not
+    ``steered``: that choice is differentiated by a custom VJP, which forward mode cannot
+    differentiate.
     """
     kept = None if keep is None else keep[:, 0, :]
 
@@ -224,7 +234,7 @@ def _dense(config: Config, compute_dtype: Any, out_dtype: Any, x: Array, arrays:
         return y.astype(out_dtype), batch
 
     relative = functools.partial(normalized, None)
-    if keep is not None or config.axis_name is not None:  # merges with counts, or across devices
+    if keep is not None or config.axis_name is not None or not steered:  # counts, devices, forward mode
         return relative((x, arrays))
     absolute = functools.partial(statistics, config, cells_of(x, True), arrays, _xla_cpu.scope_moments)
     of_x = [not (name == "bn" and config.use_running_average) for name in config.normalizers]
@@ -244,7 +254,7 @@ def normalize(
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     keep = _passes.mask_cells(mask, x)
     if _passes.cell_size(x) == 1:
-        return _dense(config, compute_dtype, out_dtype, x, arrays, keep)
+        return _dense(config, compute_dtype, out_dtype, x, arrays, keep, steered=use_custom_vjp)
     normalize_ = _normalize if use_custom_vjp else _normalize_autodiff
     return normalize_(config, compute_dtype, out_dtype, x, arrays, keep)
 
@@ -380,7 +390,7 @@ def switch_norm(
       axis_name: named axis over which bn's statistics are combined.
       axis_index_groups: subsets of devices along ``axis_name`` to combine.
       dtype: dtype of the output; None keeps x's.
-      use_custom_vjp: the two-pass custom VJP (default), or plain autodiff if False.
+      use_custom_vjp: the custom VJP (default), or plain autodiff of the same forward if False (forward mode).
       mixing: "softmax" (default) or "sparsestmax".
       radius: sparsestmax's radius, a scalar >= 0 (may be traced; see
         :func:`switchnorm.radius_schedule`); ignored with softmax.

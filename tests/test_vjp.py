@@ -182,18 +182,29 @@ def test_gradients_equal_central_differences_of_the_float64_reference(
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "shape, normalizers", [(SHAPE, ALL), ((16, 6), ("bn", "ln"))], ids=["spatial", "dense"]
+)
 @pytest.mark.parametrize("epsilon", [1e-5, 0.5])
 @pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "infer"])
-def test_forward_mode_tangents_agree_with_reverse_mode_products(x64, use_running_average, epsilon):
+def test_forward_mode_tangents_agree_with_reverse_mode_products(
+    x64, use_running_average, epsilon, shape, normalizers
+):
     # <J v, u> from jax.jvp of the autodiff path equals <v, J^T u> from the custom VJP.
-    args, u = make_args(SHAPE, ALL, seed=5)
+    args, u = make_args(shape, normalizers, seed=5)
     rng = np.random.default_rng(7)
     tangents = {k: jnp.asarray(rng.normal(size=a.shape)) for k, a in args.items()}
 
     def layer(fn):
         def f(a):
+            groups = {"num_groups": 2} if "gn" in normalizers else {}
             return reference.call(
-                fn, a, num_groups=2, epsilon=epsilon, use_running_average=use_running_average
+                fn,
+                a,
+                normalizers=normalizers,
+                epsilon=epsilon,
+                use_running_average=use_running_average,
+                **groups,
             )[0]
 
         return f
