@@ -26,7 +26,8 @@ Important details:
 * With a call-time mask each cell counts its masked-in elements, and merges
   weigh cells by those counts ("Masks").
 * Only bn crosses samples, so only bn takes ``axis_name``: one collective for
-  the frame and one for both moments, stacked ("Across devices").
+  the frame (two under a mask, which averages the frames of the devices holding
+  masked-in elements) and one for both moments, stacked ("Across devices").
 * Variances are biased (population) variances, as in Flax's own layers.
 """
 

@@ -312,15 +312,12 @@ def dense(
 
     def cpu(operands: Any) -> Any:
         stats = absolute()
-        bound = RAW_SUMS_BOUND - 1.0  # mean^2 <= 15 var: s2 <= 16 (s2 - s1^2 / m), as for cells
         checked = [s for s, x_ in zip(stats, of_x, strict=True) if x_]
-        fails = [(s.mean * s.mean > bound * s.var) | jnp.logical_not(jnp.isfinite(s.var)) for s in checked]
-        kept = (
-            jnp.sum(
-                jnp.concatenate([f.astype(s.var.dtype).ravel() for f, s in zip(fails, checked, strict=True)])
-            )
-            == 0.0
-        )
+        mean = jnp.concatenate([jnp.ravel(s.mean) for s in checked])  # one check of every scope
+        var = jnp.concatenate([jnp.ravel(s.var) for s in checked])
+        bound = RAW_SUMS_BOUND - 1.0  # mean^2 <= 15 var: s2 <= 16 (s2 - s1^2 / m), as for cells
+        fails = (mean * mean > bound * var) | jnp.logical_not(jnp.isfinite(var))
+        kept = jnp.sum(fails.astype(var.dtype)) == 0.0
         return _taken(lambda ops: normalized(*ops), lambda ops: relative(ops[1]), kept, (stats, operands))
 
     if not any(of_x):  # nothing taken from x (bn alone, in inference): nothing to choose

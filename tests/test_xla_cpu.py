@@ -206,7 +206,7 @@ def temporaries_over_x(fn, x, *args) -> float:
     ids=["spatial-bfloat16", "dense-float32", "dense-bfloat16"],
 )
 def test_the_fallback_passes_hold_no_x_sized_temporary(rng, shape, dtype):
-    # The rarely taken branches (shifted sums; the (N, C) path's two passes) are allocated on every
+    # The rarely taken branches (shifted sums; the (N, C) path's fallback) are allocated on every
     # call. Each of their reductions computes x - K itself: shared, XLA:CPU wrote it out, a float32
     # array twice bfloat16 x's bytes (and per scope on (N, C)). Float32 spatial x shares y's buffer.
     x = jnp.asarray(rng.normal(size=shape), dtype)
@@ -223,7 +223,7 @@ def test_the_fallback_passes_hold_no_x_sized_temporary(rng, shape, dtype):
         assert temporaries_over_x(grad, x, logits, dy) < 0.25
     else:  # (N, C): autodiff of both branches, each recomputed in the backward (XLA:CPU allocates
         # every branch of a conditional): the raw branch about 1x (float32) and 4x (bfloat16) x's
-        # bytes, the fallback's two passes 5x and 10x. Recorded in docs/performance.md ("Memory").
+        # bytes, the fallback 5x and 10x. Recorded in docs/performance.md ("Memory").
         assert temporaries_over_x(grad, x, logits, dy) < (6.5 if dtype == jnp.float32 else 14.5)
 
 
@@ -304,8 +304,8 @@ def test_the_cpu_forms_are_chosen_for_the_platform_lowered_for_and_no_other(
 
 
 @pytest.mark.parametrize("weights", ["layer", "sample"])
-def test_dense_two_pass_path_blends_relative_to_each_element(rng, weights):
-    # One sample at 1e4 sends the batch to the two-pass branch. With ln's weights near 1, that
+def test_dense_fallback_blends_relative_to_each_element(rng, weights):
+    # One sample at 1e4 sends the batch to the fallback (each element its own frame). With ln's weights near 1, that
     # sample's y = (x - mix) a is O(1) from two numbers near 1e4: subtracting an absolute mix in
     # float32 would leave an error of about half an ulp of 1e4 (5e-4); the branch takes the blend
     # relative to each element instead. Per-sample weights read the same frame.
@@ -323,7 +323,7 @@ def test_dense_two_pass_path_blends_relative_to_each_element(rng, weights):
     np.testing.assert_allclose(y, y_ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["direct", "two-pass"])
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["direct", "fallback"])
 def test_dense_gradients_pass_check_grads_in_float64(x64, rng, offset):
     x = jnp.asarray(dense_input(rng, (12, 6)) + offset)
     assert dense_within_bound(x) is (offset == 0.0)
