@@ -8,12 +8,12 @@ matplotlib and tqdm are imported when a function needs them (install them with
     >>> from switchnorm.train import weight_decay_mask, param_labels, WeightHistory
 """
 
+from switchnorm.train.config import TrainConfig
 from switchnorm.train.data import DATASETS, Dataset, load_dataset
 from switchnorm.train.loop import (
     Callback,
     LinenAdapter,
     ShardingPlan,
-    TrainConfig,
     Trainer,
     TrainState,
     WeightHistory,
