@@ -161,15 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k in _RUN_SETTINGS}
     default = Path("runs") / f"{options.get('dataset', DATASET)}-{options.get('norm', TrainConfig.norm)}"
     _interrupt_note(args.out or default)
-    return command.train(
-        options,
-        args.out or default,
-        resumed=args.resume,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        devices=args.devices,
-        cluster=(args.coordinator_address, args.num_processes, args.process_id),
-    )
+    return command.train(options, args.out or default, args)
 
 
 def cmd_collapse(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ no file.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -268,42 +269,34 @@ def _train(run: RunDir, setup: Setup, state: Any, epoch: int, quiet: bool) -> in
     return 0
 
 
-def join_cluster(devices: int | None, cluster: tuple[Any, Any, Any]) -> bool:
+def join_cluster(flags: argparse.Namespace) -> bool:
     """Starts JAX on the devices and processes asked for; True in the process that writes files."""
-    distributed.request_cpu_devices(devices)
+    distributed.request_cpu_devices(flags.devices)
     try:
-        distributed.initialize(*cluster)
+        distributed.initialize(flags.coordinator_address, flags.num_processes, flags.process_id)
     except ValueError as error:
         raise UsageError(_one_line(error)) from None
     return distributed.is_primary()
 
 
-def train(
-    options: dict[str, Any],
-    out: Path,
-    *,
-    resumed: bool,
-    overwrite: bool,
-    quiet: bool,
-    devices: int | None,
-    cluster: tuple[Any, Any, Any] = (None, None, None),
-) -> int:
-    """``switchnorm train``: a new run in ``out`` (``overwrite``: replacing one) or ``resumed``.
+def train(options: dict[str, Any], out: Path, flags: argparse.Namespace) -> int:
+    """``switchnorm train``: a new run in ``out`` with the settings ``options`` gives, or resumed.
 
-    ``options`` are the run settings given as flags, ``cluster`` the coordinator address,
-    number of processes and process id of a multi-process run. Returns the exit status.
+    ``flags`` are the command's others: resume, overwrite, quiet and the cluster's (devices,
+    coordinator_address, num_processes, process_id). Returns the exit status.
     """
+    resumed, overwrite = flags.resume, flags.overwrite
     config = None if resumed else fresh_config(options)
-    run = RunDir(out, primary=join_cluster(devices, cluster))
+    run = RunDir(out, primary=join_cluster(flags))
     point = None
     if resumed:
-        setup = build(_resumed_config(run, options), devices)
+        setup = build(_resumed_config(run, options), flags.devices)
         point = resume.diagnose(run, setup.config)
         state, epoch = _restored(run, setup, point), point.epoch
     else:
         assert config is not None
         check_fresh_out(run, overwrite)
-        setup = build(config, devices)
+        setup = build(config, flags.devices)
         state, epoch = setup.trainer.initial_state(), 0
     distributed.barrier("switchnorm-train-checked")  # every process passed the checks
     with run:
@@ -311,7 +304,7 @@ def train(
             _create(run, setup.config, overwrite)
         elif _continue(run, setup, point):
             return 0
-        return _train(run, setup, state, epoch, quiet)
+        return _train(run, setup, state, epoch, flags.quiet)
 
 
 # -- collapse ---------------------------------------------------------------------------------------

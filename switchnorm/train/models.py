@@ -202,38 +202,12 @@ class MLP(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def resnet2d(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
-    """The image model: a residual CNN with widths (32, 64), 3x3 kernels."""
-    return ResNet(
-        input_shape,
-        num_classes,
-        widths=(32, 64),
-        kernel=3,
-        norm=norm,
-        dtype=dtype,
-        weights=weights,
-        rngs=rngs,
-    )
-
-
-def resnet1d(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
-    """The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
-    return ResNet(
-        input_shape,
-        num_classes,
-        widths=(32, 64, 128),
-        kernel=5,
-        norm=norm,
-        dtype=dtype,
-        weights=weights,
-        rngs=rngs,
-    )
-
-
-def mlp(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
-    """The feature model: an MLP with two hidden layers of 64."""
-    return MLP(input_shape, num_classes, widths=(64, 64), norm=norm, dtype=dtype, weights=weights, rngs=rngs)
-
+resnet2d = functools.partial(ResNet, widths=(32, 64), kernel=3)
+"""The image model: a residual CNN with widths (32, 64), 3x3 kernels."""
+resnet1d = functools.partial(ResNet, widths=(32, 64, 128), kernel=5)
+"""The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
+mlp = functools.partial(MLP, widths=(64, 64))
+"""The feature model: an MLP with two hidden layers of 64."""
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {"resnet2d": resnet2d, "resnet1d": resnet1d, "mlp": mlp}
 """Model constructor by name: ``MODELS[name](input_shape, num_classes, norm=..., weights=..., rngs=...)``."""

@@ -7,7 +7,8 @@
   checkpoint is written) stops the run with :class:`Diverged`, so the last
   checkpoint on disk is always a finite one. It also writes the run's
   TensorBoard event files (:mod:`switchnorm.train.tensorboard`), in the
-  primary process, and closes them on every way out.
+  primary process, and closes them when the run ends (an interrupt exits at once,
+  as a kill would: the steps since the last flush are logged again on resume).
 * :func:`finish`: figures, ``summary.json`` and the printed result;
   :func:`final_weights`: a restored model's weights as ``inspect`` and ``plot`` show them.
 """
@@ -146,7 +147,7 @@ class Reporter(Callback):
     def close(self) -> None:
         """Closes the progress bar and flushes and closes the event file; safe to call twice.
 
-        Called on every way out of a run. A failure to write the event file
+        Called when the run ends, diverges or stops on an error. A failure to write the event file
         (a full disk) is raised, unless another error is already ending the
         run: that one is the error to report.
         """
