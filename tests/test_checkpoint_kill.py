@@ -67,10 +67,10 @@ def atomic_write(target, data):
     original_write(target, data)
 files.append_line, checkpoints.save, files.atomic_write = append_line, save, atomic_write
 original_delete = rundir.RunDir._delete
-def delete(folder, name):
-    if where == "cleanup" and name.split(".")[0] == step and folder.name == rundir.CHECKPOINTS:
+def delete(entry):
+    if where == "cleanup" and entry.name.split(".")[0] == step and entry.parent.name == rundir.CHECKPOINTS:
         die()
-    return original_delete(folder, name)
+    return original_delete(entry)
 rundir.RunDir._delete = staticmethod(delete)
 from switchnorm.train.cli import main
 sys.exit(main(sys.argv[1:]))

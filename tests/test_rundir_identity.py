@@ -163,7 +163,7 @@ def test_create_with_overwrite_refuses_a_folder_without_the_marker_and_changes_n
     with pytest.raises(RunError, match="no .switchnorm-run marker"), RunDir(mine) as target:
         target.create(config, overwrite=True)
     assert snapshot(tmp_path) == before
-    with pytest.raises(RunError, match="is not empty"), RunDir(mine) as target:
+    with pytest.raises(RunError, match="is not a run directory"), RunDir(mine / "src") as target:
         target.create(config)
     assert snapshot(tmp_path) == before
 

@@ -25,7 +25,7 @@ import switchnorm
 from switchnorm._collapse import MIN_WEIGHT
 from switchnorm.train import data, distributed, loop, models, report, resume
 from switchnorm.train.config import ConfigError, TrainConfig
-from switchnorm.train.rundir import LOCK, SUMMARY, RunDir, RunError
+from switchnorm.train.rundir import SUMMARY, RunDir, RunError
 
 EXIT_DIVERGED = 3
 COLLAPSE_CHANGE_BATCH = 256  # test examples the output change of a collapse is measured on
@@ -55,51 +55,6 @@ def fresh_config(options: dict[str, Any]) -> TrainConfig:
         raise UsageError(error.naming(flag(error.field))) from None
 
 
-def _writable_parent(out: Path) -> None:
-    """UsageError unless ``out`` could be created: its nearest existing ancestor is a writable directory."""
-    ancestor = out.absolute()
-    while not os.path.lexists(ancestor):
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"cannot create --out {out}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot create --out {out}: no permission to write in {ancestor}")
-
-
-def _check_no_writer(run: RunDir) -> None:
-    pid = run.writer()
-    if pid is not None:
-        who = f"process {pid}" if pid else "another process"
-        raise UsageError(
-            f"{run.path} is in use by {who} (another switchnorm command writing to it); wait for it"
-        )
-
-
-def check_fresh_out(run: RunDir, overwrite: bool) -> None:
-    """UsageError unless a new run may start in ``run.path`` (reads only)."""
-    out = run.path
-    if out.is_symlink():
-        raise UsageError(f"--out {out} is a symbolic link; pass the directory it points to")
-    if not out.exists():
-        return _writable_parent(out)
-    if not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if all(p.name == LOCK for p in out.iterdir()):  # empty, or left by a kill before the marker
-        return _check_no_writer(run)
-    if not run.holds_run() and not run.made_by_switchnorm():
-        raise UsageError(f"--out {out} exists and is not a run directory; refusing to touch it")
-    if not overwrite:
-        raise UsageError(
-            f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    if not run.made_by_switchnorm():
-        raise UsageError(
-            f"--overwrite refuses to delete {out}: it has no .switchnorm-run marker, so this version of "
-            "switchnorm did not create it; delete it yourself or choose another --out"
-        )
-    _check_no_writer(run)
-
-
 def _resumed_config(run: RunDir, options: dict[str, Any]) -> TrainConfig:
     """The run's own config; UsageError if a flag given is out of range or disagrees with it."""
     if run.path.is_symlink():
@@ -120,7 +75,7 @@ def _resumed_config(run: RunDir, options: dict[str, Any]) -> TrainConfig:
                 f"{flag(key)} {value} differs from the run's {getattr(config, key)}; "
                 "a resumed run keeps its own settings"
             )
-    _check_no_writer(run)
+    run.check_no_writer()
     return config
 
 
@@ -219,16 +174,11 @@ def _create(run: RunDir, config: TrainConfig, overwrite: bool) -> None:
 
 def _repair(run: RunDir, point: resume.ResumePoint) -> None:
     """Undoes what a kill left, as :func:`switchnorm.train.resume.diagnose` found it, saying so."""
-    leftovers = [*point.unfinished, *point.temporary]
-    if leftovers:
-        run.remove_checkpoints(point.unfinished)
-        run.remove(*point.temporary)
-        print(f"removed {len(leftovers)} unfinished write(s) a kill left: {', '.join(leftovers)}")
-    if point.surplus:
-        run.remove_checkpoints(point.surplus)
-        print(f"removed checkpoint(s) {', '.join(point.surplus)}: the clean-up a kill interrupted")
+    if point.leftovers:
+        run.remove(*point.leftovers)
+        print(f"removed what a kill left unfinished: {', '.join(point.leftovers)}")
     if point.dropped:
-        run.rewrite_metrics(point.records)
+        run.write_metrics(point.records)
         print(
             f"dropped {point.dropped} metrics.jsonl line(s) written after the checkpoint of epoch {point.epoch}"
         )
@@ -295,7 +245,8 @@ def train(options: dict[str, Any], out: Path, flags: argparse.Namespace) -> int:
         state, epoch = _restored(run, setup, point), point.epoch
     else:
         assert config is not None
-        check_fresh_out(run, overwrite)
+        run.check_new(overwrite)
+        run.check_no_writer()
         setup = build(config, flags.devices)
         state, epoch = setup.trainer.initial_state(), 0
     distributed.barrier("switchnorm-train-checked")  # every process passed the checks
@@ -337,7 +288,7 @@ def _check_apart(source: Path, out: Path) -> None:
 def _finished_source(run: RunDir) -> TrainConfig:
     """The run's config; UsageError unless it is a finished run that nobody is writing."""
     config = run.read_config()
-    _check_no_writer(run)
+    run.check_no_writer()
     summary = run.read_summary()
     if not summary or summary.get("status") != "complete":
         state = "diverged" if summary else "not finished (no summary.json)"
@@ -375,7 +326,8 @@ def collapse(source: Path, out: Path, min_weight: float | None, overwrite: bool)
     origin, target = RunDir(source), RunDir(out)
     _finished_source(origin)
     min_weight = MIN_WEIGHT if min_weight is None else min_weight
-    check_fresh_out(target, overwrite)
+    target.check_new(overwrite)
+    target.check_no_writer()
     config, model, step, epoch = restore_model(source)
     dataset = data.load_dataset(config.dataset, config.seed)
     batch = jnp.asarray(dataset.x_test[:COLLAPSE_CHANGE_BATCH])
@@ -398,7 +350,7 @@ def collapse(source: Path, out: Path, min_weight: float | None, overwrite: bool)
     with target:
         _create(target, new_config, overwrite)
         target.save_checkpoint(step, state._replace(step=jnp.asarray(step, jnp.int32)), epoch)
-        target.rewrite_metrics(records)
+        target.write_metrics(records)
         target.write_summary(_collapse_summary(source, choices, before, after, epoch, step))
     print(choices.format())
     print(f"test accuracy before {before:.4f}, after {after:.4f}; run directory: {target.path}")

@@ -2,22 +2,10 @@
 
 :func:`diagnose` reads the whole directory before anything is written and either returns the
 :class:`ResumePoint` (the checkpoint to continue from, and what a kill left that the resume
-repairs, each of which the command reports) or raises RunError with one line naming the file
-that disagrees and what to do. So a refused ``--resume`` changes nothing, and the same command
-succeeds once the user has repaired what it named.
-
-What a kill (or a full disk) can leave, and the resume repairs:
-
-* in ``metrics.jsonl``, the record of the epoch whose checkpoint was being written, and a last
-  line cut short: dropped, with a note;
-* ``checkpoints/<step>.orbax-checkpoint-tmp``, a checkpoint orbax had not committed, and
-  ``.<name>.<pid>.<hex>.tmp``, a file switchnorm had not renamed into place: deleted, with a note;
-* checkpoints older than the newest two (a clean-up cut short): deleted, with a note.
-
-Anything else is damage and refused: a step folder that is not switchnorm's complete checkpoint
-of that step, records whose epoch and step disagree with the config, more records than the
-checkpoints account for (a checkpoint deleted), fewer, or a ``summary.json`` that says the run
-finished where the checkpoints say it did not.
+repairs, each with a note) or raises RunError with one line naming the file that disagrees and
+what to do. So a refused ``--resume`` changes nothing, and the same command succeeds once the user
+has repaired what it named. What a kill can leave, and what is damage instead, is listed in
+docs/training.md, "Resume, and what a crash leaves".
 """
 
 from __future__ import annotations
@@ -43,9 +31,8 @@ class ResumePoint:
       epoch: the epochs that checkpoint has done.
       records: the ``metrics.jsonl`` records up to it, the ones kept.
       dropped: the lines after them (a cut-short one included), dropped.
-      unfinished: orbax temporary folders in ``checkpoints/``, deleted.
-      temporary: switchnorm's temporary files in the run directory, deleted.
-      surplus: checkpoints older than the newest two, deleted.
+      leftovers: what a kill left half written or half deleted, and checkpoints older than the
+        newest two (a clean-up cut short), relative paths, deleted.
       complete: every epoch is done: nothing to train.
     """
 
@@ -53,9 +40,7 @@ class ResumePoint:
     epoch: int
     records: list[dict[str, Any]]
     dropped: int
-    unfinished: list[str]
-    temporary: list[str]
-    surplus: list[str]
+    leftovers: list[str]
     complete: bool
 
 
@@ -165,8 +150,7 @@ def diagnose(run: RunDir, config: TrainConfig) -> ResumePoint:
         epoch=epoch,
         records=records[:epoch],
         dropped=len(records) - epoch + int(partial),
-        unfinished=unfinished,
-        temporary=_temporary_files(run),
-        surplus=[str(s) for s in steps[: -checkpoints.KEEP]],
+        leftovers=[f"{CHECKPOINTS}/{name}" for name in [*unfinished, *map(str, steps[: -checkpoints.KEEP])]]
+        + _temporary_files(run),
         complete=epoch == config.epochs,
     )

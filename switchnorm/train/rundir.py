@@ -12,22 +12,13 @@
       weights_over_training.png, final_weights.png
       tensorboard/           TensorBoard event files (switchnorm.train.tensorboard)
 
-The guarantees (docs/training.md lists them for users):
-
-* **Identity.** A writer opens the directory once and holds its descriptor. Every file it
-  writes, orbax's and TensorBoard's included, is reached through that descriptor
-  (``/proc/self/fd/N``), so a directory moved, deleted or replaced under a running command never
-  receives its writes; and before each write it checks that its path still names the directory
-  it opened, and stops with one line if not.
-* **One writer.** Every command that writes holds an exclusive ``flock`` on ``.lock``
-  (:mod:`switchnorm.train.lock`) from before its first write to its end.
-* **Atomic files.** ``config.json``, ``summary.json`` and figures are written to a fresh
-  temporary file and renamed into place; ``metrics.jsonl`` grows one fsynced line at a time. No
-  write, rename or delete follows a symbolic link (:mod:`switchnorm.train.files`).
-* **Complete checkpoints.** orbax's own atomic commit: a step folder exists only complete, and
-  carries a SHA-256 of every array it holds (:mod:`switchnorm.train.checkpoints`).
-* **Deleting.** ``--overwrite`` deletes only a directory holding the marker; the clean-up only
-  checkpoints whose own metadata say they are switchnorm's.
+What it guarantees (docs/training.md, "What the run directory guarantees"): a writer opens the
+directory once and reaches every file it writes through that descriptor (``/proc/self/fd/N``),
+orbax's and TensorBoard's included, checking before each write that its path still names that
+directory; one writer at a time (:mod:`switchnorm.train.lock`); files replaced in one rename,
+never through a symbolic link (:mod:`switchnorm.train.files`); checkpoints committed whole by
+orbax, with a SHA-256 per array (:mod:`switchnorm.train.checkpoints`); ``--overwrite`` deletes
+only a directory holding the marker, the clean-up only switchnorm's own checkpoints.
 """
 
 from __future__ import annotations
@@ -342,18 +333,42 @@ class RunDir:
                 self.close()
                 raise
 
-    def _check_replaceable(self, overwrite: bool) -> None:
-        """RunError unless a new run may start in ``path``: absent, empty, or marked and ``overwrite``."""
-        if not self.path.is_dir() or self.path.is_symlink():
-            return  # created below, or refused when opened
-        present = sorted(set(os.listdir(self.root)) - {LOCK})
-        if present and not overwrite:
-            raise RunError(f"{self.path} is not empty (it holds {present[0]}); refusing to start a run there")
-        if present and not self.made_by_switchnorm():
+    def check_new(self, overwrite: bool) -> None:
+        """RunError unless a new run may start in ``path`` (reads only): absent and creatable,
+        empty, or (``overwrite``) a run switchnorm made. ``create`` checks it again under the lock."""
+        out = self.path
+        if out.is_symlink():
+            raise RunError(f"--out {out} is a symbolic link; pass the directory it points to")
+        if not os.path.lexists(out):
+            ancestor = out.absolute()
+            while not os.path.lexists(ancestor):
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise RunError(f"cannot create --out {out}: {ancestor} is a file, not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise RunError(f"cannot create --out {out}: no permission to write in {ancestor}")
+            return
+        if not out.is_dir():
+            raise RunError(f"--out {out} exists and is not a directory")
+        if not set(os.listdir(self.root)) - {LOCK}:  # empty, or left by a kill before the marker
+            return
+        if not self.holds_run() and not self.made_by_switchnorm():
+            raise RunError(f"--out {out} exists and is not a run directory; refusing to touch it")
+        if not overwrite:
             raise RunError(
-                f"--overwrite refuses to delete {self.path}: it has no {MARKER} marker, so switchnorm "
-                "did not create it; delete it yourself or choose another --out"
+                f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
             )
+        if not self.made_by_switchnorm():
+            raise RunError(
+                f"--overwrite refuses to delete {out}: it has no {MARKER} marker, so this version of "
+                "switchnorm did not create it; delete it yourself or choose another --out"
+            )
+
+    def check_no_writer(self) -> None:
+        """LockHeld, naming the process, if a command is writing this run now."""
+        pid = self.writer()
+        if pid is not None:
+            raise lock.LockHeld(self.path, pid or None)
 
     def create(self, config: TrainConfig, *, overwrite: bool = False) -> None:
         """Makes (or, with ``overwrite``, empties) the directory, opens and locks it, writes the config.
@@ -362,22 +377,22 @@ class RunDir:
         file is deleted once the lock is taken. Checked before anything is written, and again
         under the lock. Only the primary process creates; the others :meth:`open` after it.
         """
-        self._check_replaceable(overwrite)
+        self.check_new(overwrite)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise RunError(f"cannot create the run directory {self.path}: {error.strerror}") from None
         self.open()
-        self._check_replaceable(overwrite)  # again, holding the lock: nothing changed since
+        self.check_new(overwrite)  # again, holding the lock: nothing changed since
         for name in sorted(set(os.listdir(self.root)) - {LOCK}, key=lambda n: n == MARKER):
-            self._delete(self.root, name)  # the marker last: a kill halfway leaves it, so --overwrite again
-        with self.writing(MARKER):
-            files.atomic_write(self.root / MARKER, _MARKER_TEXT)
-        self.write_config(config)
+            self._delete(self.root / name)  # the marker last: a kill halfway leaves it, so --overwrite again
+        with self.writing(MARKER) as marker:
+            files.atomic_write(marker, _MARKER_TEXT)
+        with self.writing(CONFIG) as target:
+            files.atomic_write(target, config.to_json())
 
     @staticmethod
-    def _delete(folder: Path, name: str) -> None:
-        entry = folder / name
+    def _delete(entry: Path) -> None:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)  # fd-based on Linux: never follows a link inside
         else:
@@ -414,30 +429,34 @@ class RunDir:
             reason = "it is a symbolic link" if isinstance(error, files.LinkError) else error.strerror
             raise RunError(f"cannot write {self.path / name}: {reason or error}") from None
 
-    def write_config(self, config: TrainConfig) -> None:
-        with self.writing(CONFIG) as target:
-            if self.primary:
-                files.atomic_write(target, config.to_json())
-
     def write_summary(self, summary: dict[str, Any]) -> None:
         with self.writing(SUMMARY) as target:
             if self.primary:
                 files.atomic_write(target, to_json(summary, indent=2) + "\n")
 
     def remove(self, *names: str) -> None:
-        """Deletes run files (``summary.json``, a temporary file a kill left), if present."""
+        """Deletes run entries by relative path, if present: ``summary.json``, what a kill left.
+
+        A checkpoint is first renamed ``<step>.switchnorm-deleting`` in one step, so a kill
+        halfway leaves no step folder half deleted, only a name the next resume removes.
+        """
         for name in names:
             with self.writing(name) as target:
-                if self.primary:
-                    target.unlink(missing_ok=True)
+                if self.primary and os.path.lexists(target):
+                    if target.parent.name == CHECKPOINTS and "." not in target.name:
+                        trash = target.with_name(target.name + checkpoints.DELETING_SUFFIX)
+                        if os.path.lexists(trash):
+                            self._delete(trash)
+                        target = target.rename(trash)
+                    self._delete(target)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.writing(METRICS) as target:
             if self.primary:
                 files.append_line(target, to_json(record))
 
-    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Replaces ``metrics.jsonl`` with ``records`` (what a resume keeps), in one rename."""
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replaces ``metrics.jsonl`` with ``records`` (what a resume keeps, a collapse copies)."""
         with self.writing(METRICS) as target:
             if self.primary:
                 files.atomic_write(target, "".join(to_json(r) + "\n" for r in records))
@@ -451,29 +470,10 @@ class RunDir:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _delete_checkpoint(self, folder: Path, name: str) -> None:
-        """Deletes ``checkpoints/<name>``: first renamed to ``<name>.switchnorm-deleting`` in one
-        step, so a kill halfway leaves no step folder half deleted, only a name the next resume
-        recognises and removes."""
-        if "." not in name:
-            trash = f"{name}{checkpoints.DELETING_SUFFIX}"
-            if os.path.lexists(folder / trash):
-                self._delete(folder, trash)
-            os.rename(folder / name, folder / trash)
-            name = trash
-        self._delete(folder, name)
-
-    def remove_checkpoints(self, names: list[str]) -> None:
-        """Deletes folders of ``checkpoints/``: old checkpoints, or what a kill left unfinished."""
-        with self.writing(CHECKPOINTS) as folder:
-            for name in names if self.primary else []:
-                self._delete_checkpoint(folder, name)
-
-    def _tidy(self, folder: Path) -> None:
+    def _tidy(self) -> None:
         """Deletes switchnorm's checkpoints older than the newest :data:`checkpoints.KEEP`."""
         ours = sorted(int(n) for n, problem in self.checkpoint_entries().items() if problem is None)
-        for step in ours[: -checkpoints.KEEP]:
-            self._delete_checkpoint(folder, str(step))
+        self.remove(*(f"{CHECKPOINTS}/{step}" for step in ours[: -checkpoints.KEEP]))
 
     def save_checkpoint(self, step: int, state: Any, epoch: int) -> None:
         """Saves ``state`` (any pytree) and the epoch it ends as checkpoint ``step``, then tidies.
@@ -495,6 +495,5 @@ class RunDir:
                 f"{checkpoints.first_line(error)}; earlier checkpoints stay intact: fix this and run "
                 "with --resume"
             ) from None
-        with self.writing(CHECKPOINTS) as folder:
-            if self.primary:
-                self._tidy(folder)
+        if self.primary:
+            self._tidy()
