@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from checkpoint_files import final_arrays
 
-from switchnorm.train.lock import holder
+from switchnorm.train.files import lock_holder as holder
 from switchnorm.train.rundir import RunDir
 
 pytestmark = pytest.mark.slow  # subprocesses: training runs

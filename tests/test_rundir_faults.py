@@ -21,9 +21,10 @@ import pytest
 from checkpoint_files import TINY, final_arrays, snapshot
 from event_files import scalars
 
-from switchnorm.train import checkpoints, data, lock
+from switchnorm.train import checkpoints, data, files
 from switchnorm.train.cli import main
-from switchnorm.train.lock import LockHeld, holder
+from switchnorm.train.files import LockHeld
+from switchnorm.train.files import lock_holder as holder
 from switchnorm.train.rundir import RunDir
 
 
@@ -84,11 +85,11 @@ def _directory(path: Path) -> int:
 
 def test_the_lock_is_exclusive_between_two_opens_and_released_on_close(tmp_path):
     first_dir, second_dir = _directory(tmp_path), _directory(tmp_path)
-    first = lock.acquire(first_dir, tmp_path)
+    first = files.lock(first_dir, tmp_path)
     with pytest.raises(LockHeld, match=f"process {os.getpid()}"):
-        lock.acquire(second_dir, tmp_path)
+        files.lock(second_dir, tmp_path)
     os.close(first)
-    os.close(lock.acquire(second_dir, tmp_path))
+    os.close(files.lock(second_dir, tmp_path))
     os.close(first_dir), os.close(second_dir)
 
 
@@ -97,7 +98,7 @@ def test_a_symlinked_lock_file_is_refused_not_followed(tmp_path):
     (tmp_path / ".lock").symlink_to(tmp_path / "victim")
     directory = _directory(tmp_path)
     with pytest.raises(OSError, match="symbolic link"):
-        lock.acquire(directory, tmp_path)
+        files.lock(directory, tmp_path)
     os.close(directory)
     assert (tmp_path / "victim").read_text() == "keep"
 

@@ -22,7 +22,7 @@ from checkpoint_files import TINY, snapshot
 from switchnorm.train import data
 from switchnorm.train.cli import main
 from switchnorm.train.config import TrainConfig
-from switchnorm.train.lock import holder
+from switchnorm.train.files import lock_holder as holder
 from switchnorm.train.rundir import RunDir, RunError
 
 

@@ -31,7 +31,7 @@ import switchnorm
 from switchnorm.train import command, report
 from switchnorm.train.command import UsageError
 from switchnorm.train.config import DATASET, TrainConfig
-from switchnorm.train.lock import LockHeld
+from switchnorm.train.files import LockHeld
 from switchnorm.train.rundir import RunDir, RunError
 
 EXIT_USAGE = 2

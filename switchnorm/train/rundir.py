@@ -15,7 +15,7 @@
 What it guarantees (docs/training.md, "What the run directory guarantees"): a writer opens the
 directory once and reaches every file it writes through that descriptor (``/proc/self/fd/N``),
 orbax's and TensorBoard's included, checking before each write that its path still names that
-directory; one writer at a time (:mod:`switchnorm.train.lock`); files replaced in one rename,
+directory; one writer at a time (:func:`switchnorm.train.files.lock`); files replaced in one rename,
 never through a symbolic link (:mod:`switchnorm.train.files`); checkpoints committed whole by
 orbax, with a SHA-256 per array (:mod:`switchnorm.train.checkpoints`); ``--overwrite`` deletes
 only a directory holding the marker, the clean-up only switchnorm's own checkpoints.
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from switchnorm.train import checkpoints, files, lock
+from switchnorm.train import checkpoints, files
 from switchnorm.train.config import ConfigError, TrainConfig, loads
 
 CONFIG = "config.json"
@@ -40,7 +40,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 MARKER = ".switchnorm-run"
-LOCK = lock.LOCK
+LOCK = files.LOCK
 FIGURES = ("weights_over_training.png", "final_weights.png")
 DISTRIBUTION_FIGURE = "sample_weights.png"
 """The figure of a ``weights="sample"`` run's per-sample weights over its test set."""
@@ -197,7 +197,7 @@ class RunDir:
 
     def writer(self) -> int | None:
         """The pid of a process writing this run now (0 if unknown), or None."""
-        return lock.holder(self.path)
+        return files.lock_holder(self.path)
 
     def links(self) -> list[str]:
         """The names of the run's own entries that are symbolic links (all refused)."""
@@ -328,7 +328,7 @@ class RunDir:
             raise RunError(f"cannot open the run directory {self.path}: {reason}") from None
         if self.primary and locked:
             try:
-                self._lock = lock.acquire(self._fd, self.path)
+                self._lock = files.lock(self._fd, self.path)
             except BaseException:
                 self.close()
                 raise
@@ -368,7 +368,7 @@ class RunDir:
         """LockHeld, naming the process, if a command is writing this run now."""
         pid = self.writer()
         if pid is not None:
-            raise lock.LockHeld(self.path, pid or None)
+            raise files.LockHeld(self.path, pid or None)
 
     def create(self, config: TrainConfig, *, overwrite: bool = False) -> None:
         """Makes (or, with ``overwrite``, empties) the directory, opens and locks it, writes the config.
