@@ -29,9 +29,6 @@ from switchnorm.train.config import loads
 KEEP = 2
 """Checkpoints kept: the newest two (the clean-up deletes older ones of switchnorm's own)."""
 
-TEMPORARY_SUFFIX = ".orbax-checkpoint-tmp"
-"""orbax writes a checkpoint under its step's name plus this, and renames it when complete."""
-
 DELETING_SUFFIX = ".switchnorm-deleting"
 """A checkpoint is renamed to its step's name plus this before it is deleted."""
 

@@ -92,15 +92,9 @@ _RUN_FLAGS: dict[str, dict[str, Any]] = {  # flags that set a TrainConfig field;
     "--eval-every": {"type": _int, "help": "epochs between evaluations and weight tables (default 5)"},
     "--seed": {"type": _int, "help": "initialization and data order, 0 .. 2**32-1 (default 0)"},
     "--dtype": {"help": "activation dtype: float32 (default) or bfloat16 (parameters stay float32)"},
-    "--mixing-lr-scale": {
-        "type": _float,
-        "help": "the mixing logits' learning rate over the others' (default 1)",
-    },
+    "--mixing-lr-scale": {"type": _float, "help": "mixing logits' lr over the others' (default 1)"},
     "--mixing-clip": {"type": _float, "help": "clip the mixing logits' gradient to this global norm"},
-    "--recalibrate": {
-        "type": _int,
-        "help": "recompute bn running averages over this many batches at the end",
-    },
+    "--recalibrate": {"type": _int, "help": "recompute bn running averages over N batches at the end"},
 }
 
 
@@ -122,12 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Scaling out (switchnorm.train.distributed, docs/scaling.md); not part of a run's config.
     add("--devices", type=_devices, default=None, help="local devices per process to shard each batch over")
     add("--coordinator-address", default=None, help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
-    add(
-        "--num-processes",
-        type=_int,
-        default=None,
-        help="processes in a multi-process run (or JAX_NUM_PROCESSES)",
-    )
+    add("--num-processes", type=_int, default=None, help="processes of the run (or JAX_NUM_PROCESSES)")
     add("--process-id", type=_int, default=None, help="this process's rank, 0 .. N-1 (or JAX_PROCESS_ID)")
     for name, text in (("inspect", "print a run's learned weights from its latest checkpoint"),
                        ("plot", "write a run's figures from its metrics.jsonl")):  # fmt: skip
@@ -137,13 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     collapse.add_argument("run", type=_path)
     collapse.add_argument("--out", type=_path, required=True, help="the new run directory")
-    collapse.add_argument(
-        "--min-weight",
-        type=_min_weight,
-        default=None,
-        help="collapse a layer when its mean and variance each give one normalizer this weight, "
-        "in (0.5, 1] (default 0.99)",
-    )
+    text = "collapse a layer whose mean and var each give one normalizer this weight, in (0.5, 1] (0.99)"
+    collapse.add_argument("--min-weight", type=_min_weight, default=None, help=text)
     collapse.add_argument("--overwrite", action="store_true", help="replace the switchnorm run in --out")
     return parser
 
@@ -185,13 +169,6 @@ def _status_line(run: RunDir, summary: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _final_weights(config: Any, model: Any) -> dict[str, Any]:
-    try:
-        return report.final_weights(config, model)
-    except ValueError as error:
-        raise UsageError(" ".join(str(error).rstrip(".").split())) from None
-
-
 def _collapsed_lines(collapsed: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
     """What ``inspect`` says of a run made by ``switchnorm collapse``: its layers' choices."""
     lines = [f"collapsed from {summary.get('collapsed_from', '?')}: each layer computes only its choice"]
@@ -224,7 +201,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     evals = [r for r in records if isinstance(r.get("test_accuracy"), float) and r["step"] <= step]
     if evals:
         print(f"test accuracy {evals[-1]['test_accuracy']:.4f} (epoch {evals[-1]['epoch']})")
-    weights = report.learned(_final_weights(config, model))
+    weights = report.learned(report.final_weights(config, model))
     if weights:
         print(switchnorm.format_mixing_weights(weights))
         if any(getattr(layer, "weights", "layer") != "layer" for layer in weights.values()):
@@ -247,7 +224,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run / links[0]} is a symbolic link; switchnorm never writes through links")
     arrays = None
     if config.weights != "layer" and run.latest_step() is not None:
-        arrays = _final_weights(*_restore_model(args.run)[:2])
+        arrays = report.final_weights(*_restore_model(args.run)[:2])
     with run:
         run.open(locked=False)  # each figure is one atomic rename: no lock needed
         written = report.write_figures(run, config, records, arrays)

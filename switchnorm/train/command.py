@@ -302,23 +302,6 @@ def _test_accuracy(model: nnx.Module, config: TrainConfig, dataset: data.Dataset
     return trainer.evaluate(trainer.initial_state())[1]
 
 
-def _collapse_summary(
-    source: Path, collapsed: Any, before: float, after: float, epoch: int, step: int
-) -> dict:
-    """summary.json of a collapsed run: where it came from and what the collapse changed."""
-    return {
-        "status": "complete",
-        "collapsed_from": str(source),
-        "min_weight": collapsed.min_weight,
-        "collapsed_layers": sum(layer.collapsed for layer in collapsed.layers),
-        "max_change": collapsed.max_change,
-        "test_accuracy_before": before,
-        "test_accuracy": after,
-        "epochs": epoch,
-        "steps": step,
-    }
-
-
 def collapse(source: Path, out: Path, min_weight: float | None, overwrite: bool) -> int:
     """``switchnorm collapse``: a copy of the finished run ``source`` in ``out`` whose layers that
     chose compute only their choice. Returns the exit status."""
@@ -351,7 +334,19 @@ def collapse(source: Path, out: Path, min_weight: float | None, overwrite: bool)
         _create(target, new_config, overwrite)
         target.save_checkpoint(step, state._replace(step=jnp.asarray(step, jnp.int32)), epoch)
         target.write_metrics(records)
-        target.write_summary(_collapse_summary(source, choices, before, after, epoch, step))
+        target.write_summary(
+            {
+                "status": "complete",
+                "collapsed_from": str(source),
+                "min_weight": choices.min_weight,
+                "collapsed_layers": sum(layer.collapsed for layer in choices.layers),
+                "max_change": choices.max_change,
+                "test_accuracy_before": before,
+                "test_accuracy": after,
+                "epochs": epoch,
+                "steps": step,
+            }
+        )
     print(choices.format())
     print(f"test accuracy before {before:.4f}, after {after:.4f}; run directory: {target.path}")
     return 0

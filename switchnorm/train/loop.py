@@ -249,13 +249,6 @@ class ShardingPlan(Protocol):
     def replicate(self, tree: Any) -> Any: ...
 
 
-def _check_batch_size(batch_size: int, num_train: int) -> None:
-    if not 1 <= batch_size <= num_train:
-        raise ValueError(
-            f"batch_size must be between 1 and the training set's size {num_train}, got {batch_size}."
-        )
-
-
 class Trainer:
     """Trains an NNX classifier on a :class:`~switchnorm.train.data.Dataset`.
 
@@ -288,7 +281,10 @@ class Trainer:
     ):
         if plan is not None:
             plan.check_batch_size(config.batch_size)
-        _check_batch_size(config.batch_size, len(dataset.x_train))
+        if config.batch_size > len(dataset.x_train):  # TrainConfig refuses one below 1
+            raise ValueError(
+                f"batch_size must be at most the training set's {len(dataset.x_train)} examples."
+            )
         self.model = model
         self.config = config
         self.dataset = dataset

@@ -149,16 +149,8 @@ def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") 
         for name in names:
             values = [summaries[layer][kind].get(name, 0.0) for layer in layers]
             x = [i + offset for i in range(len(layers))]
-            ax.bar(
-                x,
-                values,
-                width,
-                bottom=bottom,
-                color=COLORS.get(name),
-                hatch=hatch,
-                edgecolor="white",
-                linewidth=0.6,
-            )
+            style = {"color": COLORS.get(name), "hatch": hatch, "edgecolor": "white", "linewidth": 0.6}
+            ax.bar(x, values, width, bottom=bottom, **style)
             _whiskers(ax, x, bottom, values, [spreads[layer] for layer in layers], kind, name)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(layers)))

@@ -28,7 +28,7 @@ import switchnorm
 from switchnorm.train import data, loop, plots
 from switchnorm.train.config import TrainConfig
 from switchnorm.train.loop import Callback
-from switchnorm.train.rundir import DISTRIBUTION_FIGURE, FIGURES, TENSORBOARD, RunDir
+from switchnorm.train.rundir import DISTRIBUTION_FIGURE, FIGURES, TENSORBOARD, RunDir, RunError
 from switchnorm.train.tensorboard import EventLog
 
 
@@ -210,7 +210,7 @@ def final_weights(config: TrainConfig, model: Any) -> dict[str, Any]:
     :func:`switchnorm.mixing_weights`'s floats, as the training loop records them. "channel" and
     "sample": :func:`switchnorm.mixing_weight_arrays`, whose spread the table and figures
     show; per-sample weights need inputs, so the model (in evaluation mode, as restored) runs
-    once on the run's whole test split. ValueError if the model's layers cannot be read so.
+    once on the run's whole test split. RunError if the model's layers cannot be read so.
     """
     layers = [n for _, n in nnx.iter_graph(model) if isinstance(n, switchnorm.SwitchNorm)]
     if config.weights == "layer" and all(n.weights == "layer" for n in layers):
@@ -218,7 +218,10 @@ def final_weights(config: TrainConfig, model: Any) -> dict[str, Any]:
     batch = None
     if config.weights == "sample" or any(n.weights == "sample" for n in layers):
         batch = jnp.asarray(data.load_dataset(config.dataset, config.seed).x_test)
-    return switchnorm.mixing_weight_arrays(model, batch=batch) or loop.model_weights(model)
+    try:
+        return switchnorm.mixing_weight_arrays(model, batch=batch) or loop.model_weights(model)
+    except ValueError as error:
+        raise RunError(" ".join(str(error).rstrip(".").split())) from None
 
 
 def _print_result(run: RunDir, config: TrainConfig, record: dict[str, Any], seconds: float | None) -> None:
