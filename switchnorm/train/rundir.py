@@ -386,10 +386,8 @@ class RunDir:
         self.check_new(overwrite)  # again, holding the lock: nothing changed since
         for name in sorted(set(os.listdir(self.root)) - {LOCK}, key=lambda n: n == MARKER):
             self._delete(self.root / name)  # the marker last: a kill halfway leaves it, so --overwrite again
-        with self.writing(MARKER) as marker:
-            files.atomic_write(marker, _MARKER_TEXT)
-        with self.writing(CONFIG) as target:
-            files.atomic_write(target, config.to_json())
+        self.replace(MARKER, _MARKER_TEXT)
+        self.replace(CONFIG, config.to_json())
 
     @staticmethod
     def _delete(entry: Path) -> None:
@@ -429,10 +427,14 @@ class RunDir:
             reason = "it is a symbolic link" if isinstance(error, files.LinkError) else error.strerror
             raise RunError(f"cannot write {self.path / name}: {reason or error}") from None
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        with self.writing(SUMMARY) as target:
+    def replace(self, name: str, text: str) -> None:
+        """Replaces the run's file ``name`` with ``text`` in one rename (the primary process's to write)."""
+        with self.writing(name) as target:
             if self.primary:
-                files.atomic_write(target, to_json(summary, indent=2) + "\n")
+                files.atomic_write(target, text)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.replace(SUMMARY, to_json(summary, indent=2) + "\n")
 
     def remove(self, *names: str) -> None:
         """Deletes run entries by relative path, if present: ``summary.json``, what a kill left.
@@ -457,9 +459,7 @@ class RunDir:
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Replaces ``metrics.jsonl`` with ``records`` (what a resume keeps, a collapse copies)."""
-        with self.writing(METRICS) as target:
-            if self.primary:
-                files.atomic_write(target, "".join(to_json(r) + "\n" for r in records))
+        self.replace(METRICS, "".join(to_json(r) + "\n" for r in records))
 
     def tensorboard_dir(self) -> Path:
         """``tensorboard/``, created if absent (never through a link); the primary process's to write."""
