@@ -33,6 +33,17 @@ Important details this module takes care of:
   output is then the limit of sparsestmax(z - eps * (0, 1, ..., K-1)) as eps -> 0+: the lowest
   index wins. On the tied face that limit is the same projection applied to the scores -index,
   solved by the same closed form. z exactly constant is the case m = K.
+* Choosing from a tie. There the answer jumps with the direction z leaves the tie in, so it has
+  no derivative; the tied entries get sparsemax's derivative at the tied face's centre instead,
+  (I - 11^T / m) dz on them, as they do below that radius. Logits that start tied (a layer's
+  zeros) therefore move the way the loss prefers at any radius, and the layer chooses: without
+  it, a radius set above 0 before training, or a first step with no gradient (a network whose
+  head starts at zero), would leave every layer on the tie rule's pick for good. Tied logits
+  stay tied only where the loss's gradient is equal on every tied entry.
+* Infinite logits. +inf entries are the limit of ever larger ones: the answer is the one above
+  with those entries tied and every other entry 0 (one-hot on a single +inf). A -inf entry gets
+  weight 0 and the rest are projected on the face without it, whose centre lies
+  sqrt(1/n - 1/K) from u (n entries left): the limit of ever smaller ones.
 * Extreme magnitudes. The logits are shifted so the largest is 0 and divided by their range
   before any sum or square, so logits near 1e30 or 1e-30 neither overflow nor lose their order.
 * Gradients. Plain autodiff through the closed form, which is the projection's derivative wherever
@@ -46,6 +57,8 @@ Important details this module takes care of:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -199,6 +212,21 @@ def _to_sorted_order(values: jax.Array, to_sorted: jax.Array) -> jax.Array:
     return jnp.sum(values[..., :, None] * to_sorted, axis=-2)
 
 
+def _finite_logits(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x with its infinities as their limits, the count n of entries that are not -inf).
+
+    A row holding +inf becomes 1 on its +inf entries and 0 elsewhere (its answer as the +inf
+    grow); -inf entries stay out of the projection. A row of -inf alone reads as constant.
+    """
+    positive = jnp.isposinf(x)
+    x = jnp.where(jnp.any(positive, axis=-1, keepdims=True), positive.astype(x.dtype), x)
+    negative = jnp.isneginf(x)
+    negative &= ~jnp.all(negative, axis=-1, keepdims=True)
+    lowest = jnp.min(jnp.where(negative | jnp.isnan(x), jnp.inf, x), axis=-1, keepdims=True)
+    x = jnp.where(negative, jax.lax.stop_gradient(lowest), jnp.where(jnp.isneginf(x), 0, x))
+    return x, jnp.sum(~negative, axis=-1)
+
+
 @jax.jit
 def _sparsestmax(z: jax.Array, radius) -> jax.Array:
     """The projection, compiled once per shape and dtype (eager calls included)."""
@@ -206,20 +234,28 @@ def _sparsestmax(z: jax.Array, radius) -> jax.Array:
     dtype = jnp.promote_types(z.dtype, jnp.float32)
     x = z.astype(dtype)
     r = jnp.broadcast_to(jnp.asarray(radius, dtype), x.shape[:-1])
-    order, to_sorted = _descending_order(x)
+    order, to_sorted = _descending_order(
+        jnp.where(jnp.isposinf(x).any(-1, keepdims=True), jnp.isposinf(x), x)
+    )
+    x, n = _finite_logits(x)
     s = _to_sorted_order(x, to_sorted)
+    active = jnp.arange(size) < n[..., None]  # -inf entries sort last: the face of the first n
     top_r2 = 1 - 1 / size
     r2 = jnp.minimum(jnp.maximum(r, 0) ** 2, top_r2)
-    weights = _project_sorted(s, jnp.full(r.shape, size), r2, 1.0)
+    face_r2 = 1 / n.astype(dtype) - 1 / size  # the kept face's centre from u
+    kept_r2 = jnp.where(r2 >= top_r2, 1 - 1 / n.astype(dtype), jnp.maximum(r2 - face_r2, 0))
+    weights = _project_sorted(s, n, kept_r2, 1.0)
     # Tied maxima with the ball reaching past their face's centre: break the tie by index.
-    m = jnp.sum(s == s[..., :1], axis=-1)
-    face_r2 = 1 / m.astype(dtype) - 1 / size
-    tied = (m >= 2) & (r2 > face_r2)
-    tie_r2 = jnp.where(r2 >= top_r2, 1 - 1 / m.astype(dtype), r2 - face_r2)
+    top_tied = active & (s == s[..., :1])
+    m = jnp.sum(top_tied, axis=-1)
+    tie_face_r2 = 1 / m.astype(dtype) - 1 / size
+    tied = (m >= 2) & (r2 > tie_face_r2)
+    tie_r2 = jnp.where(r2 >= top_r2, 1 - 1 / m.astype(dtype), r2 - tie_face_r2)
     tie_weights = _project_sorted(-order, m, jnp.where(tied, tie_r2, 0), 0.0)
+    tie_weights += _tied_face_tangent(s, top_tied)  # the tie gets a derivative: see "Choosing"
     weights = jnp.where(tied[..., None], tie_weights, weights)
     weights = jnp.sum(to_sorted * weights[..., None, :], axis=-1)  # back to the logits' order
-    undefined = jnp.isnan(r) | jnp.any(jnp.isnan(x), axis=-1)  # say so rather than return a guess
+    undefined = jnp.isnan(r) | jnp.any(jnp.isnan(z.astype(dtype)), axis=-1)  # say so, not guess
     weights = jnp.where(undefined[..., None], jnp.nan, weights)
     return weights.astype(z.dtype)
 
@@ -236,11 +272,15 @@ def sparsestmax(z: jax.Array, radius) -> jax.Array:
     least ``r`` from ``u`` (see the module docstring for the proof and the closed form). ``r = 0``
     is sparsemax; ``r >= sqrt(1 - 1/K)`` gives one-hot outputs. When several points are optimal
     (tied largest logits with ``r^2 > 1/m - 1/K``, e.g. constant ``z``), the lowest index wins: the
-    output is the limit of ``sparsestmax(z - eps * arange(K), r)`` as ``eps -> 0+``.
+    output is the limit of ``sparsestmax(z - eps * arange(K), r)`` as ``eps -> 0+``; it has no
+    derivative there, and the tied logits get sparsemax's at the tied face's centre, so that
+    logits which start tied (a layer's zeros) move the way the loss prefers at any radius.
 
     Args:
-      z: logits, floating, projected along the last axis; leading axes are batch axes. Finite,
-        with a range below the dtype's largest value; a row holding NaN comes out NaN.
+      z: logits, floating, projected along the last axis; leading axes are batch axes. Finite
+        ones with a range below the dtype's largest value; +inf entries share the weight as if
+        tied far above the rest (one-hot on a single one), -inf entries get weight 0; a row
+        holding NaN comes out NaN.
       radius: r >= 0, a scalar or an array broadcastable to ``z.shape[:-1]``; values above
         ``sqrt(1 - 1/K)`` act as ``sqrt(1 - 1/K)``. A traced negative radius acts as 0, a traced NaN
         radius gives NaN outputs (concrete ones raise).
@@ -286,7 +326,8 @@ def radius_schedule(step: Any, total_steps: int, final: float = 1.0) -> jax.Arra
     ``final * clip(step / total_steps, 0, 1)``, as Sparse Switchable Normalization anneals it. At
     a radius of at least ``sqrt(1 - 1/K)`` every output of sparsestmax is one-hot (K normalizers),
     and that is below 1 for every K, so the default ``final=1.0`` leaves every layer on exactly one
-    normalizer by the end. ``step`` may be traced (inside a jitted train step).
+    normalizer by the end. ``step`` may be traced (inside a jitted train step); ``final`` is a
+    number >= 0 (a negative or non-finite one raises ValueError).
 
     Example::
 
@@ -296,5 +337,10 @@ def radius_schedule(step: Any, total_steps: int, final: float = 1.0) -> jax.Arra
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"radius_schedule needs total_steps as a positive int, got {total_steps!r}.")
+    if isinstance(final, bool) or not isinstance(final, numbers.Real) or not 0 <= final < math.inf:
+        raise ValueError(
+            f"radius_schedule needs final as a finite number >= 0, got {final!r}; 1.0 (the default) "
+            "ends every layer one-hot, 0 keeps sparsemax throughout."
+        )
     fraction = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
     return final * fraction

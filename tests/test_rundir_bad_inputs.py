@@ -18,6 +18,7 @@ import pytest
 from checkpoint_files import TINY, snapshot
 
 from switchnorm.train.cli import main
+from switchnorm.train.config import LATER_SETTINGS, TrainConfig
 
 BASE = ["train", "--dataset", "synthetic", "--epochs", "1", "--quiet"]
 
@@ -61,6 +62,7 @@ FLAG_VALUES: dict[str, list[tuple[str, str]]] = {
         ("inf", "positive number"),
         ("-inf", "positive number"),
         ("1e400", "positive number"),
+        ("1e300", "at most 3.4e+38"),
     ],
     "--momentum": [
         ("1.5", ">= 0 and < 1"),
@@ -105,10 +107,12 @@ FLAG_VALUES: dict[str, list[tuple[str, str]]] = {
         ("nan", "positive number"),
         ("inf", "positive number"),
         ("1e400", "positive number"),
+        ("1e300", "at most 3.4e+38"),  # float32 would make it inf (with warnings), not an error
         ("x", "expected a number"),
         ("", "expected a number"),
     ],
     "--mixing-clip": [
+        ("1e39", "at most 3.4e+38"),
         ("0", "positive number"),
         ("-1", "positive number"),
         ("nan", "positive number"),
@@ -170,8 +174,8 @@ def test_the_commands_themselves_refuse_bad_words(capsys):
 # -- config.json --------------------------------------------------------------------------------
 
 CONFIG_VALUES: dict[str, list[tuple[object, str]]] = {
-    "dataset": [(5, "unknown dataset"), ("cifar", "unknown dataset"), (None, "unknown dataset")],
-    "model": [("vgg", "unknown model"), (3, "unknown model"), (None, "incomplete")],
+    "dataset": [(5, "unknown dataset"), ("cifar", "unknown dataset"), (None, "dataset is null")],
+    "model": [("vgg", "unknown model"), (3, "unknown model"), (None, "model is null")],
     "norm": [("wn", "unknown norm"), (["sn"], "unknown norm"), ("gn", "spatial")],
     "optimizer": [("lion", "unknown optimizer")],
     "dtype": [("int8", "unknown dtype")],
@@ -179,7 +183,7 @@ CONFIG_VALUES: dict[str, list[tuple[object, str]]] = {
     "batch_size": [("64", "must be an integer"), (0, "positive integer"), (10**9, "at most")],
     "learning_rate": [("0.01", "positive number"), (-1, "positive number"), (0, "positive number")],
     "momentum": [(1.5, "< 1"), ("x", "< 1")],
-    "weight_decay": [(-1, "between 0 and 1"), (None, "between 0 and 1")],
+    "weight_decay": [(-1, "between 0 and 1"), (None, "weight_decay is null")],
     "warmup_epochs": [(-1, "between 0 and 2"), (100, "between 0 and 2")],
     "eval_every": [(0, "positive integer"), ("5", "must be an integer")],
     "seed": [(-1, "integer >= 0"), (2**64, "at most"), (1.5, "must be an integer")],
@@ -206,9 +210,17 @@ CONFIG_CASES: dict[str, Callable[[dict], object]] = {}
 for _field, _bad in CONFIG_VALUES.items():
     for _value, _message in _bad:
         CONFIG_CASES[f"{_field}={_value!r}"] = (lambda c, f=_field, v=_value: {**c, f: v}, _message)
+for _field in sorted(set(json.loads(TrainConfig().to_json())) - set(LATER_SETTINGS)):
+    CONFIG_CASES[f"{_field} missing"] = (
+        lambda c, f=_field: {k: v for k, v in c.items() if k != f},
+        f"{_field} is missing",
+    )
 CONFIG_CASES |= {
     "unknown setting": (lambda c: {**c, "colour": "red"}, "not a setting"),
-    "missing setting": (lambda c: {k: v for k, v in c.items() if k != "num_classes"}, "incomplete"),
+    "missing setting": (
+        lambda c: {k: v for k, v in c.items() if k != "num_classes"},
+        "num_classes is missing",
+    ),
     "a list": (lambda c: [c], "must be a JSON object"),
     "a number": (lambda c: 5, "must be a JSON object"),
     "steps beyond the int32 counter": (lambda c: {**c, "epochs": 100_000, "steps_per_epoch": 10**5}, "steps"),
@@ -276,6 +288,15 @@ def _damage_checkpoint(how: str) -> Callable[[Path], None]:
     return damage
 
 
+def _alter_digest(tiny: Path) -> None:
+    """What a changed value that orbax still reads looks like: one array's SHA-256 disagrees."""
+    meta_file = tiny / "checkpoints" / "16" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    name = sorted(meta["sha256"])[0]
+    meta["sha256"][name] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+
+
 METRICS_DAMAGE = {
     "a number line": (_metrics_line("5"), "line 1 is damaged"),
     "a junk line": (_metrics_line("xyz"), "line 1 is damaged"),
@@ -285,14 +306,29 @@ METRICS_DAMAGE = {
     "a bare NaN": (_metrics_line('{"epoch": 1, "step": 8, "train_loss": NaN}'), "line 1 is damaged"),
     "a string step": (_metrics_line('{"epoch": 1, "step": "8"}'), "line 1 is damaged"),
     "interleaved epochs": (_metrics_line('{"epoch": 1, "step": 8}', 1), "line 2 is damaged"),
+    "weights of the wrong shape": (
+        _metrics_line('{"epoch": 1, "step": 8, "weights": {"norms/0": {"mean": [0.5, 0.5]}}}'),
+        "line 1 is damaged ('weights' is not a JSON object of layer",
+    ),
+    "weights of other layers than the line before": (
+        _metrics_line(
+            '{"epoch": 2, "step": 16, "weights": {"other": {"mean": {"bn": 1}, "var": {"bn": 1}}}}', 1
+        ),
+        "line 2 is damaged (its weights have other layers",
+    ),
     "a complete junk last line": (_metrics_line("{}", 1), "line 2 is damaged"),
 }
 FILE_DAMAGE = {
     **{f"metrics: {k}": v for k, v in METRICS_DAMAGE.items()},
-    "truncated checkpoint": (_damage_checkpoint("truncated"), "truncated"),
-    "corrupted checkpoint": (_damage_checkpoint("garbage"), "corrupted"),
-    "unreadable manifest": (_write("manifests/16.json", "{"), "unreadable manifest"),
-    "manifest of the wrong shape": (_write("manifests/16.json", "[1]"), "unreadable manifest"),
+    "truncated checkpoint": (_damage_checkpoint("truncated"), "16 is damaged"),
+    "corrupted checkpoint": (_damage_checkpoint("garbage"), "16 is damaged"),
+    "altered array": (_alter_digest, "does not hold the bytes saved"),
+    "unreadable checkpoint meta": (_write("checkpoints/16/meta/metadata", "{"), "no readable meta/metadata"),
+    "checkpoint meta not an object": (_write("checkpoints/16/meta/metadata", "[1]"), "not a JSON object"),
+    "checkpoint meta of another step": (
+        _write("checkpoints/16/meta/metadata", '{"step": 8, "epoch": 1, "sha256": {}}'),
+        "does not describe switchnorm's checkpoint 16",
+    ),
 }
 
 
@@ -320,7 +356,7 @@ def test_a_damaged_summary_is_refused(case, command, workspace, capsys):
 def test_metrics_cut_shorter_than_the_checkpoint_are_refused(workspace, capsys):
     file = workspace / "tiny" / "metrics.jsonl"
     file.write_text(file.read_text().splitlines()[0] + "\n")
-    _assert_refused(COMMANDS["resume"](workspace / "tiny"), "fewer records", workspace, capsys)
+    _assert_refused(COMMANDS["resume"](workspace / "tiny"), "fewer than the 2 epochs", workspace, capsys)
 
 
 # -- run directories and --out ------------------------------------------------------------------
@@ -377,7 +413,7 @@ def _run_case(case: str, ws: Path) -> tuple[list[str], str]:
         (ws / "file").write_text("x")
         return [*fresh, str(ws / "file" / "run")], "is a file, not a directory"
     if case == "out under /proc":
-        return [*fresh, "/proc/switchnorm-test/run"], "cannot create --out"
+        return [*fresh, "/proc/switchnorm-test/run"], "cannot create"
     if case == "out is a symlink":
         (ws / "link").symlink_to(ws / "outside")
         return [*fresh, str(ws / "link")], "symbolic link"
@@ -468,3 +504,16 @@ def test_out_in_a_folder_nobody_may_write_is_refused(tmp_path, capsys):
             subprocess.run(["umount", str(locked)], check=False)
         else:
             locked.chmod(0o755)
+
+
+def test_a_config_json_without_the_later_settings_reads_as_a_run_made_before_them(workspace, capsys):
+    from switchnorm.train.rundir import RunDir
+
+    file = workspace / "tiny" / "config.json"
+    config = json.loads(file.read_text())
+    assert all(config[key] == value for key, value in LATER_SETTINGS.items())
+    file.write_text(json.dumps({k: v for k, v in config.items() if k not in LATER_SETTINGS}))
+    loaded = RunDir(workspace / "tiny").read_config()
+    assert {key: getattr(loaded, key) for key in LATER_SETTINGS} == LATER_SETTINGS
+    assert main(["train", "--out", str(workspace / "tiny"), "--resume"]) == 0
+    assert "the run is complete" in capsys.readouterr().out

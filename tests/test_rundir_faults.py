@@ -21,10 +21,11 @@ import pytest
 from checkpoint_files import TINY, final_arrays, snapshot
 from event_files import scalars
 
-from switchnorm.train import data
+from switchnorm.train import checkpoints, data, files
 from switchnorm.train.cli import main
-from switchnorm.train.lock import LockHeld, RunLock, holder
-from switchnorm.train.rundir import RunDir, RunError
+from switchnorm.train.files import LockHeld
+from switchnorm.train.files import lock_holder as holder
+from switchnorm.train.rundir import RunDir
 
 
 def one_error_line(capsys) -> str:
@@ -36,7 +37,6 @@ def one_error_line(capsys) -> str:
 def _unfinish(tiny: Path) -> None:
     """Turns the finished run into one killed after epoch 1: its last checkpoint and summary gone."""
     shutil.rmtree(tiny / "checkpoints" / "16")
-    (tiny / "manifests" / "16.json").unlink()
     (tiny / "summary.json").unlink()
 
 
@@ -79,21 +79,27 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_tak
     assert "the run is complete" in capsys.readouterr().out
 
 
+def _directory(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def test_the_lock_is_exclusive_between_two_opens_and_released_on_close(tmp_path):
-    first, second = RunLock(tmp_path), RunLock(tmp_path)
-    first.acquire()
+    first_dir, second_dir = _directory(tmp_path), _directory(tmp_path)
+    first = files.lock(first_dir, tmp_path)
     with pytest.raises(LockHeld, match=f"process {os.getpid()}"):
-        second.acquire()
-    first.release()
-    second.acquire()
-    second.release()
+        files.lock(second_dir, tmp_path)
+    os.close(first)
+    os.close(files.lock(second_dir, tmp_path))
+    os.close(first_dir), os.close(second_dir)
 
 
 def test_a_symlinked_lock_file_is_refused_not_followed(tmp_path):
     (tmp_path / "victim").write_text("keep")
     (tmp_path / ".lock").symlink_to(tmp_path / "victim")
+    directory = _directory(tmp_path)
     with pytest.raises(OSError, match="symbolic link"):
-        RunLock(tmp_path).acquire()
+        files.lock(directory, tmp_path)
+    os.close(directory)
     assert (tmp_path / "victim").read_text() == "keep"
 
 
@@ -123,11 +129,11 @@ def test_plot_refuses_a_figure_that_is_a_link(workspace, capsys):
 def _locked_run(tmp_path: Path) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    run.lock()
+    run.open()
     return run
 
 
-def test_checkpoint_cleanup_deletes_only_steps_its_manifests_name(tmp_path):
+def test_checkpoint_cleanup_deletes_only_switchnorms_own_checkpoints(tmp_path):
     run = _locked_run(tmp_path)
     stray = run.path / "checkpoints" / "5"
     stray.mkdir(parents=True)
@@ -147,14 +153,12 @@ def test_checkpoint_cleanup_never_deletes_through_a_linked_step_folder(tmp_path)
     (victim / "data.txt").write_text("keep")
     run = _locked_run(tmp_path)
     (run.path / "checkpoints").mkdir()
-    (run.path / "manifests").mkdir()
     (run.path / "checkpoints" / "1").symlink_to(victim)
-    (run.path / "manifests" / "1.json").write_text("{}")
     with run:
-        run.save_checkpoint(2, {"w": np.zeros(3, np.float32)}, epoch=2)
-        with pytest.raises(RunError, match="symbolic link"):
-            run.save_checkpoint(3, {"w": np.zeros(3, np.float32)}, epoch=3)
+        for step in (2, 3, 4):
+            run.save_checkpoint(step, {"w": np.zeros(3, np.float32)}, epoch=step)
     assert (victim / "data.txt").read_text() == "keep"
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["1", "3", "4"]
 
 
 # -- partial and damaged lines ------------------------------------------------------------------
@@ -226,7 +230,7 @@ def test_a_full_disk_stops_with_one_line_and_the_earlier_checkpoint_resumes_bitw
     assert main(["train", *TINY, "--out", str(out)]) == 2
     assert "No space left on device" in one_error_line(capsys)
     assert RunDir(out).latest_step() == 8
-    RunDir(out).verify_checkpoint(8)
+    checkpoints.restore(out / "checkpoints", 8, final_arrays(out, 8))  # every array matches its SHA-256
     if leave == 0:
         return  # one resume below is enough: the failed checkpoint write is the harder case
     fillers[0].unlink()
@@ -374,3 +378,50 @@ def test_concurrent_commands_on_one_run_directory_never_interleave(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6] and not partial
     assert json.loads((out / "config.json").read_text())["seed"] == 0
     assert json.loads((out / "summary.json").read_text())["epochs"] == 6
+
+
+def test_a_failed_write_names_the_file_it_could_not_write(tmp_path, monkeypatch, capsys):
+    from switchnorm.train import files
+
+    original = files.append_line
+
+    def full(target, line):  # os.write's ENOSPC carries no file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "append_line", full)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 2
+    assert f"cannot write {out / 'metrics.jsonl'}: No space left on device" in one_error_line(capsys)
+    monkeypatch.setattr(files, "append_line", original)
+
+
+def test_inspect_reads_the_newest_checkpoint_when_the_writer_deletes_the_one_it_chose(workspace, capsys):
+    from switchnorm.train import checkpoints
+
+    tiny = workspace / "tiny"
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tiny / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    original = checkpoints.restore
+    calls = []
+
+    def racing(root, step, template):
+        calls.append(step)
+        if len(calls) == 1:  # the writer saves step 24 and deletes 16, the one inspect chose
+            shutil.copytree(root / "16", root / "24")
+            meta = root / "24" / "meta" / "metadata"
+            meta.write_text(meta.read_text().replace('"step": 16', '"step": 24'))
+            shutil.rmtree(root / "16")
+            raise ValueError("is damaged (unreadable, truncated or altered): NOT_FOUND")
+        return original(root, step, template)
+
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(checkpoints, "restore", racing)
+            assert main(["inspect", str(tiny)]) == 0
+    finally:
+        other.kill()
+        other.communicate()
+    assert calls == [16, 24]
+    assert "(step 24)" in capsys.readouterr().out

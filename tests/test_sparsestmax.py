@@ -323,3 +323,127 @@ def test_docstring_example_runs():
     for test in finder.find(sparsestmax, "sparsestmax", globs={}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries >= 5
+
+
+# -- infinite logits: the limit of ever larger (or smaller) finite ones ----------------------------
+
+BIG = 1e6  # far beyond any gap among the finite logits below, so the reference sees the limit
+
+INFINITE = [
+    [np.inf, 1.0, 0.0],  # one +inf: one-hot on it
+    [np.inf, np.inf, 0.0, -1.0],  # several: tied among themselves
+    [0.5, np.inf, -np.inf, np.inf],  # with a -inf among the rest
+    [1.0, -np.inf, 0.0],  # -inf: weight 0, the rest projected without it
+    [0.3, 0.1, -np.inf, 0.2, -np.inf],
+    [-np.inf, -np.inf, -np.inf],  # nothing but -inf: as constant logits
+    [2.0, 2.0, -np.inf, 0.0],  # a tie beside a -inf
+]
+
+
+def _finite_limit(z) -> np.ndarray:
+    """z with +inf as BIG (and the rest 0 where there is one) and -inf as -BIG."""
+    z = np.asarray(z, np.float64)
+    if np.isposinf(z).any():
+        return np.where(np.isposinf(z), BIG, 0.0)
+    if np.isneginf(z).all():
+        return np.zeros_like(z)
+    return np.where(np.isneginf(z), -BIG, z)
+
+
+@pytest.mark.parametrize("z", INFINITE, ids=str)
+def test_infinite_logits_give_the_limit_of_huge_finite_ones(z):
+    for fraction in RADIUS_FRACTIONS:
+        radius = fraction * ref.top_radius(len(z))
+        got = np.asarray(sparsestmax(jnp.asarray(z, jnp.float32), radius))
+        limit = _finite_limit(z)
+        expected = ref.lowest_index_tiebreak(limit, radius, eps=1e-9)
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"radius {radius}")
+
+
+def test_a_single_plus_inf_is_one_hot_and_minus_inf_gets_nothing_with_finite_gradients():
+    z = jnp.array([[0.0, jnp.inf, 3.0], [1.0, -jnp.inf, 0.2]])
+    p = sparsestmax(z, 0.3)
+    np.testing.assert_array_equal(p[0], [0.0, 1.0, 0.0])
+    assert p[1, 1] == 0 and np.isfinite(p).all()
+    grad = jax.grad(lambda z: jnp.sum(sparsestmax(z, 0.3) * jnp.arange(3.0)))(z)
+    assert np.isfinite(grad).all() and grad[1, 1] == 0
+
+
+# -- choosing from tied logits at any radius -----------------------------------------------------
+
+
+def _tied_face_jacobian(z: np.ndarray) -> np.ndarray:
+    """The reference derivative at tied maxima: sparsemax's, by central differences in float64,
+    of the tied entries alone (the rest out of the problem), zero elsewhere."""
+    tied = np.flatnonzero(z == z.max())
+    jacobian = np.zeros((z.size, z.size))
+    h = 1e-4
+    for j in tied:
+        step = np.zeros(tied.size)
+        step[list(tied).index(j)] = h
+        column = (ref.sparsemax(z[tied] + step) - ref.sparsemax(z[tied] - step)) / (2 * h)
+        jacobian[tied, j] = column
+    return jacobian
+
+
+TIED_ABOVE_THE_FACE = [  # tied maxima with the ball past their face's centre: the tie rule decides
+    ([0.0, 0.0, 0.0, 0.0], 0.5),
+    ([0.0, 0.0, 0.0, 0.0], 1.0),  # one-hot
+    ([0.0, 0.0, 0.0], 0.3),
+    ([1.0, 1.0, 0.0, -1.0], 0.6),
+    ([2.0, 0.5, 2.0, 2.0], 0.45),
+]
+
+
+@pytest.mark.parametrize("z, radius", TIED_ABOVE_THE_FACE)
+def test_tied_logits_above_their_face_get_the_tied_faces_sparsemax_derivative(z, radius, x64):
+    # The tie rule's answer jumps with the direction z leaves the tie in: no derivative exists.
+    # Before, the code gave none (exactly 0): logits that start tied at zero never moved once the
+    # radius was above 0, and every layer stayed on bn.
+    z = np.asarray(z)
+    jacobian = np.asarray(jax.jacrev(sparsestmax)(jnp.asarray(z), jnp.float64(radius)))
+    np.testing.assert_allclose(jacobian, _tied_face_jacobian(z), atol=1e-8)
+    assert np.abs(jacobian).max() > 0.1
+    np.testing.assert_allclose(  # the value is still the tie rule's
+        sparsestmax(jnp.asarray(z), radius), ref.lowest_index_tiebreak(z, radius, eps=1e-9), atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("radius", [0.3, 0.6, 1.0])
+def test_tied_logits_at_a_radius_above_zero_move_and_the_layer_chooses(radius):
+    """What ``set_radius(model, r)`` before training does to a layer's zero logits: one gradient
+    step from the tie, and the projection picks the normalizer the loss prefers (not the tie
+    rule's index 0)."""
+    preference = jnp.array([0.0, 0.2, 1.0, 0.1])  # the loss wants weight on entry 2
+
+    def loss(z):
+        return -jnp.sum(sparsestmax(z, radius) * preference)
+
+    z = jnp.zeros(4)
+    grad = jax.grad(loss)(z)
+    assert int(np.argmin(grad)) == 2 and np.ptp(grad) > 0
+    moved = z - 0.1 * grad
+    assert int(np.argmax(sparsestmax(moved, radius))) == 2
+    if radius >= ref.top_radius(4):
+        np.testing.assert_array_equal(sparsestmax(moved, radius), [0.0, 0.0, 1.0, 0.0])
+
+
+def test_tied_logits_stay_tied_only_where_the_loss_does_not_tell_them_apart():
+    grad = jax.grad(lambda z: jnp.sum(sparsestmax(z, 0.7) * jnp.array([1.0, 1.0, 1.0, 5.0])))(
+        jnp.array([0.0, 0.0, 0.0, -1.0])
+    )
+    np.testing.assert_array_equal(grad, np.zeros(4))
+
+
+# -- radius_schedule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final", [-1.0, -1e-9, float("nan"), float("inf"), True, "1"])
+def test_radius_schedule_refuses_a_negative_or_non_finite_final_radius(final):
+    with pytest.raises(ValueError, match="final as a finite number >= 0"):
+        switchnorm.radius_schedule(3, 10, final=final)
+
+
+def test_radius_schedule_takes_any_finite_final_radius():
+    assert float(switchnorm.radius_schedule(5, 10, final=0.0)) == 0.0
+    assert float(switchnorm.radius_schedule(5, 10, final=np.float32(2.0))) == 1.0

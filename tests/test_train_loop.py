@@ -219,3 +219,16 @@ def test_sgd_weight_decay_also_spares_the_mixing_logits():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
     assert np.all(updates["norm"]["var_logits"] == 0)
     assert np.all(updates["kernel"] < 0)
+
+
+def test_a_one_step_ssn_run_ends_with_every_layer_one_hot(synthetic):
+    model = build_model("mlp", synthetic.input_shape, synthetic.num_classes, norm="ssn")
+    trainer = Trainer(model, TrainConfig(epochs=1, batch_size=512), synthetic)  # 512 examples: one step
+    state, record = trainer.fit()
+    assert int(state.step) == 1
+    for layer in record["weights"].values():
+        for row in layer.values():
+            assert sorted(row.values()) == [0.0, 1.0]
+    assert {
+        float(r[...]) for r in jax.tree.leaves(nnx.state(trainer.model_at(state), switchnorm.MixingRadius))
+    } == {1.0}

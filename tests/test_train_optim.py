@@ -74,3 +74,35 @@ def test_without_the_options_the_optimizer_and_its_state_are_unchanged():
 def test_non_positive_mixing_options_are_refused(option):
     with pytest.raises(ValueError, match="must be positive"):
         make_optimizer("sgd", LR, **option)
+
+
+# -- the command's own optimizer ------------------------------------------------------------------
+
+
+def _with_logits(params, value: float):
+    """``params`` with every mixing logit set to ``value`` (initial logits are 0: decay would not show)."""
+
+    def set_logit(path, leaf):
+        return jnp.full_like(leaf, value) if "_logits" in jax.tree_util.keystr(path) else leaf
+
+    return jax.tree_util.tree_map_with_path(set_logit, params)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("mixing", [{}, {"mixing_lr_scale": 0.1, "mixing_clip": 1.0}], ids=["plain", "ssn"])
+def test_the_train_commands_optimizer_never_decays_the_mixing_logits(optimizer, mixing):
+    from switchnorm.train import TrainConfig, command
+
+    config = TrainConfig.for_dataset(
+        "synthetic", norm="sn", optimizer=optimizer, weight_decay=1.0, warmup_epochs=0, **mixing
+    )
+    trainer = command.build(config, devices=None).trainer  # what `switchnorm train` steps with
+    params = _with_logits(trainer.initial_state().params, 1.0)
+    updates, _ = trainer.tx.update(jax.tree.map(jnp.zeros_like, params), trainer.tx.init(params), params)
+    flat = {jax.tree_util.keystr(p): np.asarray(u) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    values = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    logits = [k for k in flat if "_logits" in k]
+    kernels = [k for k in flat if "kernel" in k]
+    assert len(logits) == 4 and all(np.all(flat[k] == 0) for k in logits)  # no gradient, no decay
+    for k in kernels:  # decay alone moves the rest, towards zero
+        assert np.all(flat[k] * values[k] < 0), k

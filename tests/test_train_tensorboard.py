@@ -84,7 +84,6 @@ def test_a_resumed_run_purges_what_followed_its_checkpoint_and_logs_each_step_on
     shutil.copytree(run, copy)
     # What a kill after epoch 1's checkpoint leaves: epoch 2 already logged, its checkpoint gone.
     shutil.rmtree(copy / "checkpoints" / "16")
-    (copy / "manifests" / "16.json").unlink()
     (copy / "summary.json").unlink()
     assert main(["train", "--out", str(copy), "--resume", "--quiet"]) == 0
     assert len(event_files(copy / "tensorboard")) == 2  # the first file untouched, a new one appended
@@ -96,7 +95,7 @@ def test_closing_the_reporter_flushes_the_steps_logged_since_the_last_epoch(tmp_
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     with run:
-        run.lock()
+        run.open()
         reporter = Reporter(run, quiet=True)
         reporter.on_train_begin(SimpleNamespace(total_steps=8), SimpleNamespace(step=4), 0)
         for step in (5, 6, 7):
@@ -134,7 +133,7 @@ def test_a_symlinked_tensorboard_folder_is_refused_and_nothing_is_written_throug
     run.path.mkdir()
     (run.path / "tensorboard").symlink_to(outside)
     with run, pytest.raises(RunError, match="symbolic link"):
-        run.lock()
+        run.open()
         Reporter(run, quiet=True).on_train_begin(SimpleNamespace(total_steps=8), SimpleNamespace(step=0), 0)
     assert list(outside.iterdir()) == []
 
@@ -147,7 +146,7 @@ def _reporter_whose_event_file_cannot_be_written(tmp_path, monkeypatch) -> Repor
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    run.lock()
+    run.open()
     reporter = Reporter(run, quiet=True)
     reporter.on_train_begin(SimpleNamespace(total_steps=8), SimpleNamespace(step=0), 0)
     reporter.on_step(None, 1, 0.5, 0.25)

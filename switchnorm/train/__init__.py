@@ -8,12 +8,13 @@ matplotlib and tqdm are imported when a function needs them (install them with
     >>> from switchnorm.train import weight_decay_mask, param_labels, WeightHistory
 """
 
+from switchnorm._param_labels import MIXING_LOGITS, param_labels, weight_decay_mask
+from switchnorm.train.config import TrainConfig
 from switchnorm.train.data import DATASETS, Dataset, load_dataset
 from switchnorm.train.loop import (
     Callback,
     LinenAdapter,
     ShardingPlan,
-    TrainConfig,
     Trainer,
     TrainState,
     WeightHistory,
@@ -22,13 +23,7 @@ from switchnorm.train.loop import (
     model_weights,
 )
 from switchnorm.train.models import MODELS, NORMS, build_model
-from switchnorm.train.optim import (
-    MIXING_LOGITS,
-    make_optimizer,
-    param_labels,
-    warmup_cosine,
-    weight_decay_mask,
-)
+from switchnorm.train.optim import make_optimizer, warmup_cosine
 
 __all__ = [
     "DATASETS",

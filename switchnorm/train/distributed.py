@@ -27,9 +27,7 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,72 +39,22 @@ from switchnorm.train import loop
 
 AXIS = "data"
 
-ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
-ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
-ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENVIRONMENT = {  # each setting of a multi-process run and the variable it is read from if not given
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",  # also read by jax.distributed itself
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    """Where this process stands in a multi-process run.
-
-    Attributes:
-      coordinator_address: ``host:port`` of process 0's coordination service.
-      num_processes: how many processes take part.
-      process_id: this process's rank, 0 .. num_processes - 1.
-    """
-
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-
-    @classmethod
-    def from_flags(
-        cls,
-        coordinator_address: str | None = None,
-        num_processes: int | None = None,
-        process_id: int | None = None,
-        environ: Mapping[str, str] = os.environ,
-    ) -> Cluster:
-        """Flags win; unset ones come from ``JAX_COORDINATOR_ADDRESS``,
-        ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``."""
-
-        def number(value: Any, name: str) -> int | None:
-            if value is None or value == "":
-                return None
-            try:
-                return int(value)
-            except ValueError:
-                raise ValueError(f"{name} must be an integer, got {value!r}.") from None
-
-        return cls(
-            coordinator_address or environ.get(ENV_COORDINATOR) or None,
-            number(
-                num_processes if num_processes is not None else environ.get(ENV_NUM_PROCESSES),
-                "num_processes",
-            ),
-            number(process_id if process_id is not None else environ.get(ENV_PROCESS_ID), "process_id"),
-        )
-
-    @property
-    def requested(self) -> bool:
-        """True if any of the three is set, i.e. the user asked for several processes."""
-        return any(v is not None for v in dataclasses.astuple(self))
-
-    def validate(self) -> None:
-        missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]
-        if missing:
-            raise ValueError(
-                f"a multi-process run needs coordinator_address, num_processes and "
-                f"process_id; missing {missing} (flags --coordinator-address, "
-                f"--num-processes, --process-id or {ENV_COORDINATOR}, "
-                f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})."
-            )
-        assert self.num_processes is not None and self.process_id is not None  # none is missing
-        if self.num_processes < 1:
-            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}.")
-        if not 0 <= self.process_id < self.num_processes:
-            raise ValueError(f"process_id must be in 0..{self.num_processes - 1}, got {self.process_id}.")
+def _from_environment(value: Any, variable: str, name: str) -> Any:
+    """``value``, or (if None) the environment variable's, as an int unless ``name`` is the address."""
+    value = os.environ.get(variable) or None if value is None else value
+    if value is None or name == "coordinator_address":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
 
 
 def initialize(
@@ -116,19 +64,30 @@ def initialize(
 ) -> bool:
     """Joins a multi-process run with ``jax.distributed.initialize`` if one is asked for.
 
-    Arguments left ``None`` are read from the environment (see
-    :meth:`Cluster.from_flags`). With nothing set anywhere this does nothing
-    and returns False: a single-process run. Must run before anything else
-    touches JAX's devices. On CPU the processes talk through gloo (JAX's
-    default ``jax_cpu_collectives_implementation``).
+    Arguments left ``None`` are read from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID``. With nothing set anywhere this does nothing and returns False: a
+    single-process run. Must run before anything else touches JAX's devices. On CPU the
+    processes talk through gloo (JAX's default ``jax_cpu_collectives_implementation``).
     """
-    cluster = Cluster.from_flags(coordinator_address, num_processes, process_id)
-    if not cluster.requested:
+    given = zip((coordinator_address, num_processes, process_id), ENVIRONMENT.items(), strict=True)
+    cluster = {name: _from_environment(value, variable, name) for value, (name, variable) in given}
+    if all(v is None for v in cluster.values()):
         return False
-    cluster.validate()
-    if cluster.num_processes == 1:
+    missing = [name for name, value in cluster.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"a multi-process run needs coordinator_address, num_processes and process_id; missing "
+            f"{missing} (flags --coordinator-address, --num-processes, --process-id or "
+            f"{', '.join(ENVIRONMENT.values())})."
+        )
+    processes, rank = cluster["num_processes"], cluster["process_id"]
+    if processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {processes}.")
+    if not 0 <= rank < processes:
+        raise ValueError(f"process_id must be in 0..{processes - 1}, got {rank}.")
+    if processes == 1:
         return False
-    jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
+    jax.distributed.initialize(cluster["coordinator_address"], processes, rank)
     return True
 
 
@@ -166,8 +125,7 @@ def mesh_devices(devices: int | None = None) -> list[jax.Device]:
     ``None`` means all local devices. Every process must pass the same number.
     """
     local = jax.local_device_count()
-    if devices is None:
-        devices = local
+    devices = local if devices is None else devices
     if not isinstance(devices, int) or not 1 <= devices <= local:
         raise ValueError(
             f"devices must be between 1 and the {local} local device(s) of this process, got {devices!r}."
@@ -198,12 +156,6 @@ class DataParallel:
         self.num_processes = jax.process_count()
         self.process_index = jax.process_index()
 
-    def __repr__(self) -> str:
-        return (
-            f"DataParallel({self.num_devices} devices, {self.num_processes} "
-            f"process(es), this one #{self.process_index})"
-        )
-
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.num_devices:
             raise ValueError(
@@ -212,11 +164,6 @@ class DataParallel:
                 f"fewer devices (--devices)."
             )
 
-    def local_rows(self, batch_size: int) -> slice:
-        """This process's share of a global batch of ``batch_size`` rows."""
-        share = batch_size // self.num_processes
-        return slice(self.process_index * share, (self.process_index + 1) * share)
-
     def shard(self, global_batch: Any) -> jax.Array:
         """Splits ``global_batch`` (the same NumPy array in every process) over the mesh.
 
@@ -224,7 +171,8 @@ class DataParallel:
         """
         global_batch = np.asarray(global_batch)
         self.check_batch_size(len(global_batch))
-        local = global_batch[self.local_rows(len(global_batch))]
+        share = len(global_batch) // self.num_processes
+        local = global_batch[self.process_index * share : (self.process_index + 1) * share]
         return jax.make_array_from_process_local_data(self.batch, local, global_batch.shape)
 
     def replicate(self, tree: Any) -> Any:
@@ -242,12 +190,6 @@ class DataParallel:
             return jax.make_array_from_process_local_data(self.replicated, host, host.shape)
 
         return jax.tree.map(put, tree)
-
-    def fetch(self, tree: Any) -> Any:
-        """Replicated arrays back to NumPy (every process holds a full copy)."""
-        return jax.tree.map(
-            lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree
-        )
 
 
 def make_trainer(model, config, dataset, tx=None, devices: int | None = None) -> loop.Trainer:

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -38,52 +37,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from switchnorm._recalibrate import recalibrate
-from switchnorm._sparsestmax import radius_schedule
-from switchnorm.inspect import mixing_weights
-from switchnorm.nnx import set_radius
-from switchnorm.train import config as run_config
+import switchnorm
 from switchnorm.train import data as data_lib
 from switchnorm.train import optim
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How to train: optimizer, schedule, batches, evaluation.
-
-    The defaults are those of ``switchnorm train`` on its default dataset
-    (:mod:`switchnorm.train.config`, the one place they are written).
-
-    Attributes:
-      epochs: passes over the training set.
-      batch_size: examples per step (the last partial batch of an epoch is dropped).
-      optimizer: "sgd" (Nesterov momentum) or "adamw".
-      learning_rate: the peak learning rate.
-      momentum: SGD momentum or AdamW's b1.
-      weight_decay: applied to every parameter except the mixing logits.
-      warmup_epochs: linear warmup length, then cosine decay to zero.
-      eval_every: evaluate (and call ``on_eval``) every this many epochs, and
-        always after the last one.
-      seed: the data order; the model's initialization is the caller's.
-      mixing_lr_scale: the mixing logits' learning rate over everyone else's
-        (Sparse SN uses 0.1); see :func:`switchnorm.train.optim.make_optimizer`.
-      mixing_clip: if set, the largest global norm of the mixing logits' gradient.
-      recalibrate: if positive, before the last evaluation every SwitchNorm's bn running
-        averages are recomputed over this many training batches (:func:`switchnorm.recalibrate`).
-    """
-
-    epochs: int = run_config.EPOCHS
-    batch_size: int = run_config.BATCH_SIZE
-    optimizer: str = run_config.OPTIMIZER
-    learning_rate: float = run_config.LEARNING_RATE
-    momentum: float = run_config.MOMENTUM
-    weight_decay: float = run_config.WEIGHT_DECAY
-    warmup_epochs: float = run_config.WARMUP_EPOCHS
-    eval_every: int = run_config.EVAL_EVERY
-    seed: int = run_config.SEED
-    mixing_lr_scale: float = run_config.MIXING_LR_SCALE
-    mixing_clip: float | None = run_config.MIXING_CLIP
-    recalibrate: int = run_config.RECALIBRATE
+from switchnorm.train.config import TrainConfig
 
 
 class TrainState(NamedTuple):
@@ -165,14 +122,14 @@ def model_weights(model: nnx.Module, batch: Any = None) -> dict[str, Any]:
     parameter tree (paths ``inner/...``); those of another NNX module holding Linen
     parameters too, except ``"sample"`` ones, which need the adapter's forward pass.
     """
-    weights = mixing_weights(model, batch=batch)
+    weights = switchnorm.mixing_weights(model, batch=batch)
     if weights:
         return weights
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if not isinstance(model, LinenAdapter):
-        return mixing_weights(params)
+        return switchnorm.mixing_weights(params)
     # The forward pass names Linen layers from the wrapped module's root, so read its own tree.
-    inner = mixing_weights(params["inner"], batch=batch, forward=lambda _, x: model(x))
+    inner = switchnorm.mixing_weights(params["inner"], batch=batch, forward=lambda _, x: model(x))
     return {f"inner/{path}": layer for path, layer in inner.items()}
 
 
@@ -228,17 +185,17 @@ def train_step(
     ``jax.jit``, so only ``state`` and ``batch`` are traced.
 
     With ``total_steps``, every ``mixing="sparsestmax"`` layer first gets the radius
-    ``radius_schedule(step, total_steps - 1)`` (``step`` the traced count of steps done):
-    0 at the first step, where sparsestmax is sparsemax and logits that start tied get
-    their first gradient (at a positive radius tied logits have none: every point of the
-    sphere is a minimiser), rising linearly to 1 at the last step, so that the run ends
-    with every layer on one normalizer. The radius lives in ``rest``, so a checkpoint
-    resumes it. Models without such layers are unchanged.
+    ``radius_schedule(step, total_steps - 1)`` (``step`` the traced count of steps done): 0 at
+    the first step, where sparsestmax is sparsemax, rising linearly to 1 at the last step. After
+    the last step the layers keep radius 1 (also in a run of one step), so the trained model
+    has every layer on one normalizer. The radius lives in ``rest``, so a checkpoint resumes
+    it. Models without such layers are unchanged.
     """
     x, y = batch
     model = nnx.merge(graphdef, state.params, state.rest)
     if total_steps is not None:
-        set_radius(model, radius_schedule(state.step, max(total_steps - 1, 1)))
+        radius = switchnorm.radius_schedule(state.step, max(total_steps - 1, 1))
+        switchnorm.set_radius(model, radius)
 
     def loss_fn(model):
         logits = model(x)
@@ -247,6 +204,8 @@ def train_step(
     # nnx.value_and_grad, not jax's: it lets the layers update their
     # running averages in place while differentiating w.r.t. nnx.Param.
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    if total_steps is not None:  # the radius the model ends with: one-hot after the last step
+        switchnorm.set_radius(model, jnp.where(state.step + 1 >= total_steps, 1.0, radius))
     # Two filters give exactly two States; flax's stubs say "one or more", which cannot unpack into two names.
     _, params, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, ...))
     updates, opt_state = tx.update(grads, state.opt_state, params)
@@ -290,13 +249,6 @@ class ShardingPlan(Protocol):
     def replicate(self, tree: Any) -> Any: ...
 
 
-def _check_batch_size(batch_size: int, num_train: int) -> None:
-    if not 1 <= batch_size <= num_train:
-        raise ValueError(
-            f"batch_size must be between 1 and the training set's size {num_train}, got {batch_size}."
-        )
-
-
 class Trainer:
     """Trains an NNX classifier on a :class:`~switchnorm.train.data.Dataset`.
 
@@ -329,7 +281,10 @@ class Trainer:
     ):
         if plan is not None:
             plan.check_batch_size(config.batch_size)
-        _check_batch_size(config.batch_size, len(dataset.x_train))
+        if config.batch_size > len(dataset.x_train):  # TrainConfig refuses one below 1
+            raise ValueError(
+                f"batch_size must be at most the training set's {len(dataset.x_train)} examples."
+            )
         self.model = model
         self.config = config
         self.dataset = dataset
@@ -404,7 +359,7 @@ class Trainer:
         )
         batches = itertools.islice(itertools.chain.from_iterable(orders), self.config.recalibrate)
         model = nnx.merge(self.train_graph, state.params, state.rest, copy=True)  # leaves ``state`` alone
-        recalibrate(model, (self._place_batch(xb)[0] for xb, _ in batches))
+        switchnorm.recalibrate(model, (self._place_batch(xb)[0] for xb, _ in batches))
         _, _, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, ...))
         return self._place_state(state._replace(rest=rest))
 

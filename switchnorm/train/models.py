@@ -16,6 +16,8 @@ per sample.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from switchnorm._arguments import WEIGHTS
-from switchnorm.nnx import SwitchNorm
+import switchnorm
+from switchnorm import _arguments
 
 NORMS = ("sn", "ssn", "bn", "in", "ln", "gn", "none")
 """The choices of ``norm``."""
@@ -46,8 +48,8 @@ def check_norm(norm: str, spatial: bool) -> None:
 
 def check_weights(norm: str, weights: str) -> None:
     """Raises ValueError unless ``weights`` is a choice that ``norm``'s layers can take."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}.")
+    if weights not in _arguments.WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(_arguments.WEIGHTS)}.")
     if weights != "layer" and norm not in LEARNED_NORMS:
         raise ValueError(
             f"weights {weights!r} needs learned mixing weights, which only norm sn and ssn have, "
@@ -63,12 +65,10 @@ def make_norm(
     check_weights(norm, weights)
     if norm == "none":
         return None
-    learned = norm in ("sn", "ssn")
-    normalizers: tuple[str, ...] | None = None if learned else (norm,)
-    if learned and not spatial:
-        normalizers = ("bn", "ln")
+    learned = norm in LEARNED_NORMS
+    normalizers = (None if spatial else ("bn", "ln")) if learned else (norm,)
     mixing = "sparsestmax" if norm == "ssn" else "softmax"
-    return SwitchNorm(
+    return switchnorm.SwitchNorm(
         features, normalizers=normalizers, dtype=dtype, mixing=mixing, weights=weights, rngs=rngs
     )
 
@@ -78,38 +78,20 @@ def _apply(norm: nnx.Module | None, x: jax.Array) -> jax.Array:
 
 
 class ResidualBlock(nnx.Module):
-    """conv-norm-relu-conv-norm plus a shortcut (a strided 1x1 conv when the shape changes)."""
+    """conv-norm-relu-conv-norm plus a shortcut (a strided 1x1 conv when the shape changes).
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        ndim: int,
-        kernel: int,
-        stride: int,
-        norm: str,
-        dtype: Any,
-        weights: str = "layer",
-        rngs: nnx.Rngs,
-    ):
-        bias = norm == "none"
-        conv = lambda i, o, k, s: nnx.Conv(  # noqa: E731
-            i, o, (k,) * ndim, strides=(s,) * ndim, use_bias=bias, dtype=dtype, rngs=rngs
-        )
+    ``norm_layer(features)`` makes each normalization layer; ``conv(i, o, kernel, stride)`` each
+    convolution.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, kernel: int, stride: int, conv, norm_layer):
         self.conv1 = conv(in_features, out_features, kernel, stride)
-        self.norm1 = make_norm(norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
+        self.norm1 = norm_layer(out_features)
         self.conv2 = conv(out_features, out_features, kernel, 1)
-        self.norm2 = make_norm(norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
-        self.shortcut: nnx.Conv | None
-        if stride != 1 or in_features != out_features:
-            self.shortcut = conv(in_features, out_features, 1, stride)
-            self.shortcut_norm = make_norm(
-                norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs
-            )
-        else:
-            self.shortcut = nnx.data(None)
-            self.shortcut_norm = nnx.data(None)
+        self.norm2 = norm_layer(out_features)
+        changes = stride != 1 or in_features != out_features
+        self.shortcut = conv(in_features, out_features, 1, stride) if changes else nnx.data(None)
+        self.shortcut_norm = norm_layer(out_features) if changes else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.nn.relu(_apply(self.norm1, self.conv1(x)))
@@ -122,11 +104,9 @@ class ResidualBlock(nnx.Module):
 class Stem(nnx.Module):
     """conv -> norm -> relu, the first layer of :class:`ResNet`."""
 
-    def __init__(self, in_features, out_features, *, ndim, kernel, norm, dtype, weights="layer", rngs):
-        self.conv = nnx.Conv(
-            in_features, out_features, (kernel,) * ndim, use_bias=norm == "none", dtype=dtype, rngs=rngs
-        )
-        self.norm = make_norm(norm, out_features, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
+    def __init__(self, in_features: int, out_features: int, *, kernel: int, conv, norm_layer):
+        self.conv = conv(in_features, out_features, kernel, 1)
+        self.norm = norm_layer(out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(_apply(self.norm, self.conv(x)))
@@ -155,34 +135,22 @@ class ResNet(nnx.Module):
         check_norm(norm, spatial=True)
         check_weights(norm, weights)
         self.dtype = dtype
-        # One list, stem first, so that layer paths ("layers/0/norm",
-        # "layers/1/norm1", ...) sort in the order the data flows.
-        blocks: list[nnx.Module] = [
-            Stem(
-                input_shape[-1],
-                widths[0],
-                ndim=ndim,
-                kernel=kernel,
-                norm=norm,
-                dtype=dtype,
-                weights=weights,
-                rngs=rngs,
+        norm_layer = functools.partial(make_norm, norm, spatial=True, dtype=dtype, weights=weights, rngs=rngs)
+
+        def conv(i: int, o: int, k: int, s: int) -> nnx.Conv:
+            return nnx.Conv(
+                i, o, (k,) * ndim, strides=(s,) * ndim, use_bias=norm == "none", dtype=dtype, rngs=rngs
             )
+
+        # One list, stem first, so that layer paths ("layers/0/norm", "layers/1/norm1", ...) sort
+        # in the order the data flows.
+        blocks: list[nnx.Module] = [
+            Stem(input_shape[-1], widths[0], kernel=kernel, conv=conv, norm_layer=norm_layer)
         ]
-        for i, width in enumerate(widths):
-            previous = widths[max(i - 1, 0)]
+        for previous, width in zip((widths[0], *widths), widths, strict=False):
+            stride = 2 if width > previous else 1
             blocks.append(
-                ResidualBlock(
-                    previous,
-                    width,
-                    ndim=ndim,
-                    kernel=kernel,
-                    stride=2 if width > previous else 1,
-                    norm=norm,
-                    dtype=dtype,
-                    weights=weights,
-                    rngs=rngs,
-                )
+                ResidualBlock(previous, width, kernel=kernel, stride=stride, conv=conv, norm_layer=norm_layer)
             )
         self.layers = nnx.List(blocks)
         self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype, rngs=rngs)
@@ -213,7 +181,7 @@ class MLP(nnx.Module):
         check_norm(norm, spatial=False)
         check_weights(norm, weights)
         self.dtype = dtype
-        sizes = (int(jnp.prod(jnp.array(input_shape))), *widths)
+        sizes = (math.prod(input_shape), *widths)
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, use_bias=norm == "none", dtype=dtype, rngs=rngs)
@@ -234,48 +202,15 @@ class MLP(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def resnet2d(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
-    """The image model: a residual CNN with widths (32, 64), 3x3 kernels."""
-    return ResNet(
-        input_shape,
-        num_classes,
-        widths=(32, 64),
-        kernel=3,
-        norm=norm,
-        dtype=dtype,
-        weights=weights,
-        rngs=rngs,
-    )
+resnet2d = functools.partial(ResNet, widths=(32, 64), kernel=3)
+"""The image model: a residual CNN with widths (32, 64), 3x3 kernels."""
+resnet1d = functools.partial(ResNet, widths=(32, 64, 128), kernel=5)
+"""The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
+mlp = functools.partial(MLP, widths=(64, 64))
+"""The feature model: an MLP with two hidden layers of 64."""
 
-
-def resnet1d(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
-    """The sequence model: a residual 1-D CNN with widths (32, 64, 128), kernel 5."""
-    return ResNet(
-        input_shape,
-        num_classes,
-        widths=(32, 64, 128),
-        kernel=5,
-        norm=norm,
-        dtype=dtype,
-        weights=weights,
-        rngs=rngs,
-    )
-
-
-def mlp(input_shape, num_classes, *, norm="sn", dtype=None, weights="layer", rngs):
-    """The feature model: an MLP with two hidden layers of 64."""
-    return MLP(input_shape, num_classes, widths=(64, 64), norm=norm, dtype=dtype, weights=weights, rngs=rngs)
-
-
-MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "resnet2d": resnet2d,
-    "resnet1d": resnet1d,
-    "mlp": mlp,
-}
+MODELS: dict[str, Callable[..., nnx.Module]] = {"resnet2d": resnet2d, "resnet1d": resnet1d, "mlp": mlp}
 """Model constructor by name: ``MODELS[name](input_shape, num_classes, norm=..., weights=..., rngs=...)``."""
-
-DEFAULT_MODEL = {"digits": "resnet2d", "mnist1d": "resnet1d", "synthetic": "mlp"}
-"""The model each dataset trains by default."""
 
 INPUT_RANK = {"resnet2d": 3, "resnet1d": 2, "mlp": None}
 """The rank of one example each model expects (None: any, it flattens)."""

@@ -15,18 +15,7 @@ from typing import Any
 
 import optax
 
-from switchnorm._param_labels import MIXING, MIXING_LOGITS, REST, param_labels, weight_decay_mask
-
-__all__ = [
-    "MIXING",
-    "MIXING_LOGITS",
-    "OPTIMIZERS",
-    "REST",
-    "make_optimizer",
-    "param_labels",
-    "warmup_cosine",
-    "weight_decay_mask",
-]
+from switchnorm._param_labels import MIXING, REST, param_labels, weight_decay_mask
 
 OPTIMIZERS = ("sgd", "adamw")
 """The choices of ``make_optimizer(name=...)``."""

@@ -20,6 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import switchnorm
+from switchnorm.train import files
+
 COLORS = {"bn": "#1f77b4", "in": "#ff7f0e", "ln": "#2ca02c", "gn": "#d62728"}
 LABELS = {"bn": "BN (batch)", "in": "IN (instance)", "ln": "LN (layer)", "gn": "GN (group)"}
 
@@ -35,8 +38,6 @@ def _pyplot():
 
 def _save(fig: Any, path: Path) -> Path:
     """Writes the figure as PNG in one rename, never through a symlink (see switchnorm.train.files)."""
-    from switchnorm.train import files
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     _pyplot().close(fig)
@@ -55,16 +56,12 @@ def _names(weights: Mapping[str, Any]) -> list[str]:
 
 def _summary(layer: Any) -> Mapping[str, Mapping[str, float]]:
     """A layer's weights as floats: as given, or the mean of :class:`switchnorm.LayerWeightArrays`."""
-    from switchnorm.inspect import LayerWeightArrays
-
-    return layer.summary() if isinstance(layer, LayerWeightArrays) else layer
+    return layer.summary() if isinstance(layer, switchnorm.LayerWeightArrays) else layer
 
 
 def _spread(layer: Any) -> Mapping[str, Mapping[str, float]] | None:
     """The std over channels or samples of a per-channel or per-sample layer's weights, else None."""
-    from switchnorm.inspect import LayerWeightArrays
-
-    return layer.spread() if isinstance(layer, LayerWeightArrays) else None
+    return layer.spread() if isinstance(layer, switchnorm.LayerWeightArrays) else None
 
 
 def plot_weights_over_training(
@@ -152,16 +149,8 @@ def plot_final_weights(weights: Mapping[str, Any], path: Path, title: str = "") 
         for name in names:
             values = [summaries[layer][kind].get(name, 0.0) for layer in layers]
             x = [i + offset for i in range(len(layers))]
-            ax.bar(
-                x,
-                values,
-                width,
-                bottom=bottom,
-                color=COLORS.get(name),
-                hatch=hatch,
-                edgecolor="white",
-                linewidth=0.6,
-            )
+            style = {"color": COLORS.get(name), "hatch": hatch, "edgecolor": "white", "linewidth": 0.6}
+            ax.bar(x, values, width, bottom=bottom, **style)
             _whiskers(ax, x, bottom, values, [spreads[layer] for layer in layers], kind, name)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(layers)))

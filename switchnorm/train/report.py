@@ -7,8 +7,10 @@
   checkpoint is written) stops the run with :class:`Diverged`, so the last
   checkpoint on disk is always a finite one. It also writes the run's
   TensorBoard event files (:mod:`switchnorm.train.tensorboard`), in the
-  primary process, and closes them on every way out.
-* :func:`finish`: figures, ``summary.json`` and the printed result.
+  primary process, and closes them when the run ends (an interrupt exits at once,
+  as a kill would: the steps since the last flush are logged again on resume).
+* :func:`finish`: figures, ``summary.json`` and the printed result;
+  :func:`final_weights`: a restored model's weights as ``inspect`` and ``plot`` show them.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ import math
 import sys
 from typing import Any
 
-from switchnorm.train.config import RunConfig
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import switchnorm
+from switchnorm.train import data, loop, plots
+from switchnorm.train.config import TrainConfig
 from switchnorm.train.loop import Callback
-from switchnorm.train.rundir import DISTRIBUTION_FIGURE, FIGURES, RunDir
+from switchnorm.train.rundir import DISTRIBUTION_FIGURE, FIGURES, TENSORBOARD, RunDir, RunError
+from switchnorm.train.tensorboard import EventLog
 
 
 class Diverged(Exception):
@@ -37,10 +47,9 @@ def learned(weights: dict[str, Any] | None) -> dict[str, Any]:
     ``weights`` is :func:`switchnorm.mixing_weights`'s floats or
     :func:`switchnorm.mixing_weight_arrays`'s arrays.
     """
-    from switchnorm.inspect import LayerWeightArrays
 
     def size(layer: Any) -> int:
-        return len(layer.names) if isinstance(layer, LayerWeightArrays) else len(layer["mean"])
+        return len(layer.names) if isinstance(layer, switchnorm.LayerWeightArrays) else len(layer["mean"])
 
     return {path: layer for path, layer in (weights or {}).items() if size(layer) > 1}
 
@@ -51,10 +60,6 @@ def nonfinite_part(state: Any) -> str | None:
     ``rest`` holds the running averages: NaN in a batch poisons them (as in
     Flax) even when the parameters stay finite.
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     parts = {"parameters": state.params, "running averages": state.rest, "optimizer state": state.opt_state}
     for name, tree in parts.items():
         leaves = [
@@ -91,10 +96,8 @@ class Reporter(Callback):
     def on_train_begin(self, trainer, state, epoch):
         from tqdm.auto import tqdm
 
-        from switchnorm.train.tensorboard import EventLog
-
         if self.primary:
-            self.events = EventLog(self.run.tensorboard_dir(), int(state.step))
+            self.events = EventLog(self.run.tensorboard_dir(), int(state.step), self.run.path / TENSORBOARD)
 
         self.bar = tqdm(
             total=trainer.total_steps,
@@ -130,8 +133,6 @@ class Reporter(Callback):
                 self._show(trainer.config.epochs, record)
 
     def _show(self, epochs: int, record: dict[str, Any]) -> None:
-        import switchnorm
-
         self._write(
             f"\nepoch {record['epoch']}/{epochs}  step {record['step']}  "
             f"train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}  "
@@ -146,7 +147,7 @@ class Reporter(Callback):
     def close(self) -> None:
         """Closes the progress bar and flushes and closes the event file; safe to call twice.
 
-        Called on every way out of a run. A failure to write the event file
+        Called when the run ends, diverges or stops on an error. A failure to write the event file
         (a full disk) is raised, unless another error is already ending the
         run: that one is the error to report.
         """
@@ -172,7 +173,7 @@ class Reporter(Callback):
 
 
 def write_figures(
-    run: RunDir, config: RunConfig, records: list[dict[str, Any]], arrays: dict[str, Any] | None = None
+    run: RunDir, config: TrainConfig, records: list[dict[str, Any]], arrays: dict[str, Any] | None = None
 ) -> list[Any]:
     """The figures of the run's weights (none when nothing was learned); their paths.
 
@@ -181,29 +182,49 @@ def write_figures(
     spread over channels or samples, and a ``weights="sample"`` run a third
     figure, :data:`DISTRIBUTION_FIGURE`, of the per-sample weights' distribution.
     """
-    from switchnorm.train import plots
-
     if not records or not learned(records[-1].get("weights")):
         return []  # norm=none or a single normalizer: nothing was learned
     name = f"{config.dataset}, {config.model}, norm={config.norm}"
     final = learned(arrays) or records[-1]["weights"]
-    written = [
-        plots.plot_weights_over_training(
-            records, run.path / FIGURES[0], f"Mixing weights over training ({name})"
+    figures = {
+        FIGURES[0]: lambda path: plots.plot_weights_over_training(
+            records, path, f"Mixing weights over training ({name})"
         ),
-        plots.plot_final_weights(final, run.path / FIGURES[1], f"Final mixing weights ({name})"),
-        plots.plot_weight_distribution(
-            learned(arrays),
-            run.path / DISTRIBUTION_FIGURE,
-            f"Per-sample mixing weights over the test set ({name})",
+        FIGURES[1]: lambda path: plots.plot_final_weights(final, path, f"Final mixing weights ({name})"),
+        DISTRIBUTION_FIGURE: lambda path: plots.plot_weight_distribution(
+            learned(arrays), path, f"Per-sample mixing weights over the test set ({name})"
         ),
-    ]
-    return [p for p in written if p is not None]
+    }
+    written = []
+    for figure, draw in figures.items():
+        with run.writing(figure) as path:
+            if draw(path) is not None:
+                written.append(run.path / figure)
+    return written
 
 
-def _print_result(run: RunDir, config: RunConfig, record: dict[str, Any], seconds: float | None) -> None:
-    import switchnorm
+def final_weights(config: TrainConfig, model: Any) -> dict[str, Any]:
+    """The model's weights as inspect and plot show them; per-sample ones read on the test set.
 
+    config.json's "weights" says how the layers blend. "layer":
+    :func:`switchnorm.mixing_weights`'s floats, as the training loop records them. "channel" and
+    "sample": :func:`switchnorm.mixing_weight_arrays`, whose spread the table and figures
+    show; per-sample weights need inputs, so the model (in evaluation mode, as restored) runs
+    once on the run's whole test split. RunError if the model's layers cannot be read so.
+    """
+    layers = [n for _, n in nnx.iter_graph(model) if isinstance(n, switchnorm.SwitchNorm)]
+    if config.weights == "layer" and all(n.weights == "layer" for n in layers):
+        return loop.model_weights(model)
+    batch = None
+    if config.weights == "sample" or any(n.weights == "sample" for n in layers):
+        batch = jnp.asarray(data.load_dataset(config.dataset, config.seed).x_test)
+    try:
+        return switchnorm.mixing_weight_arrays(model, batch=batch) or loop.model_weights(model)
+    except ValueError as error:
+        raise RunError(" ".join(str(error).rstrip(".").split())) from None
+
+
+def _print_result(run: RunDir, config: TrainConfig, record: dict[str, Any], seconds: float | None) -> None:
     timing = f" in {seconds:.1f} s" if seconds is not None else ""
     print(
         f"\n{config.dataset} {config.model} norm={config.norm}: "
@@ -215,7 +236,7 @@ def _print_result(run: RunDir, config: RunConfig, record: dict[str, Any], second
     print(f"run directory: {run.path}")
 
 
-def finish(run: RunDir, config: RunConfig, seconds: float | None, previous: dict[str, Any] | None) -> None:
+def finish(run: RunDir, config: TrainConfig, seconds: float | None, previous: dict[str, Any] | None) -> None:
     """Figures, summary and the printed result of a run whose last epoch is done.
 
     ``seconds`` is None when a finished run is finished again (``--resume``);

@@ -7,89 +7,51 @@
       .lock                  the writer's lock (flock) and pid
       config.json            every setting of the run (what --resume reads back)
       metrics.jsonl          one JSON record per epoch: step, losses, accuracies, weights
-      checkpoints/<step>/    orbax checkpoints: the full TrainState plus the epoch
-      manifests/<step>.json  size and SHA-256 of every file of that checkpoint
+      checkpoints/<step>/    orbax checkpoints: the full TrainState, the epoch, a SHA-256 per array
       summary.json           written at the end: final accuracy, wall time (or the divergence)
       weights_over_training.png, final_weights.png
       tensorboard/           TensorBoard event files (switchnorm.train.tensorboard)
 
-The guarantees (docs/training.md lists them for users):
-
-* **One writer.** Every command that writes holds an exclusive ``flock`` on
-  ``.lock`` (:mod:`switchnorm.train.lock`) from before its first write to its
-  end; a second writer is refused with the holder's pid. The kernel drops the
-  lock of a killed process.
-* **Atomic files.** ``config.json``, ``summary.json``, manifests and figures are
-  written to a fresh temporary file and renamed into place; ``metrics.jsonl``
-  grows one fsynced line at a time. No write, rename or delete follows a
-  symbolic link (:mod:`switchnorm.train.files`).
-* **Complete checkpoints.** orbax writes each checkpoint into a temporary
-  directory and renames it when complete; then its manifest is written. A
-  checkpoint counts only once its manifest exists, and a damaged one is caught
-  before orbax reads it. Before a save, ``manifests/<step>.pending`` records
-  that switchnorm is writing that step, so a step folder a kill left behind is
-  recognisably switchnorm's. The clean-up deletes only step folders a manifest
-  (or a pending record) names.
-* **Deleting.** ``--overwrite`` deletes only a directory holding the marker.
-* **Damage is reported.** A bad line in ``metrics.jsonl`` is refused with its
-  line number (only a last line cut short by a kill is dropped, and resume
-  says so).
+What it guarantees (docs/training.md, "What the run directory guarantees"): a writer opens the
+directory once and reaches every file it writes through that descriptor (``/proc/self/fd/N``),
+orbax's and TensorBoard's included, checking before each write that its path still names that
+directory; one writer at a time (:func:`switchnorm.train.files.lock`); files replaced in one rename,
+never through a symbolic link (:mod:`switchnorm.train.files`); checkpoints committed whole by
+orbax, with a SHA-256 per array (:mod:`switchnorm.train.checkpoints`); ``--overwrite`` deletes
+only a directory holding the marker, the clean-up only switchnorm's own checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
 import json
-import logging
 import math
 import os
-import re
 import shutil
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
-
-from switchnorm.train import files
-from switchnorm.train.config import ConfigError, RunConfig
-from switchnorm.train.lock import RunLock, holder
+from switchnorm.train import checkpoints, files
+from switchnorm.train.config import ConfigError, TrainConfig, loads
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
-MANIFESTS = "manifests"
 MARKER = ".switchnorm-run"
-LOCK = ".lock"
+LOCK = files.LOCK
 FIGURES = ("weights_over_training.png", "final_weights.png")
 DISTRIBUTION_FIGURE = "sample_weights.png"
 """The figure of a ``weights="sample"`` run's per-sample weights over its test set."""
 TENSORBOARD = "tensorboard"
-KEEP_CHECKPOINTS = 2
-_ENTRIES = (
-    CONFIG, METRICS, SUMMARY, CHECKPOINTS, MANIFESTS, MARKER, LOCK, *FIGURES, DISTRIBUTION_FIGURE, TENSORBOARD
-)  # fmt: skip
+ENTRIES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, MARKER, LOCK, *FIGURES, DISTRIBUTION_FIGURE, TENSORBOARD)
 _MARKER_TEXT = '{"switchnorm_run": 1}\n'
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
 
 
 class RunError(Exception):
-    """A problem with a run directory, reported as a one-line message.
-
-    ``stderr``, when set, is where to report it: orbax may still be printing
-    into the (captured) ``sys.stderr`` after a failed checkpoint write.
-    """
-
-    stderr: Any = None
-
-
-def _quiet_orbax() -> Any:
-    logging.getLogger("absl").setLevel(logging.CRITICAL)  # failures reach the user as RunError
-    import orbax.checkpoint as ocp
-
-    return ocp
+    """A problem with a run directory, reported as a one-line message."""
 
 
 def to_json(value: Any, indent: int | None = None) -> str:
@@ -107,15 +69,25 @@ def to_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(clean(value), allow_nan=False, indent=indent)
 
 
-def _refuse_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_refuse_constants)
-
-
 # -- metrics records ------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def weights_layout(weights: Any) -> dict[str, dict[str, tuple[str, ...]]] | None:
+    """``{layer: {kind: names}}`` of a record's weights, or None unless each kind maps names to numbers."""
+    if not isinstance(weights, dict):
+        return None
+    layout = {}
+    for layer, kinds in weights.items():
+        if not isinstance(kinds, dict) or not {"mean", "var"} <= set(kinds):
+            return None
+        if not all(isinstance(row, dict) and all(map(_is_number, row.values())) for row in kinds.values()):
+            return None
+        layout[layer] = {kind: tuple(row) for kind, row in kinds.items()}
+    return layout
 
 
 def _check_record(record: Any, previous: dict[str, Any] | None) -> str | None:
@@ -124,21 +96,20 @@ def _check_record(record: Any, previous: dict[str, Any] | None) -> str | None:
         return f"not a JSON object but {type(record).__name__}"
     for key in ("epoch", "step"):
         value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_number(value) or not isinstance(value, int) or value < 1:
             return f"{key!r} is {value!r}, not a positive integer"
     for key, value in record.items():
-        if key not in ("epoch", "step", "weights") and not (
-            value is None or (isinstance(value, int | float) and not isinstance(value, bool))
-        ):
+        if key not in ("epoch", "step", "weights") and not (value is None or _is_number(value)):
             return f"{key!r} is {value!r}, not a number"
-    if not isinstance(record.get("weights", {}), dict):
-        return "'weights' is not a JSON object"
-    if previous is not None and (
-        record["epoch"] != previous["epoch"] + 1 or record["step"] <= previous["step"]
-    ):
+    layout = weights_layout(record.get("weights", {}))
+    if layout is None:
+        return "'weights' is not a JSON object of layer -> mean and var -> normalizer -> weight"
+    if previous is None:
+        return None if record["epoch"] == 1 else f"the first record is epoch {record['epoch']}, not 1"
+    if record["epoch"] != previous["epoch"] + 1 or record["step"] <= previous["step"]:
         return f"epoch {record['epoch']} (step {record['step']}) does not follow epoch {previous['epoch']}"
-    if previous is None and record["epoch"] != 1:
-        return f"the first record is epoch {record['epoch']}, not 1"
+    if previous.get("weights") is not None and layout != weights_layout(previous["weights"]):
+        return "its weights have other layers or normalizers than the line before"
     return None
 
 
@@ -153,7 +124,7 @@ def parse_metrics(text: str, where: Path) -> tuple[list[dict[str, Any]], bool]:
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
         try:
-            record = _loads(line)
+            record = loads(line)
         except ValueError:
             problem: str | None = "not valid JSON"
         else:
@@ -171,17 +142,19 @@ def parse_metrics(text: str, where: Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 class RunDir:
-    """Owns one run directory: reads it, and (holding its lock) writes it.
+    """Owns one run directory: reads it, and (once opened, holding its lock) writes it.
 
-    Reading needs nothing. Writing needs :meth:`lock` first (:meth:`create`
-    takes it), and ends with :meth:`close`, which closes the one checkpoint
-    manager and releases the lock; the object is also a context manager.
+    Reading needs nothing. Writing needs :meth:`open` (or :meth:`create`, which opens), and
+    ends with :meth:`close`, which closes the checkpoint manager, releases the lock and lets go
+    of the directory; the object is also a context manager. ``primary`` is False in the other
+    processes of a multi-process run: they write only their part of each checkpoint.
     """
 
     def __init__(self, path: Path, *, primary: bool = True):
         self.path = Path(path)
-        self.primary = primary  # only the primary process writes files other than checkpoints
-        self._lock = RunLock(self.path)
+        self.primary = primary
+        self._fd: int | None = None  # the directory, once opened
+        self._lock: int | None = None
         self._manager: Any = None
         self._failed = False
 
@@ -192,69 +165,78 @@ class RunDir:
         self.close()
 
     def close(self) -> None:
-        """Closes the checkpoint manager and releases the lock (after a failed save, quietly)."""
-        if self._manager is not None:
-            try:
-                self._manager.close()
-            except Exception:
-                if not self._failed:
-                    raise
-            self._manager = None
-        self._lock.release()
+        """Closes the checkpoint manager, releases the lock, closes the directory (quietly after a failure)."""
+        manager, self._manager = self._manager, None
+        try:
+            if manager is not None:
+                manager.close()
+        except Exception:
+            if not self._failed:
+                raise
+        finally:
+            for fd in (self._lock, self._fd):
+                if fd is not None:
+                    os.close(fd)
+            self._lock = self._fd = None
 
     # -- reading -------------------------------------------------------------------------
 
+    @property
+    def root(self) -> Path:
+        """Where this object reads and writes: the opened directory itself once open, else the path."""
+        if self._fd is not None and os.path.isdir("/proc/self/fd"):
+            return Path(f"/proc/self/fd/{self._fd}")
+        return self.path
+
     def holds_run(self) -> bool:
-        return (self.path / CONFIG).is_file()
+        return (self.root / CONFIG).is_file()
 
     def made_by_switchnorm(self) -> bool:
-        marker = self.path / MARKER
+        marker = self.root / MARKER
         return marker.is_file() and not marker.is_symlink()
 
     def writer(self) -> int | None:
         """The pid of a process writing this run now (0 if unknown), or None."""
-        return holder(self.path)
+        return files.lock_holder(self.path)
 
     def links(self) -> list[str]:
         """The names of the run's own entries that are symbolic links (all refused)."""
-        return [name for name in _ENTRIES if (self.path / name).is_symlink()]
+        return [name for name in ENTRIES if (self.root / name).is_symlink()]
 
     def _read(self, name: str) -> str:
         try:
-            return files.read_text(self.path / name)
+            return files.read_text(self.root / name)
         except (OSError, UnicodeDecodeError) as error:
-            reason = "a symbolic link" if (self.path / name).is_symlink() else str(error)
+            reason = "a symbolic link" if (self.root / name).is_symlink() else str(error)
             raise RunError(f"{self.path / name} is unreadable: {reason}") from None
 
-    def read_config(self) -> RunConfig:
-        """The run's checked config; RunError if missing, not JSON or out of range."""
+    def read_config(self) -> TrainConfig:
+        """The run's checked config; RunError if missing, not JSON, incomplete or out of range."""
         if not self.path.is_dir():
             raise RunError(f"{self.path} is not a directory holding a run")
-        if not self.holds_run():
+        if not (self.root / CONFIG).is_file():
             raise RunError(f"{self.path} holds no run (no {CONFIG})")
         where = self.path / CONFIG
         try:
-            config = RunConfig.from_mapping(_loads(self._read(CONFIG)))
+            config = TrainConfig.from_json(self._read(CONFIG))
         except ConfigError as error:
-            raise RunError(f"{where} is bad: {error}") from None
+            raise RunError(f"{where} is bad: {error}; repair it (see docs/training.md)") from None
         except (ValueError, TypeError) as error:
             raise RunError(f"{where} is not valid JSON: {error}") from None
-        if not config.complete:
-            raise RunError(f"{where} is incomplete: no {', '.join(config.missing())}")
         return config
 
     def read_metrics(self) -> tuple[list[dict[str, Any]], bool]:
         """(records, partial last line left out); RunError naming a damaged line."""
-        if not (self.path / METRICS).exists() and not (self.path / METRICS).is_symlink():
+        if not os.path.lexists(self.root / METRICS):
             return [], False
         return parse_metrics(self._read(METRICS), self.path / METRICS)
 
     def read_summary(self) -> dict[str, Any] | None:
         """The summary, None if there is none; RunError if it is damaged."""
-        if not (self.path / SUMMARY).exists() and not (self.path / SUMMARY).is_symlink():
+        if not os.path.lexists(self.root / SUMMARY):
             return None
         try:
-            summary = _loads(self._read(SUMMARY))
+            summary = loads(self._read(SUMMARY))
         except ValueError as error:
             summary, problem = None, str(error)
         else:
@@ -266,296 +248,252 @@ class RunDir:
             )
         return summary
 
+    def checkpoint_entries(self) -> dict[str, str | None]:
+        """Every entry of ``checkpoints/`` by name: None for a checkpoint, else what it is instead.
+
+        An orbax temporary folder or a checkpoint being deleted (what a kill cut short) is
+        ``"unfinished"``; a folder named
+        for a step that is not switchnorm's complete checkpoint of it says why; other names are
+        left out (nothing of switchnorm's). RunError if ``checkpoints`` is a link or a file.
+        """
+        folder = self.root / CHECKPOINTS
+        if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+            raise RunError(f"{self.path / CHECKPOINTS} is not a directory; move it away, then try again")
+        entries: dict[str, str | None] = {}
+        for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+            step = checkpoints.step_of(name.partition(".")[0])
+            if step is not None and name.partition(".")[2].startswith(checkpoints.UNFINISHED):
+                entries[name] = "unfinished"
+            elif step is not None and "." in name:
+                continue  # not a name of switchnorm's or orbax's
+            elif step is not None:
+                try:
+                    checkpoints.read_meta(folder / name, step)
+                    entries[name] = None
+                except ValueError as error:
+                    entries[name] = str(error)
+        return entries
+
+    def latest_step(self) -> int | None:
+        """The step of the newest checkpoint, None if there is none.
+
+        RunError if the newest step folder is not a complete switchnorm checkpoint: reading an
+        older one instead would silently show less than the run holds.
+        """
+        steps = {n: p for n, p in self.checkpoint_entries().items() if p != "unfinished"}
+        if not steps:
+            return None
+        newest = max(steps, key=int)
+        if steps[newest] is not None:
+            raise RunError(
+                f"{self.path / CHECKPOINTS / newest} {steps[newest]}: it is not a complete switchnorm "
+                f"checkpoint; move it out of {self.path / CHECKPOINTS}, then try again"
+            )
+        return int(newest)
+
+    def restore_checkpoint(self, template: Any, step: int | None = None) -> tuple[Any, int, int]:
+        """(state shaped like ``template``, step, epoch) from a checkpoint (default: the latest).
+
+        RunError if there is none, or it is unreadable, altered or does not fit the template.
+        Reads only. A checkpoint a running writer deletes while it is read is retried at the
+        writer's newest.
+        """
+        for attempt in range(3):
+            at = self.latest_step() if step is None else step
+            if at is None:
+                raise RunError(f"{self.path} has no checkpoint")
+            try:
+                state, epoch = checkpoints.restore(self.root / CHECKPOINTS, at, template)
+                return state, at, epoch
+            except ValueError as error:
+                gone = not (self.root / CHECKPOINTS / str(at)).exists()
+                if not (gone and step is None and self.writer() is not None and attempt < 2):
+                    raise RunError(f"checkpoint {self.path / CHECKPOINTS / str(at)} {error}") from None
+        raise AssertionError("unreachable")
+
     # -- writing ---------------------------------------------------------------------------
 
-    def lock(self) -> None:
-        """Takes the run's exclusive lock (a LockHeld error names the holder)."""
-        if self.primary and not self._lock.held:
-            self._lock.acquire()
+    def open(self, *, locked: bool = True) -> None:
+        """Opens the directory for writing and (``locked``, in the primary process) takes its lock.
 
-    def _check_writable(self) -> None:
-        if not self._lock.held and self.primary:
-            raise RuntimeError("RunDir writes need lock() first")
+        RunError if it cannot be opened (a symbolic link is refused); LockHeld if another
+        process writes it. ``plot`` writes figures unlocked: each is one atomic rename.
+        """
+        if self._fd is not None:
+            return
+        try:
+            self._fd = os.open(self.path, _DIRECTORY)
+        except OSError as error:
+            reason = "it is a symbolic link" if self.path.is_symlink() else error.strerror
+            raise RunError(f"cannot open the run directory {self.path}: {reason}") from None
+        if self.primary and locked:
+            try:
+                self._lock = files.lock(self._fd, self.path)
+            except BaseException:
+                self.close()
+                raise
+
+    def check_new(self, overwrite: bool) -> None:
+        """RunError unless a new run may start in ``path`` (reads only): absent and creatable,
+        empty, or (``overwrite``) a run switchnorm made. ``create`` checks it again under the lock."""
+        out = self.path
+        if out.is_symlink():
+            raise RunError(f"--out {out} is a symbolic link; pass the directory it points to")
+        if not os.path.lexists(out):
+            ancestor = out.absolute()
+            while not os.path.lexists(ancestor):
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise RunError(f"cannot create --out {out}: {ancestor} is a file, not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise RunError(f"cannot create --out {out}: no permission to write in {ancestor}")
+            return
+        if not out.is_dir():
+            raise RunError(f"--out {out} exists and is not a directory")
+        if not set(os.listdir(self.root)) - {LOCK}:  # empty, or left by a kill before the marker
+            return
+        if not self.holds_run() and not self.made_by_switchnorm():
+            raise RunError(f"--out {out} exists and is not a run directory; refusing to touch it")
+        if not overwrite:
+            raise RunError(
+                f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
+        if not self.made_by_switchnorm():
+            raise RunError(
+                f"--overwrite refuses to delete {out}: it has no {MARKER} marker, so this version of "
+                "switchnorm did not create it; delete it yourself or choose another --out"
+            )
+
+    def check_no_writer(self) -> None:
+        """LockHeld, naming the process, if a command is writing this run now."""
+        pid = self.writer()
+        if pid is not None:
+            raise files.LockHeld(self.path, pid or None)
+
+    def create(self, config: TrainConfig, *, overwrite: bool = False) -> None:
+        """Makes (or, with ``overwrite``, empties) the directory, opens and locks it, writes the config.
+
+        With ``overwrite``, the directory must carry the marker; everything in it but the lock
+        file is deleted once the lock is taken. Checked before anything is written, and again
+        under the lock. Only the primary process creates; the others :meth:`open` after it.
+        """
+        self.check_new(overwrite)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunError(f"cannot create the run directory {self.path}: {error.strerror}") from None
+        self.open()
+        self.check_new(overwrite)  # again, holding the lock: nothing changed since
+        for name in sorted(set(os.listdir(self.root)) - {LOCK}, key=lambda n: n == MARKER):
+            self._delete(self.root / name)  # the marker last: a kill halfway leaves it, so --overwrite again
+        self.replace(MARKER, _MARKER_TEXT)
+        self.replace(CONFIG, config.to_json())
+
+    @staticmethod
+    def _delete(entry: Path) -> None:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)  # fd-based on Linux: never follows a link inside
+        else:
+            entry.unlink()  # a file or a link itself, never its target
+
+    def check_identity(self) -> None:
+        """RunError if ``path`` no longer names the directory this object opened."""
+        assert self._fd is not None, "RunDir writes need open() or create() first"
+        held = os.fstat(self._fd)
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+            same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise RunError(
+                f"{self.path} is no longer the run directory this command opened (it was moved, "
+                "deleted or replaced); stopped without writing to either"
+            )
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
+        """The path to write ``name`` at, after the checks of every write; OSError named as RunError."""
+        self.check_identity()
         links = self.links()
         if links:
             raise RunError(
                 f"{self.path / links[0]} is a symbolic link; switchnorm never writes through links "
                 "inside a run directory: remove it"
             )
+        try:
+            yield self.root / name
+        except OSError as error:
+            reason = "it is a symbolic link" if isinstance(error, files.LinkError) else error.strerror
+            raise RunError(f"cannot write {self.path / name}: {reason or error}") from None
 
-    def create(self, config: RunConfig, *, overwrite: bool = False) -> None:
-        """Makes (or, with ``overwrite``, empties) the directory, locks it, writes the config.
-
-        With ``overwrite``, the directory must carry the marker; everything in it
-        but the lock file is deleted after the lock is taken.
-        """
-        if self.primary:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.lock()
-            present = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
-            if present and not (overwrite and self.made_by_switchnorm()):
-                raise RunError(f"{self.path} changed while starting (it now holds {present[0]}); try again")
-            for name in present:
-                self._delete(self.path / name)
-            files.atomic_write(self.path / MARKER, _MARKER_TEXT)
-            self.write_config(config)
-        from switchnorm.train import distributed
-
-        distributed.barrier("switchnorm-run-created")
-
-    def _delete(self, entry: Path) -> None:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)  # fd-based on Linux: never follows a link inside
-        else:
-            entry.unlink()  # a file or a link itself, never its target
-
-    def write_config(self, config: RunConfig) -> None:
-        self._check_writable()
-        if self.primary:
-            files.atomic_write(self.path / CONFIG, config.to_json())
+    def replace(self, name: str, text: str) -> None:
+        """Replaces the run's file ``name`` with ``text`` in one rename (the primary process's to write)."""
+        with self.writing(name) as target:
+            if self.primary:
+                files.atomic_write(target, text)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self._check_writable()
-        if self.primary:
-            files.atomic_write(self.path / SUMMARY, to_json(summary, indent=2) + "\n")
+        self.replace(SUMMARY, to_json(summary, indent=2) + "\n")
 
-    def remove_summary(self) -> None:
-        self._check_writable()
-        if self.primary:
-            (self.path / SUMMARY).unlink(missing_ok=True)
+    def remove(self, *names: str) -> None:
+        """Deletes run entries by relative path, if present: ``summary.json``, what a kill left.
+
+        A checkpoint is first renamed ``<step>.switchnorm-deleting`` in one step, so a kill
+        halfway leaves no step folder half deleted, only a name the next resume removes.
+        """
+        for name in names:
+            with self.writing(name) as target:
+                if self.primary and os.path.lexists(target):
+                    if target.parent.name == CHECKPOINTS and "." not in target.name:
+                        trash = target.with_name(target.name + checkpoints.DELETING_SUFFIX)
+                        if os.path.lexists(trash):
+                            self._delete(trash)
+                        target = target.rename(trash)
+                    self._delete(target)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        self._check_writable()
-        if self.primary:
-            files.append_line(self.path / METRICS, to_json(record))
+        with self.writing(METRICS) as target:
+            if self.primary:
+                files.append_line(target, to_json(record))
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replaces ``metrics.jsonl`` with ``records`` (what a resume keeps, a collapse copies)."""
+        self.replace(METRICS, "".join(to_json(r) + "\n" for r in records))
 
     def tensorboard_dir(self) -> Path:
         """``tensorboard/``, created if absent (never through a link); the primary process's to write."""
-        self._check_writable()
-        if self.primary:
-            files.make_dir(self.path / TENSORBOARD)
-        return self.path / TENSORBOARD
-
-    def truncate_metrics(self, last_step: int) -> int:
-        """Keeps the records up to ``last_step`` (what its checkpoint had seen); returns how many went."""
-        self._check_writable()
-        records, partial = self.read_metrics()
-        kept = [r for r in records if r["step"] <= last_step]
-        if self.primary and (len(kept) < len(records) or partial):
-            files.atomic_write(self.path / METRICS, "".join(to_json(r) + "\n" for r in kept))
-        return len(records) - len(kept) + int(partial)
+        with self.writing(TENSORBOARD) as target:
+            if self.primary:
+                files.make_dir(target)
+            return target
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _manifest_steps(self, suffix: str = ".json") -> list[int]:
-        directory = self.path / MANIFESTS
-        if not directory.is_dir() or directory.is_symlink():
-            return []
-        return sorted(
-            int(p.name[: -len(suffix)])
-            for p in directory.iterdir()
-            if p.name.endswith(suffix) and p.name[: -len(suffix)].isdigit()
-        )
-
-    def _step_dir(self, step: int) -> Path:
-        return self.path / CHECKPOINTS / str(step)
-
-    def latest_step(self) -> int | None:
-        """The step of the newest complete checkpoint (a real folder with a manifest), or None."""
-        if (self.path / CHECKPOINTS).is_symlink():
-            return None
-        steps = [
-            s
-            for s in self._manifest_steps()
-            if self._step_dir(s).is_dir() and not self._step_dir(s).is_symlink()
-        ]
-        return max(steps) if steps else None
-
-    def tidy_checkpoints(self) -> list[int]:
-        """Finishes what a kill interrupted; returns the steps whose folders it deleted.
-
-        Deletes step folders left mid-save (a pending record and no manifest)
-        and complete checkpoints older than the newest ``KEEP_CHECKPOINTS`` (a
-        kill during the clean-up). Only steps its own records name.
-        """
-        self._check_writable()
-        complete = self._manifest_steps()
-        doomed = [s for s in self._manifest_steps(".pending") if s not in complete]
-        doomed += complete[:-KEEP_CHECKPOINTS]
-        if self.primary:
-            for step in doomed:
-                self._delete_step(step)
-        return doomed
-
-    def _delete_step(self, step: int) -> None:
-        """Deletes checkpoint ``step``'s folder, then its records (never through a link)."""
-        folder = self._step_dir(step)
-        if folder.is_symlink():
-            raise RunError(f"{folder} is a symbolic link; switchnorm never deletes through links: remove it")
-        if folder.is_dir():
-            shutil.rmtree(folder)
-        for suffix in (".json", ".pending"):
-            (self.path / MANIFESTS / f"{step}{suffix}").unlink(missing_ok=True)
-
-    def _checkpoint_manager(self) -> Any:
-        if self._manager is None:
-            ocp = _quiet_orbax()
-            files.make_dir(self.path / CHECKPOINTS)
-            self._manager = ocp.CheckpointManager(
-                (self.path / CHECKPOINTS).absolute(),
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=None,  # switchnorm deletes old steps itself, by their manifests
-                    enable_async_checkpointing=False,
-                    create=False,
-                ),
-            )
-        return self._manager
+    def _tidy(self) -> None:
+        """Deletes switchnorm's checkpoints older than the newest :data:`checkpoints.KEEP`."""
+        ours = sorted(int(n) for n, problem in self.checkpoint_entries().items() if problem is None)
+        self.remove(*(f"{CHECKPOINTS}/{step}" for step in ours[: -checkpoints.KEEP]))
 
     def save_checkpoint(self, step: int, state: Any, epoch: int) -> None:
-        """Saves ``state`` (any pytree) and the epoch it ends as checkpoint ``step``, then its manifest.
+        """Saves ``state`` (any pytree) and the epoch it ends as checkpoint ``step``, then tidies.
 
-        Raises RunError (the disk is full, a folder is in the way); the earlier
-        checkpoints stay complete and usable.
+        Raises RunError (the disk is full, a folder is in the way); the earlier checkpoints stay
+        complete and usable.
         """
-        self._check_writable()
-        ocp = _quiet_orbax()
-        flat, _ = _flatten(state)
-        if self.primary:
-            files.make_dir(self.path / MANIFESTS)
-            files.atomic_write(self.path / MANIFESTS / f"{step}.pending", "{}\n")
-        saved_stderr = sys.stderr
-        sys.stderr = io.StringIO()  # orbax's threads print tracebacks of a failed write: one line suffices
+        with self.writing(CHECKPOINTS) as folder:
+            if self.primary:
+                files.make_dir(folder)
         try:
-            manager = self._checkpoint_manager()
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(flat),
-                    meta=ocp.args.JsonSave({"step": step, "epoch": epoch, "names": sorted(flat)}),
-                ),
-                force=True,
-            )
-            manager.wait_until_finished()
+            if self._manager is None:
+                self._manager = checkpoints.manager(folder)
+            checkpoints.save(self._manager, step, state, epoch)
         except Exception as error:  # orbax and tensorstore raise many kinds
-            self._failed = True  # stderr stays captured: orbax's threads keep reporting this failure
-            failure = RunError(
-                f"cannot write the checkpoint of step {step} in {self.path / CHECKPOINTS}: "
-                f"{_first_line(error)}; earlier checkpoints stay intact: fix this and run with --resume"
-            )
-            failure.stderr = saved_stderr
-            raise failure from None
-        sys.stderr = saved_stderr
-        if self.primary:
-            files.atomic_write(
-                self.path / MANIFESTS / f"{step}.json", json.dumps(_file_digests(self._step_dir(step)))
-            )
-            (self.path / MANIFESTS / f"{step}.pending").unlink()
-            self.tidy_checkpoints()
-
-    def verify_checkpoint(self, step: int) -> None:
-        """Raises RunError unless checkpoint ``step``'s files match its manifest."""
-        where = self._step_dir(step)
-        try:
-            manifest = _loads(files.read_text(self.path / MANIFESTS / f"{step}.json"))
-            entries = [(str(name), int(size), str(digest)) for name, (size, digest) in manifest.items()]
-        except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise RunError(f"checkpoint {where} has an unreadable manifest: {error}") from None
-        try:
-            found = _file_digests(where)
-        except OSError as error:
-            raise RunError(f"checkpoint {where} is unreadable: {error}") from None
-        for name, size, digest in entries:
-            if name not in found:
-                raise RunError(f"checkpoint {where} is incomplete: {name} is missing")
-            if found[name][0] != size:
-                raise RunError(
-                    f"checkpoint {where} is truncated: {name} has {found[name][0]} of its {size} bytes"
-                )
-            if found[name][1] != digest:
-                raise RunError(f"checkpoint {where} is corrupted: {name} does not match its checksum")
-
-    def restore_checkpoint(self, template: Any, step: int | None = None) -> tuple[Any, int, int]:
-        """(state shaped like ``template``, step, epoch) from a checkpoint (default: the latest).
-
-        Raises RunError if there is none, or it is unreadable, truncated or does
-        not match the template's names, shapes and dtypes. Reads only.
-        """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise RunError(f"{self.path} has no checkpoint")
-        self.verify_checkpoint(step)
-        flat, meta = _orbax_restore(self.path / CHECKPOINTS, step)
-        where = self._step_dir(step)
-        expected, treedef = _flatten(template)
-        leaves = _matching_leaves(flat, expected, where)
-        if meta.get("step") != step or not isinstance(meta.get("epoch"), int) or meta["epoch"] < 0:
-            raise RunError(f"checkpoint {where} has inconsistent metadata {meta}")
-        return jax.tree_util.tree_unflatten(treedef, leaves), step, meta["epoch"]
-
-
-# -- checkpoint helpers ------------------------------------------------------------------------
-
-
-def _first_line(error: BaseException) -> str:
-    """A short reason: the OS error inside a tensorstore message if there is one, else the first line."""
-    text = str(error).strip()
-    code = re.search(r"os_error_code='(\d+)'", text)
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    if code:
-        return os.strerror(int(code.group(1)))
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
-
-
-def _flatten(tree: Any) -> tuple[dict[str, np.ndarray], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    flat = {}
-    for path, leaf in leaves:
-        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        flat[name] = np.asarray(leaf)
-    return flat, treedef
-
-
-def _file_digests(directory: Path) -> dict[str, list[Any]]:
-    return {
-        str(file.relative_to(directory)): [file.stat().st_size, hashlib.sha256(file.read_bytes()).hexdigest()]
-        for file in sorted(directory.rglob("*"))
-        if file.is_file() and not file.is_symlink()
-    }
-
-
-def _orbax_restore(directory: Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    ocp = _quiet_orbax()
-    try:
-        manager = ocp.CheckpointManager(
-            directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-        )
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-            )
-        finally:
-            manager.close()
-        return dict(restored["state"]), dict(restored["meta"])
-    except Exception as error:  # orbax/tensorstore raise many kinds
-        raise RunError(
-            f"checkpoint {directory / str(step)} is unreadable or truncated: {_first_line(error)}"
-        ) from None
-
-
-def _matching_leaves(flat: dict[str, Any], expected: dict[str, np.ndarray], where: Path) -> list[np.ndarray]:
-    if sorted(flat) != sorted(expected):
-        missing = sorted(set(expected) - set(flat))[:3]
-        extra = sorted(set(flat) - set(expected))[:3]
-        raise RunError(f"checkpoint {where} does not match the model (missing {missing}, unexpected {extra})")
-    leaves = []
-    for name, want in expected.items():
-        got = np.asarray(flat[name])
-        if got.shape != want.shape or got.dtype != want.dtype:
+            self._failed = True
             raise RunError(
-                f"checkpoint {where}: {name} has shape {got.shape} {got.dtype}, "
-                f"the model needs {want.shape} {want.dtype}"
-            )
-        leaves.append(got)
-    return leaves
+                f"cannot write the checkpoint of step {step} in {self.path / CHECKPOINTS}: "
+                f"{checkpoints.first_line(error)}; earlier checkpoints stay intact: fix this and run "
+                "with --resume"
+            ) from None
+        if self.primary:
+            self._tidy()

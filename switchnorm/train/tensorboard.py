@@ -19,19 +19,20 @@ Resuming: every run opens a new event file (a unique name) whose first event
 is a purge (``SessionLog.START``) at the step after the checkpoint it starts
 from, so TensorBoard drops what a killed run had logged beyond that
 checkpoint; the steps that follow are logged once, by the resumed run. Only
-the primary process writes, into a folder it creates itself and refuses if it
-is a symbolic link (:func:`switchnorm.train.files.make_dir`).
+the primary process writes, into the folder its run directory made
+(:meth:`switchnorm.train.rundir.RunDir.tensorboard_dir`); a failed write is an
+``OSError`` naming the file as the user knows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from switchnorm.train import files
 
 FLUSH_SECONDS = 10.0  # the longest a live view lags behind within an epoch
 
@@ -57,25 +58,36 @@ class EventLog:
     """One run's TensorBoard event file, from the step a run (re)starts at to its end.
 
     Args:
-      folder: ``RUN/tensorboard``; created here, refused if it is a symbolic link.
+      folder: the existing folder to write in (``RUN/tensorboard``).
       start_step: the step the run starts from (0, or its checkpoint's on
         resume); events an earlier, killed run wrote after it are purged.
+      shown: the folder as errors name it (default ``folder``).
     """
 
-    def __init__(self, folder: Path, start_step: int):
+    def __init__(self, folder: Path, start_step: int, shown: Path | None = None):
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import SessionLog
 
-        files.make_dir(folder)
+        self._shown = shown or folder
         suffix = f".{os.getpid()}.{secrets.token_hex(4)}"  # unguessable: no planted link has its name
-        self._writer: Any = EventsWriter(str(folder / "events"), suffix)
+        with self._named():
+            self._writer: Any = EventsWriter(str(folder / "events"), suffix)
         self._write(start_step + 1, session_log=SessionLog(status=SessionLog.START))
         self._flushed = time.monotonic()
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """An OSError inside names the event folder as the user knows it."""
+        try:
+            yield
+        except OSError as error:
+            raise OSError(error.errno, error.strerror or str(error), str(self._shown)) from None
 
     def _write(self, step: int, **fields: Any) -> None:
         from tensorboardX.proto.event_pb2 import Event
 
-        self._writer.write_event(Event(wall_time=time.time(), step=step, **fields))
+        with self._named():
+            self._writer.write_event(Event(wall_time=time.time(), step=step, **fields))
 
     def _write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         from tensorboardX.proto.summary_pb2 import Summary
@@ -85,7 +97,8 @@ class EventLog:
         self._write(step, summary=Summary(value=values))
 
     def flush(self) -> None:
-        self._writer.flush()
+        with self._named():
+            self._writer.flush()
         self._flushed = time.monotonic()
 
     def log_step(self, step: int, loss: float, accuracy: float) -> None:
@@ -105,7 +118,8 @@ class EventLog:
         if writer is None:
             return
         try:
-            writer.flush()
+            with self._named():
+                writer.flush()
         finally:
             # EventsWriter.close() flushes first and skips closing the file when that flush
             # fails (a full disk): close the record file itself, so no descriptor is left open.
