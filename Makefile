@@ -35,7 +35,7 @@ wheel-check: $(STAMP)
 	$(PY) -m pip wheel -q --no-deps -w build/wheel .
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/python -m pip install -q build/wheel/switchnorm-*.whl
-	cd build && wheel-venv/bin/python -c "import switchnorm, importlib.resources as r; assert r.files('switchnorm').joinpath('py.typed').is_file(); print('wheel ok: switchnorm', switchnorm.__version__, switchnorm.__file__)"
+	cd build && wheel-venv/bin/python -c "import switchnorm, switchnorm_command, importlib.resources as r; assert r.files('switchnorm').joinpath('py.typed').is_file(); print('wheel ok: switchnorm', switchnorm.__version__, switchnorm.__file__)"
 
 ## Lint gate: ruff's checks, its formatter and mypy (config in pyproject.toml) must all pass.
 lint: $(STAMP)

@@ -92,3 +92,32 @@ def test_sigint_before_the_run_directory_exists_does_not_point_to_resume(tmp_pat
     done = train(tmp_path / "run", interrupt_at="data")
     assert (done.returncode, done.stderr) == (130, "switchnorm: interrupted\n"), done.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+IMPORT_WRAPPER = """
+import importlib.abc, os, signal, sys
+class Finder(importlib.abc.MetaPathFinder):  # SIGINT at the first import of jax, inside the package's
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Finder())
+import switchnorm_command
+sys.exit(switchnorm_command.main(sys.argv[1:]))
+"""
+
+
+def test_sigint_while_the_command_imports_the_package_exits_130_with_one_line(tmp_path):
+    # The console script's entry (switchnorm_command) answers before switchnorm, jax and flax load.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-c", IMPORT_WRAPPER, *ARGS, "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (130, "switchnorm: interrupted\n"), done.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_script_enters_through_switchnorm_command():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["switchnorm"] == "switchnorm_command:main"
