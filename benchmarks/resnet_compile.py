@@ -64,7 +64,9 @@ def compile_seconds(variant: str) -> float:
         step, _ = _example().make_steps(net, tx)
         step = jax.jit(step.__wrapped__)  # a new function: nothing cached from an earlier repeat
         start = time.perf_counter()
-        step.lower(variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, labels).compile()
+        step.lower(
+            variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, labels
+        ).compile()
         return time.perf_counter() - start
 
 
