@@ -109,7 +109,8 @@ def mixed(config: Config, cells: Cells, stats: list[Stats], arrays: LayerArrays)
     """
     weights = _weights(config, cells, stats, arrays)
     mix_mean, mix_var = _stats.blend(stats, cells.shift, list(weights[0]), list(weights[1]))
-    a = lax.rsqrt(mix_var + config.epsilon)
+    # A variance beyond the dtype's range (float32 std above about 1e19) gives NaN, not y = 0.
+    a = jnp.where(jnp.isinf(mix_var), jnp.nan, lax.rsqrt(mix_var + config.epsilon))
     if arrays.scale is not None:
         a = a * arrays.scale.astype(a.dtype)
     batch = None
@@ -358,7 +359,8 @@ def switch_norm(
       (float64 stays float64); the output has ``dtype``, by default x's.
     * Range: sums are taken in units of a power of two near each cell's first
       element, so outputs and statistics stay finite wherever the variance is
-      (float32 data with std up to about 1e19). Gradients lose the variance's
+      (float32 data with std up to about 1e19); beyond, the output is NaN where the
+      blended variance overflows, and bn's variance is infinite. Gradients lose the variance's
       part beyond a std of about 1e12 in float32 (design.md, section 8).
     * In inference (``use_running_average``) only bn changes, to the running
       averages; in, ln and gn always use each sample's own statistics.

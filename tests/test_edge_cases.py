@@ -171,6 +171,24 @@ def test_nnx_running_variance_stays_finite_for_float32_data_at_1e19(rng):
     np.testing.assert_allclose(layer.var[...], np.asarray(x, np.float64).var(axis=(0, 1, 2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 3, C), (16, C)], ids=["spatial", "dense"])
+@pytest.mark.parametrize("weights", ["layer", "sample"])
+def test_float32_data_whose_variance_overflows_gives_nan_not_zeros(rng, shape, weights):
+    # At std 1e20 the variance, 1e40, is beyond float32: the output cannot be computed,
+    # and says so (1 / sqrt(inf) would have made it silently 0); bn's variance is inf.
+    x = jnp.asarray(rng.normal(size=shape) * 1e20, jnp.float32)
+    normalizers = switchnorm.default_normalizers(len(shape))
+    k = len(normalizers)
+    sample_map = jnp.zeros((2, 2 * k, k)) if weights == "sample" else None
+    y, stats = switchnorm.switch_norm(
+        x, jnp.zeros(k), jnp.zeros(k), normalizers=normalizers, weights=weights, sample_map=sample_map
+    )
+    assert np.all(np.isnan(y))
+    assert np.all(np.isinf(stats.var))
+    y, _ = switchnorm.switch_norm(x / 10.0, jnp.zeros(k), jnp.zeros(k), normalizers=normalizers)
+    assert np.all(np.isfinite(y))  # std 1e19: within range
+
+
 def test_custom_vjp_equals_autodiff_at_1e19_in_float32(rng):
     x = jnp.asarray(rng.normal(size=(3, 4, 4, C)) * 1e19, jnp.float32)
     dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
