@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -74,9 +75,23 @@ def _copy_suffix(index: tuple[int, ...]) -> str:
     return "".join(f"[{i}]" for i in index)
 
 
+def _concrete(path: str, name: str, value: Any) -> Any:
+    """``value`` (an array, or an NNX variable's), or a TypeError for an abstract one (``eval_shape``)."""
+    if isinstance(value, nnx.Variable):
+        value = value.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"layer {path!r}: {name} is a jax.ShapeDtypeStruct of shape {value.shape}, an abstract "
+            "value (from jax.eval_shape or nnx.eval_shape) with no numbers in it; mixing weights "
+            "are read from the initialized or trained parameters."
+        )
+    return value
+
+
 def _stacked_logits(path: str, mean_logits: Any, var_logits: Any) -> tuple[np.ndarray, np.ndarray]:
     """Both logits as arrays of one shape (copies..., K), or a ValueError naming the layer."""
-    mean_logits, var_logits = np.asarray(mean_logits), np.asarray(var_logits)
+    mean_logits = np.asarray(_concrete(path, "mean_logits", mean_logits))
+    var_logits = np.asarray(_concrete(path, "var_logits", var_logits))
     if mean_logits.shape != var_logits.shape or mean_logits.ndim == 0:
         raise ValueError(
             f"layer {path!r}: mean_logits of shape {mean_logits.shape} and var_logits of shape "
@@ -167,7 +182,7 @@ def _nnx_layer_arrays(
         if captured is None:
             raise _sample_needs_batch(path)
         return {path: _captured_arrays(path, captured.get(id(layer), []))}
-    mean_logits, var_logits = _stacked_logits(path, layer.mean_logits[...], layer.var_logits[...])
+    mean_logits, var_logits = _stacked_logits(path, layer.mean_logits, layer.var_logits)
     if mode == "channel":  # (copies..., K, C): the normalizers to the last axis
         mean_logits, var_logits = np.swapaxes(mean_logits, -1, -2), np.swapaxes(var_logits, -1, -2)
     if mean_logits.shape[-1] != len(layer.normalizers):
@@ -179,7 +194,7 @@ def _nnx_layer_arrays(
         )
     names = layer.blended_normalizers
     index = np.array([layer.normalizers.index(n) for n in names])
-    radius = np.asarray(layer.radius[...]) if layer.radius is not None else 0.0
+    radius = np.asarray(_concrete(path, "radius", layer.radius)) if layer.radius is not None else 0.0
     return _copies_arrays(
         path, mode, mean_logits[..., index], var_logits[..., index], names, layer.mixing, radius
     )

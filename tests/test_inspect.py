@@ -163,6 +163,16 @@ def test_anything_else_is_a_type_error():
         switchnorm.mixing_weights([1, 2, 3])
 
 
+def test_abstract_parameters_from_eval_shape_are_refused_naming_what_they_are():
+    # jax.eval_shape / nnx.eval_shape give shapes, no values: a clear error, not "shape ()".
+    module = nnx.eval_shape(lambda: switchnorm.SwitchNorm(4, rngs=nnx.Rngs(0)))
+    init = functools.partial(snn.SwitchNorm().init, use_running_average=False)
+    variables = jax.eval_shape(init, jax.random.key(0), jnp.ones((2, 3, 3, 4)))
+    for abstract in (module, variables, variables["params"]):
+        with pytest.raises(TypeError, match=r"mean_logits is a jax.ShapeDtypeStruct of shape \(4,\)"):
+            switchnorm.mixing_weights(abstract)
+
+
 def test_format_mixing_weights_shows_every_layer_and_marks_the_dominant_weight():
     tree = {
         "a": {"mean_logits": np.array([2.0, 0, 0, 0]), "var_logits": np.array([0, 0, 0, 3.0])},
