@@ -29,7 +29,7 @@ from flax import linen as nn
 
 import switchnorm
 from switchnorm import linen as snn
-from switchnorm.train import load_dataset, weight_decay_mask
+from switchnorm.train import load_dataset
 from switchnorm.train.data import train_batches
 
 ModuleDef = Any
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     steps = args.epochs * (len(data.x_train) // args.batch_size)
     # AdamW whose weight decay spares the mixing logits, as every SN codebase does.
     schedule = optax.cosine_decay_schedule(args.lr, max(steps, 1))
-    tx = optax.adamw(schedule, weight_decay=1e-4, mask=weight_decay_mask)
+    tx = optax.adamw(schedule, weight_decay=1e-4, mask=switchnorm.weight_decay_mask)
     opt_state = tx.init(params)
     train_step, predict = make_steps(model, tx)
 

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import switchnorm
-from switchnorm.train import load_dataset, weight_decay_mask
+from switchnorm.train import load_dataset
 from switchnorm.train.data import train_batches
 
 
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     steps = args.epochs * (len(data.x_train) // args.batch_size)
     schedule = optax.cosine_decay_schedule(3e-3, max(steps, 1))
     # AdamW whose weight decay spares the mixing logits, as every SN codebase does.
-    tx = optax.adamw(schedule, weight_decay=1e-4, mask=weight_decay_mask)
+    tx = optax.adamw(schedule, weight_decay=1e-4, mask=switchnorm.weight_decay_mask)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     accuracy = 0.0

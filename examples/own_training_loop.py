@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 import switchnorm
-from switchnorm.train import WeightHistory, build_model, load_dataset, weight_decay_mask
+from switchnorm.train import WeightHistory, build_model, load_dataset
 from switchnorm.train.data import train_batches
 
 EPOCHS, BATCH = 5, 64
@@ -25,7 +25,7 @@ steps = EPOCHS * (len(data.x_train) // BATCH)
 schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // EPOCHS, steps)
 # AdamW whose weight decay spares every SwitchNorm layer's mean_logits and var_logits.
 optimizer = nnx.Optimizer(
-    model, optax.adamw(schedule, weight_decay=1e-2, mask=weight_decay_mask), wrt=nnx.Param
+    model, optax.adamw(schedule, weight_decay=1e-2, mask=switchnorm.weight_decay_mask), wrt=nnx.Param
 )
 
 

@@ -10,7 +10,7 @@ import pytest
 # Each call returns a fresh 25.7 MB float32 array (8x56x56x256), dropped before the next. The
 # heap grows to its high-water mark over the first calls; then, with freed memory kept, a call
 # faults in no page. Without it, on the idle machine, most calls fault their whole output in
-# again (163 of 240 in docs/performance.md); how many depends on which thread XLA runs a call
+# again (163 of 240 calls in one measurement); how many depends on which thread XLA runs a call
 # on, and under the test suite's own load it can be none, so that half is not asserted here.
 _PROBE = """
 import resource, statistics
