@@ -60,6 +60,7 @@ def _on(name: str) -> bool:
 
 def _steered(name: str, cpu: Callable, plain: Callable, *args: Any) -> Any:
     """``cpu(*args)`` where the computation is lowered for the CPU and ``name`` is on, else ``plain(*args)``."""
+    assert name in WORKAROUNDS, name  # a workaround switched off must be switched off everywhere
     if not _on(name):
         return plain(*args)
     return lax.platform_dependent(*args, cpu=cpu, default=plain)

@@ -475,6 +475,21 @@ def test_a_sample_layer_reports_the_mean_over_the_batch_of_each_samples_weights(
     np.testing.assert_allclose(list(weights["var"].values()), want[1].mean(axis=0), rtol=1e-4)
 
 
+def test_sample_weights_read_under_a_mask_are_those_of_the_masked_in_elements(rng):
+    # Padding at the end of each sequence, masked out: the weights each sample got are those
+    # of its unpadded elements alone, as the layer's statistics are.
+    layer = sample_layer(rng, num_groups=3)
+    x = jnp.asarray(reference.channel_input(rng, (4, 5, 6)), jnp.float32)
+    padded = jnp.concatenate([x, 1e3 * jnp.ones((4, 3, 6))], axis=1)
+    mask = jnp.arange(8)[None, :, None] < 5
+    masked = switchnorm.mixing_weight_arrays(
+        layer, batch=padded, forward=lambda m, b: m(b, mask=jnp.broadcast_to(mask, b.shape))
+    )[""]
+    unpadded = switchnorm.mixing_weight_arrays(layer, batch=x)[""]
+    np.testing.assert_allclose(masked.mean, unpadded.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(masked.var, unpadded.var, rtol=1e-5, atol=1e-6)
+
+
 def test_reading_sample_weights_in_training_mode_leaves_the_running_averages(rng):
     layer = sample_layer(rng)
     before = np.asarray(layer.mean[...])
