@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.heap import keep_freed_memory
-from benchmarks.layer import build, calibrate, parse_shape, temp_bytes, timed
-from benchmarks.ratios import bn_inference
+from benchmarks.layer import build, parse_shape, temp_bytes
+from benchmarks.ratios import _interleaved, bn_inference
 from switchnorm import _xla_cpu
 
 SHAPES = ("32x32x32x64", "8x56x56x256", "128x8x8x128", "64x256x64", "1024x512")
@@ -65,16 +65,11 @@ def measure(shape: tuple[int, ...], dtype: str, mode: str, repeats: int, min_sam
         with switched_off(off):
             fn, args = build(variant, kind, x, dy)
             fns[name] = (fn.lower(*args).compile(), args)
-    inner = {k: calibrate(f, a, min_sample_s) for k, (f, a) in fns.items()}
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(repeats):
-        for k in keys if r % 2 == 0 else keys[::-1]:
-            samples[k].append(timed(*fns[k], inner[k]))
-    as_is = np.asarray(samples["as is"])
+    samples = _interleaved(fns, repeats, min_sample_s)
+    as_is = samples["as is"]
     row = {}
     for k, v in samples.items():
-        ratio = np.asarray(v) / as_is
+        ratio = v / as_is
         temp = temp_bytes(fns[k][0])
         row[k] = (
             float(np.percentile(ratio, 25)),
