@@ -15,6 +15,7 @@ not in ``__all__``: ``from switchnorm import *`` would otherwise shadow
 from switchnorm import linen, nnx  # noqa: F401  (switchnorm.linen.SwitchNorm without an import)
 from switchnorm._arguments import MIXINGS, NORMALIZERS, default_normalizers, default_num_groups
 from switchnorm._collapse import ChannelAffine, CollapsedNorm, CollapseReport, collapse
+from switchnorm._convert import convert
 from switchnorm._core import switch_norm
 from switchnorm._param_labels import param_labels, weight_decay_mask
 from switchnorm._recalibrate import recalibrate, recalibrate_variables
@@ -36,6 +37,7 @@ __all__ = [
     "MixingRadius",
     "SwitchNorm",
     "collapse",
+    "convert",
     "default_normalizers",
     "default_num_groups",
     "format_mixing_weights",

@@ -102,17 +102,32 @@ def _check_count(name: str, value: Any, num_channels: int) -> int:
     return int(value)
 
 
-def resolve_num_groups(num_channels: int, num_groups: int | None, group_size: int | None) -> int:
-    """The gn group count from GroupNorm-style ``num_groups`` / ``group_size``."""
+def resolve_num_groups(
+    num_channels: int, num_groups: int | None, group_size: int | None, normalizers: Sequence[str] = ()
+) -> int:
+    """The gn group count from GroupNorm-style ``num_groups`` / ``group_size``.
+
+    Neither given: a layer of gn alone is Flax's GroupNorm and takes its default,
+    :data:`MAX_DEFAULT_GROUPS` groups (an error where they do not divide the channels, as
+    GroupNorm raises); a blend takes :func:`default_num_groups`.
+    """
     if num_groups is not None and group_size is not None:
         raise ValueError(
             f"give num_groups or group_size, not both (got num_groups={num_groups}, group_size={group_size})."
         )
     if group_size is not None:
         return num_channels // _check_count("group_size", group_size, num_channels)
-    if num_groups is None:
+    if num_groups is not None:
+        return _check_count("num_groups", num_groups, num_channels)
+    if tuple(normalizers) != ("gn",):
         return default_num_groups(num_channels)
-    return _check_count("num_groups", num_groups, num_channels)
+    if num_channels % MAX_DEFAULT_GROUPS:
+        raise ValueError(
+            f"a layer with normalizers=('gn',) is Flax's GroupNorm and takes its default of "
+            f"{MAX_DEFAULT_GROUPS} groups, which does not divide its {num_channels} channels; "
+            "pass num_groups (or group_size), as GroupNorm needs."
+        )
+    return MAX_DEFAULT_GROUPS
 
 
 def _real(name: str, value: Any, requirement: str) -> float:
@@ -120,6 +135,22 @@ def _real(name: str, value: Any, requirement: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float {requirement}, got {value!r} ({type(value).__name__}).")
     return float(value)
+
+
+BLEND_EPSILON = 1e-5
+"""The default epsilon of a blend: BatchNorm's, as Switchable Normalization's."""
+
+FLAX_EPSILON = {"bn": 1e-5, "in": 1e-6, "ln": 1e-6, "gn": 1e-6}
+"""The default epsilon of Flax's BatchNorm, InstanceNorm, LayerNorm and GroupNorm."""
+
+
+def resolve_epsilon(epsilon: Any, normalizers: Sequence[str]) -> float:
+    """``epsilon`` checked, or by default: a layer of one normalizer is that Flax layer and takes
+    its epsilon (1e-6 for in, ln and gn), a blend :data:`BLEND_EPSILON`."""
+    if epsilon is None:
+        normalizers = tuple(normalizers)
+        epsilon = FLAX_EPSILON[normalizers[0]] if len(normalizers) == 1 else BLEND_EPSILON
+    return check_epsilon(epsilon)
 
 
 def check_epsilon(epsilon: Any) -> float:

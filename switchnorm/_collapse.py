@@ -33,7 +33,7 @@ from flax import nnx
 from flax.typing import PromoteDtypeFn
 from jax import lax
 
-from switchnorm import _arguments, _core, _mixing
+from switchnorm import _arguments, _core, _graph, _mixing
 from switchnorm.nnx import SwitchNorm
 
 __all__ = ["ChannelAffine", "CollapseReport", "CollapsedLayer", "CollapsedNorm", "LayerChoice", "collapse"]
@@ -88,7 +88,7 @@ class CollapsedNorm(nnx.Module):
         running_mean: Array | None,
         running_var: Array | None,
         num_groups: int | None = None,
-        use_running_average: bool = False,
+        use_running_average: bool | None = False,
         momentum: float = 0.99,
         epsilon: float = 1e-5,
         dtype: Any = None,
@@ -176,8 +176,12 @@ class CollapsedNorm(nnx.Module):
 class ChannelAffine(nnx.Module):
     """``y = x * multiplier + offset`` per channel: a BatchNorm folded for inference.
 
-    The same in training and inference mode (it holds no running averages): use it only in a
-    model for inference. :meth:`fold` builds it from a bn/bn SwitchNorm's running averages.
+    BatchNorm in inference mode only: it holds no batch statistics, so a call in training mode
+    (``use_running_average=False``, as ``model.train()`` sets it) raises rather than quietly
+    computing inference's output. To fine-tune a collapsed model, collapse it in training
+    mode (its bn layers then stay :class:`CollapsedNorm`, which compute batch statistics) or
+    with ``flax_layers=True`` (``nnx.BatchNorm``). :meth:`fold` builds it from a bn/bn
+    SwitchNorm's running averages.
 
     Attributes:
       multiplier: (C,) ``scale / sqrt(running_var + epsilon)``.
@@ -204,6 +208,12 @@ class ChannelAffine(nnx.Module):
         self.dtype = dtype
         self.axis = axis
         self.promote_dtype = _arguments.check_promote_dtype(promote_dtype)
+        self.use_running_average = True
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Class method used by ``nnx.view``, as on ``nnx.BatchNorm``; False makes calls refuse."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
     @classmethod
     def fold(cls, layer: SwitchNorm | CollapsedNorm) -> ChannelAffine:
@@ -224,11 +234,23 @@ class ChannelAffine(nnx.Module):
     ) -> Array:
         """``x * multiplier + offset`` in float32 (or wider), cast to ``dtype`` or ``x``'s dtype.
 
-        ``use_running_average`` and ``mask`` are accepted, so that calls written for the layer it
-        replaces still work, and change nothing: the fold is BatchNorm in inference, which reads
-        no batch statistics (as ``nnx.BatchNorm`` ignores ``mask`` there).
+        ``use_running_average`` (default: the attribute, True unless ``model.train()`` set it)
+        must be True: the fold is BatchNorm in inference, with no batch statistics to compute.
+        ``mask`` is accepted, so that calls written for the layer it replaces still work, and
+        changes nothing (as ``nnx.BatchNorm`` ignores ``mask`` in inference).
+
+        Raises:
+          ValueError: in training mode.
         """
-        del use_running_average
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if not use_running_average:
+            raise ValueError(
+                "ChannelAffine is a BatchNorm folded for inference and has no batch statistics, but "
+                "it was called in training mode (use_running_average=False, e.g. after model.train()). "
+                "Call model.eval() first, or, to train the collapsed model, collapse it in training "
+                "mode or with flax_layers=True, which keep layers that compute batch statistics."
+            )
         shape = tuple(getattr(x, "shape", ()))
         feature = _arguments.feature_axis(self.axis, len(shape))
         x, _ = _arguments.channels_last(x, mask, feature)
@@ -273,8 +295,9 @@ class CollapsedLayer:
       var: the normalizer with the largest variance weight.
       mean_dropped: ``1 - `` that mean weight: the weight the collapse drops.
       var_dropped: ``1 - `` that variance weight.
-      form: ``"affine"`` (:class:`ChannelAffine`), ``"normalizer"`` (:class:`CollapsedNorm`)
-        or ``"kept"`` (a weight below ``min_weight``: the layer stays a SwitchNorm).
+      form: ``"flax"`` (Flax's own layer, with ``flax_layers=True``), ``"affine"``
+        (:class:`ChannelAffine`), ``"normalizer"`` (:class:`CollapsedNorm`) or ``"kept"`` (a
+        weight below ``min_weight``: the layer stays a SwitchNorm).
       max_change: with a ``batch``, the largest absolute change of the model's output on it,
         in inference mode, when this layer alone is collapsed (None without a batch, or kept).
     """
@@ -343,14 +366,14 @@ def _check_min_weight(min_weight: Any) -> float:
     return float(min_weight)
 
 
-def _switch_norms(model: Any) -> list[tuple[tuple[Any, ...], SwitchNorm]]:
-    """Every SwitchNorm of the model with its path; ValueError if there is none."""
+def _switch_norms(model: Any) -> list[tuple[str, SwitchNorm]]:
+    """Every SwitchNorm of the model with its path (``"layers/1/norm2"``); ValueError if there is none."""
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"collapse expects an NNX module holding switchnorm.SwitchNorm layers, got "
             f"{type(model).__name__}; for Linen see the docstring of switchnorm.collapse."
         )
-    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, SwitchNorm)]
+    found = _graph.find(model, (SwitchNorm,))
     if not found:
         raise ValueError(
             f"collapse found no switchnorm.SwitchNorm in the {type(model).__name__} it was given; "
@@ -390,12 +413,14 @@ def _least_weights(path: str, layer: SwitchNorm) -> dict[str, dict[str, float]]:
     return least
 
 
-def _describe(path: str, layer: SwitchNorm, min_weight: float) -> CollapsedLayer:
+def _describe(path: str, layer: SwitchNorm, min_weight: float, flax_layers: bool) -> CollapsedLayer:
     """The layer's choice and dropped weights, at the weights it blends now."""
     weights = _least_weights(path, layer)
     (mean, w_mean), (var, w_var) = _top(weights["mean"]), _top(weights["var"])
     if min(w_mean, w_var) < min_weight:
         form = "kept"
+    elif flax_layers and mean == var and _flax_layer(layer, mean) is not None:
+        form = "flax"
     elif mean == var == "bn" and layer.use_running_average:
         form = "affine"
     else:
@@ -403,72 +428,86 @@ def _describe(path: str, layer: SwitchNorm, min_weight: float) -> CollapsedLayer
     return CollapsedLayer(path, mean, var, 1.0 - w_mean, 1.0 - w_var, form)
 
 
-def _replacement(layer: SwitchNorm, choice: LayerChoice) -> nnx.Module:
+def _flax_layer(layer: SwitchNorm, name: str) -> nnx.Module | None:
+    """Flax's own layer computing what ``layer`` does with its weights one-hot on ``name``, if any.
+
+    ``nnx.BatchNorm`` (with the running averages), ``nnx.GroupNorm`` (channels last only, its
+    one layout), ``nnx.InstanceNorm``, or ``nnx.LayerNorm`` reducing over every axis but the
+    batch axis as "ln" does (so only once the layer has been called: the rank gives the axes).
+    None where Flax has no such layer. They hold the SwitchNorm's own variables.
+    """
+    rank = layer.last_input_rank
+    channels_last = layer.axis == -1 or (rank is not None and layer.axis == rank - 1)
+    common: dict[str, Any] = dict(
+        epsilon=layer.epsilon,
+        dtype=layer.dtype,
+        param_dtype=layer.param_dtype,
+        use_bias=layer.use_bias,
+        use_scale=layer.use_scale,
+        use_fast_variance=layer.use_fast_variance,
+        promote_dtype=layer.promote_dtype or nnx.nn.dtypes.promote_dtype,
+        rngs=nnx.Rngs(0),
+    )
+    C = layer.num_features
+    flax_layer: nnx.Module
+    if name == "bn":
+        flax_layer = nnx.BatchNorm(
+            C,
+            use_running_average=layer.use_running_average,
+            axis=layer.axis,
+            momentum=layer.momentum,
+            axis_name=layer.axis_name,
+            axis_index_groups=layer.axis_index_groups,
+            **common,
+        )
+        assert layer.mean is not None and layer.var is not None  # a layer that can choose bn holds them
+        flax_layer.mean, flax_layer.var = layer.mean, layer.var
+    elif name == "gn" and channels_last:
+        flax_layer = nnx.GroupNorm(C, num_groups=layer.num_groups, **common)
+    elif name == "in":
+        flax_layer = nnx.InstanceNorm(C, feature_axes=layer.axis, **common)
+    elif name == "ln" and rank is not None:
+        flax_layer = nnx.LayerNorm(C, reduction_axes=tuple(range(1, rank)), feature_axes=layer.axis, **common)
+    else:
+        return None
+    flax_layer.scale, flax_layer.bias = layer.scale, layer.bias
+    return flax_layer
+
+
+def _replacement(layer: SwitchNorm, choice: LayerChoice, flax_layers: bool) -> nnx.Module:
+    if flax_layers and choice.mean == choice.var:
+        flax_layer = _flax_layer(layer, choice.mean)
+        if flax_layer is not None:
+            return flax_layer
     if choice.affine:
         return ChannelAffine.fold(layer)
     return CollapsedNorm.from_switch_norm(layer, choice.mean, choice.var)
 
 
-def _copy(model: nnx.Module) -> nnx.Module:
-    """A deep copy: a new graph with its own arrays' references."""
-    return nnx.merge(*nnx.split(model))
-
-
-def _references(root: Any, target: Any) -> list[tuple[Any, Any]]:
-    """Every ``(parent, key)`` at which the graph of ``root`` holds ``target``: a shared layer has several.
-
-    ``nnx.iter_graph`` visits each node once, at its first path; this walks every edge.
-    """
-    found, seen = [], set()
-
-    def walk(node: Any) -> None:
-        implementation = nnx.graph.get_node_impl(node)
-        if id(node) in seen or implementation is None:  # a leaf
-            return
-        seen.add(id(node))
-        for key, child in implementation.node_dict(node).items():
-            if child is target:
-                found.append((node, key))
-            else:
-                walk(child)
-
-    walk(root)
-    return found
-
-
-def _put(parent: Any, key: Any, value: Any) -> None:
-    if isinstance(parent, nnx.Module) and isinstance(key, str):
-        setattr(parent, key, value)
-    else:
-        parent[key] = value
-
-
-def apply_choices(model: nnx.Module, choices: dict[str, LayerChoice]) -> nnx.Module:
+def apply_choices(
+    model: nnx.Module, choices: dict[str, LayerChoice], flax_layers: bool = False
+) -> nnx.Module:
     """A copy of ``model`` with the SwitchNorm at each path of ``choices`` replaced as it says.
 
     The collapsed layers take their arrays from the SwitchNorms they replace; a layer held at
     several places (shared) is replaced by one collapsed layer, shared at each of them. What
     :func:`collapse` does once it has chosen; also how a collapsed run's model is rebuilt
-    from a fresh one (the arrays then come from its checkpoint).
+    from a fresh one (the arrays then come from its checkpoint). ``flax_layers`` as
+    :func:`collapse`'s.
     """
-    new = _copy(model)
-    layers = {"/".join(map(str, path)): (path, node) for path, node in _switch_norms(new)}
+    layers = dict(_switch_norms(model))
     unknown = sorted(set(choices) - set(layers))
     if unknown:
         raise ValueError(f"no SwitchNorm at path {unknown[0]!r}; the model's are {sorted(layers)}.")
-    for key, choice in choices.items():
-        path, node = layers[key]
-        replacement = _replacement(node, choice)
-        if not path:
-            return replacement
-        for parent, name in _references(new, node):
-            _put(parent, name, replacement)
-    return new
+    chosen = [(path, layers[path]) for path in choices]
+    return _graph.replace_each(
+        model, chosen, lambda path, node: _replacement(node, choices[path], flax_layers)
+    )
 
 
 def _inference_output(model: nnx.Module, batch: Any) -> np.ndarray:
     """The model's output on ``batch`` in inference mode; ``model`` itself is left as it was."""
-    copy = _copy(model)
+    copy = _graph.copy(model)
     copy.eval()
     return np.asarray(copy(batch))
 
@@ -478,7 +517,7 @@ def _max_change(reference: np.ndarray, model: nnx.Module, batch: Any) -> float:
 
 
 def collapse(
-    model: nnx.Module, min_weight: float = MIN_WEIGHT, batch: Any = None
+    model: nnx.Module, min_weight: float = MIN_WEIGHT, batch: Any = None, *, flax_layers: bool = False
 ) -> tuple[nnx.Module, CollapseReport]:
     """A copy of ``model`` whose SwitchNorm layers that have chosen compute only their choice.
 
@@ -488,6 +527,15 @@ def collapse(
     every channel gives the same normalizer at least that (the report's dropped weights are
     then the largest any channel drops). It becomes
 
+    * with ``flax_layers=True``, where mean and variance chose the same normalizer, Flax's own
+      layer holding the SwitchNorm's variables: ``nnx.BatchNorm`` (with its running averages
+      and ``use_running_average``), ``nnx.GroupNorm`` (channels last, its only layout),
+      ``nnx.InstanceNorm``, or ``nnx.LayerNorm`` reducing over every axis but the batch axis,
+      as "ln" does (for a layer that has been called, so that its input's rank is known).
+      A model whose every layer collapses so holds only Flax classes and runs where
+      switchnorm is not installed; a SwitchNorm with ``promote_dtype=None`` gets Flax's
+      default ``promote_dtype``, which gives the same result on float32 input and
+      parameters;
     * a :class:`ChannelAffine` ``y = x * a + b`` if it chose bn for both and is in inference
       mode (``use_running_average``): ``a = scale / sqrt(running_var + epsilon)``,
       ``b = bias - running_mean * a``, which XLA fuses like a folded BatchNorm;
@@ -499,9 +547,9 @@ def collapse(
     the end of :func:`switchnorm.radius_schedule`), where the output is unchanged up to the
     rounding of the fold (the affine computes ``x * a + b`` rather than ``(x - mean) * a + bias``).
 
-    Linen: the model's structure is code, so rebuild it with ``normalizers=(name,)`` on the
-    layers that chose one normalizer for both and carry their ``scale``, ``bias`` and
-    ``batch_stats`` over (the one-logit softmax is exactly 1); docs/design.md, "Collapse".
+    Linen: the model's structure is code: rebuild it with ``nn.BatchNorm`` (or GroupNorm, ...)
+    in the places of the layers that chose one normalizer for both, and move the variables
+    over with :func:`switchnorm.linen.collapse_variables`.
 
     Args:
       model: an NNX module holding :class:`switchnorm.SwitchNorm` layers, called at least
@@ -509,6 +557,7 @@ def collapse(
       min_weight: in (0.5, 1]; a layer collapses when both its largest weights reach it.
       batch: optional input to measure the change on: each layer alone collapsed, then all,
         in inference mode (``model.eval()`` on copies).
+      flax_layers: replace layers that chose one normalizer for both by Flax's own layers.
 
     Returns:
       ``(collapsed_model, report)``: a new module, and a :class:`CollapseReport`.
@@ -528,12 +577,16 @@ def collapse(
       >>> collapsed, report = switchnorm.collapse(norm)
       >>> type(collapsed).__name__, report.layers[0].mean, report.layers[0].var
       ('CollapsedNorm', 'ln', 'bn')
+      >>> bn = switchnorm.convert(nnx.BatchNorm(4, rngs=nnx.Rngs(0)))   # weight 1 on bn
+      >>> type(switchnorm.collapse(bn, flax_layers=True)[0]).__name__
+      'BatchNorm'
     """
     min_weight = _check_min_weight(min_weight)
+    flax_layers = _arguments.check_flag("flax_layers", flax_layers)
     found = _switch_norms(model)
-    layers = [_describe("/".join(map(str, path)), node, min_weight) for path, node in found]
+    layers = [_describe(path, node, min_weight, flax_layers) for path, node in found]
     report = CollapseReport(tuple(layers), min_weight)
-    collapsed = apply_choices(model, report.choices())
+    collapsed = apply_choices(model, report.choices(), flax_layers)
     if batch is None:
         return collapsed, report
     reference = _inference_output(model, batch)
@@ -541,7 +594,9 @@ def collapse(
     measured = tuple(
         dataclasses.replace(
             layer,
-            max_change=_max_change(reference, apply_choices(model, {layer.path: choices[layer.path]}), batch),
+            max_change=_max_change(
+                reference, apply_choices(model, {layer.path: choices[layer.path]}, flax_layers), batch
+            ),
         )
         if layer.collapsed
         else layer

@@ -320,7 +320,7 @@ def switch_norm(
     normalizers: Sequence[str] = NORMALIZERS,
     num_groups: int | None = None,
     group_size: int | None = None,
-    epsilon: float = 1e-5,
+    epsilon: float | None = None,
     use_running_average: bool = False,
     running_mean: Array | None = None,
     running_var: Array | None = None,
@@ -383,9 +383,11 @@ def switch_norm(
       bias: optional (C,) offset (beta).
       normalizers: names from ("bn", "in", "ln", "gn"), in the order of the logits;
         :func:`switchnorm.default_normalizers` gives the layers' default for a rank.
-      num_groups: gn's group count; None: :func:`switchnorm.default_num_groups`.
+      num_groups: gn's group count; None: :func:`switchnorm.default_num_groups` (32, as Flax's
+        GroupNorm, for gn alone).
       group_size: gn's channels per group; give this or ``num_groups``.
-      epsilon: added to the mixed variance; a float > 0.
+      epsilon: added to the mixed variance; a float > 0. None: 1e-5 for a blend, the Flax
+        layer's default for one normalizer (1e-6 for in, ln and gn).
       use_running_average: use the running averages for the bn term.
       running_mean: (C,) running mean, needed for inference with "bn".
       running_var: (C,) running variance, needed for inference with "bn".
@@ -420,14 +422,16 @@ def switch_norm(
     normalizers = _arguments.validate_normalizers(normalizers)
     _arguments.check_input(x, normalizers)
     channels = x.shape[-1]
-    groups = _arguments.resolve_num_groups(channels, num_groups, group_size) if "gn" in normalizers else 1
+    groups = 1
+    if "gn" in normalizers:
+        groups = _arguments.resolve_num_groups(channels, num_groups, group_size, normalizers)
     weights = _arguments.check_weights(weights)
     arrays = LayerArrays(mean_logits, var_logits, scale, bias, running_mean, running_var, radius, sample_map)
     check_arrays(arrays, normalizers, channels, weights)
     config = Config(
         normalizers,
         groups,
-        _arguments.check_epsilon(epsilon),
+        _arguments.resolve_epsilon(epsilon, normalizers),
         bool(use_running_average),
         axis_name,
         axis_index_groups,

@@ -13,10 +13,12 @@ the layer could never move off its source, and weight decay would turn them into
 (``-inf * 0``). The others share :data:`RESIDUAL` instead, 2**-24: float32's spacing just below
 1, so the source's weight reads 1 - 2**-24 and the output differs from the source layer's by
 about 2**-24 times the gap between the normalizers' statistics in units of the standard deviation,
-below float32's resolution for activations of ordinary scale. Every logit gets a gradient, but a
-softmax layer's logits start ``log((K - 1) / 2**-24)`` (about 17.7 for K = 4) apart, so
-learning moves it off the source slowly; give ``w < 1`` (e.g. 0.9) to let the layers move
-from the first steps.
+below float32's resolution for activations of ordinary scale. The other logits get gradients
+(about 2**-24 times the usual: plain SGD barely moves them, Adam's per-parameter scaling moves
+them at its full step size); the source's own, minus the sum of theirs, rounds to 0 in float32,
+which loses nothing (softmax depends only on the logits' differences). A softmax layer's
+logits start ``log((K - 1) / 2**-24)`` (about 17.7 for K = 4) apart, so learning moves it off
+the source slowly; give ``w < 1`` (e.g. 0.9) to let the layers move from the first steps.
 """
 
 from __future__ import annotations

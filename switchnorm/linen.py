@@ -53,7 +53,9 @@ class SwitchNorm(nn.Module):
     (``normalizers``, ``num_groups``, ``group_size``, ``mixing``).
 
     Attributes:
-      use_running_average: if True, the bn term uses the running averages.
+      use_running_average: if True, the bn term uses the running averages. Given here or
+        at the call, as ``BatchNorm``'s; a layer whose ``normalizers`` leave out "bn" needs it
+        in neither place.
       axis: the feature (channel) axis of the input, -1 by default (channels
         last); e.g. 1 for channels-first (N, C, H, W). Not 0, the batch axis.
         The layer moves it last, normalizes, and moves it back. A tuple of axes,
@@ -63,7 +65,9 @@ class SwitchNorm(nn.Module):
         consecutive flattened channels (row-major, the axes in increasing order,
         as Flax orders the parameters' shape).
       momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
-      epsilon: a small float > 0 added to the mixed variance.
+      epsilon: a small float > 0 added to the mixed variance. ``None`` (default): 1e-5,
+        BatchNorm's, for a blend; a layer of one normalizer is that Flax layer and takes its
+        default (1e-6 for "in", "ln" and "gn").
       dtype: the dtype of the result (default: the input's dtype).
       param_dtype: the dtype of the parameters and logits (default: float32).
       use_bias: if True, bias (beta) is added.
@@ -85,7 +89,8 @@ class SwitchNorm(nn.Module):
         of the logits. ``None`` (default): all four for inputs of rank >= 3,
         ("bn", "ln") for (N, C) features.
       num_groups: gn group count; ``None`` picks the largest divisor of C that
-        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
+        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``), except
+        in a layer of gn alone, which is Flax's GroupNorm and takes its 32 groups.
       group_size: gn channels per group; give this or ``num_groups``.
       mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
         Switchable Normalization, Shao et al., CVPR 2019): the weights are then
@@ -112,7 +117,7 @@ class SwitchNorm(nn.Module):
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
     momentum: float = 0.99
-    epsilon: float = 1e-5
+    epsilon: float | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
@@ -145,9 +150,13 @@ class SwitchNorm(nn.Module):
         Returns:
           The normalized input, same shape, dtype ``self.dtype`` or the input's.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
+        if self.normalizers is not None and "bn" not in self.normalizers:
+            # no bn term, so nothing to choose: as nn.LayerNorm and nn.GroupNorm, which take no flag
+            use_running_average = bool(use_running_average or self.use_running_average)
+        else:
+            use_running_average = nn.merge_param(
+                "use_running_average", self.use_running_average, use_running_average
+            )
         spec, feature_shape = self._spec(x, use_running_average)
         config = spec.config
         num_channels = math.prod(feature_shape)
@@ -202,11 +211,13 @@ class SwitchNorm(nn.Module):
         )
         groups = 1
         if "gn" in normalizers:
-            groups = _arguments.resolve_num_groups(num_channels, self.num_groups, self.group_size)
+            groups = _arguments.resolve_num_groups(
+                num_channels, self.num_groups, self.group_size, normalizers
+            )
         config = _core.Config(
             normalizers,
             groups,
-            _arguments.check_epsilon(self.epsilon),
+            _arguments.resolve_epsilon(self.epsilon, normalizers),
             bool(use_running_average),
             None if self.is_initializing() else self.axis_name,
             self.axis_index_groups,

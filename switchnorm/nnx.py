@@ -90,7 +90,9 @@ class SwitchNorm(nnx.Module):
         last); e.g. 1 for channels-first (N, C, H, W). Not 0, the batch axis.
         The layer moves it last, normalizes, and moves it back.
       momentum: decay rate of the running averages (Flax's EMA rule), in [0, 1].
-      epsilon: a small float > 0 added to the mixed variance.
+      epsilon: a small float > 0 added to the mixed variance. ``None`` (default): 1e-5,
+        BatchNorm's, for a blend; a layer of one normalizer is that Flax layer and takes its
+        default (1e-6 for "in", "ln" and "gn").
       dtype: the dtype of the result (default: the input's dtype, after
         ``promote_dtype`` if one is given).
       param_dtype: the dtype of the parameters and logits (default: float32).
@@ -121,7 +123,8 @@ class SwitchNorm(nnx.Module):
         and "ln" on (N, C) input (see above). Pass ``("bn", "ln")`` for a layer
         that only ever sees (N, C) features: it then holds only those logits.
       num_groups: gn group count; ``None`` picks the largest divisor of C that
-        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``).
+        is at most ``min(32, C // 2)`` (see ``switchnorm.default_num_groups``), except
+        in a layer of gn alone, which is Flax's GroupNorm and takes its 32 groups.
       group_size: gn channels per group; give this or ``num_groups``.
       mixing: "softmax" (default, Switchable Normalization) or "sparsestmax" (Sparse
         Switchable Normalization, Shao et al., CVPR 2019): the weights are then
@@ -141,10 +144,10 @@ class SwitchNorm(nnx.Module):
         self,
         num_features: int,
         *,
-        use_running_average: bool = False,
+        use_running_average: bool | None = False,
         axis: int = -1,
         momentum: float = 0.99,
-        epsilon: float = 1e-5,
+        epsilon: float | None = None,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         use_bias: bool = True,
@@ -171,14 +174,14 @@ class SwitchNorm(nnx.Module):
             _arguments.NORMALIZERS if normalizers is None else normalizers
         )
         self.num_groups = (
-            _arguments.resolve_num_groups(num_features, num_groups, group_size)
+            _arguments.resolve_num_groups(num_features, num_groups, group_size, self.normalizers)
             if "gn" in self.normalizers
             else None
         )
         self.mixing = _arguments.check_mixing(mixing)
         self.weights = _arguments.check_weights(weights)
         momentum = _arguments.check_momentum(momentum)
-        epsilon = _arguments.check_epsilon(epsilon)
+        epsilon = _arguments.resolve_epsilon(epsilon, self.normalizers)
         axis = _arguments.check_axis(axis)
         use_fast_variance = _arguments.check_flag("use_fast_variance", use_fast_variance)
         promote_dtype = _arguments.check_promote_dtype(promote_dtype)

@@ -151,9 +151,11 @@ def test_float32_data_of_huge_magnitude_matches_float64(rng, magnitude, normaliz
     x64 = np.asarray(x, np.float64)  # the same float32-rounded input
     k = len(normalizers)
     mean_logits, var_logits = rng.normal(size=k), rng.normal(size=k)
-    y, stats = jax.jit(lambda x: switchnorm.switch_norm(x, mean_logits, var_logits, normalizers=normalizers))(
-        x
-    )
+    y, stats = jax.jit(
+        lambda x: switchnorm.switch_norm(
+            x, mean_logits, var_logits, normalizers=normalizers, num_groups=3, epsilon=1e-5
+        )
+    )(x)
     y_ref, bn_mean, bn_var = reference.switch_norm(
         x64, mean_logits, var_logits, normalizers=normalizers, num_groups=3
     )

@@ -44,18 +44,18 @@ def with_random_params(variables, rng, names=("scale", "bias", "mean_logits", "v
 
 
 def flax_counterpart(name, rank):
+    """The Flax layer a single-normalizer SwitchNorm equals, each at its default epsilon."""
     if name == "bn":
-        return nn.BatchNorm(epsilon=1e-5, use_fast_variance=False)
+        return nn.BatchNorm(use_fast_variance=False)
     if name == "in":
-        return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False)
+        return nn.InstanceNorm(use_fast_variance=False)
     if name == "ln":
         return nn.LayerNorm(
-            epsilon=1e-5,
             reduction_axes=tuple(range(1, rank)),
             feature_axes=-1,
             use_fast_variance=False,
         )
-    return nn.GroupNorm(num_groups=3, epsilon=1e-5, use_fast_variance=False)
+    return nn.GroupNorm(num_groups=3, use_fast_variance=False)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)

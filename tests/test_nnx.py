@@ -18,22 +18,25 @@ def forward(model, x):
 
 
 def flax_counterpart(name, rank):
-    """The Flax layer that computes what a single-normalizer SwitchNorm computes."""
+    """The Flax layer that computes what a single-normalizer SwitchNorm computes, at Flax's defaults.
+
+    Each takes its own default epsilon (1e-5 for BatchNorm, 1e-6 for the others), as the
+    SwitchNorm of that one normalizer does.
+    """
     rngs = nnx.Rngs(0)
     if name == "bn":
         return nnx.BatchNorm(C, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
     if name == "in":
-        return nnx.InstanceNorm(C, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+        return nnx.InstanceNorm(C, use_fast_variance=False, rngs=rngs)
     if name == "ln":  # the ln scope: every non-batch axis
         return nnx.LayerNorm(
             C,
-            epsilon=1e-5,
             reduction_axes=tuple(range(1, rank)),
             feature_axes=-1,
             use_fast_variance=False,
             rngs=rngs,
         )
-    return nnx.GroupNorm(C, num_groups=3, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+    return nnx.GroupNorm(C, num_groups=3, use_fast_variance=False, rngs=rngs)
 
 
 @pytest.mark.parametrize("name, rank", SINGLE_CASES)

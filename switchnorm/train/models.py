@@ -68,8 +68,17 @@ def make_norm(
     learned = norm in LEARNED_NORMS
     normalizers = (None if spatial else ("bn", "ln")) if learned else (norm,)
     mixing = "sparsestmax" if norm == "ssn" else "softmax"
+    # Every norm takes the blend's epsilon and group count, not the single Flax layer's
+    # defaults (1e-6, 32 groups), so that runs differ in their normalizer and nothing else.
     return switchnorm.SwitchNorm(
-        features, normalizers=normalizers, dtype=dtype, mixing=mixing, weights=weights, rngs=rngs
+        features,
+        normalizers=normalizers,
+        epsilon=_arguments.BLEND_EPSILON,
+        num_groups=switchnorm.default_num_groups(features) if norm == "gn" else None,
+        dtype=dtype,
+        mixing=mixing,
+        weights=weights,
+        rngs=rngs,
     )
 
 
