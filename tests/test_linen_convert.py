@@ -255,6 +255,21 @@ def test_collapsing_a_converted_model_gives_back_the_flax_variables_and_outputs(
     np.testing.assert_allclose(eval_call(BNNet(), plain, X), eval_call(BNNet(), bn_variables, X), **TOL)
 
 
+@pytest.mark.parametrize("options", [{"mixing": "sparsestmax"}, {"weights": "channel"}], ids=str)
+def test_sparsestmax_and_per_channel_layers_convert_and_collapse_back(bn_variables, options):
+    sn = Net(functools.partial(snn.SwitchNorm, **options))
+    variables = snn.convert_variables(bn_variables, init(sn), source_weight=0.9)
+    logits = variables["params"]["Block_0"]["SwitchNorm_0"]["mean_logits"]
+    assert logits.shape == ((4, C) if options.get("weights") == "channel" else (4,))
+    # sparsestmax at radius 0 returns a point of the simplex as it is: the logits are the weights
+    weights = jax.nn.softmax(logits, axis=0) if "weights" in options else logits
+    expected = np.array([0.9, 0.1 / 3, 0.1 / 3, 0.1 / 3]).reshape((4,) + (1,) * (logits.ndim - 1))
+    np.testing.assert_allclose(weights, np.broadcast_to(expected, logits.shape), rtol=1e-6)
+    exact = snn.convert_variables(bn_variables, init(sn))
+    np.testing.assert_allclose(eval_call(sn, exact, X), eval_call(BNNet(), bn_variables, X), **TOL)
+    assert_trees_close(snn.collapse_variables(exact, init(BNNet())), bn_variables)
+
+
 def test_a_layer_that_chose_groupnorm_collapses_onto_a_groupnorm(gn_variables):
     sn_variables = snn.convert_variables(gn_variables, init(Net(SN_GROUP)))
     plain = snn.collapse_variables(sn_variables, init(Net(group_norm)))
