@@ -13,8 +13,9 @@ from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
 from switchnorm import _arguments, _core, _mixing
+from switchnorm._linen_convert import collapse_variables, convert_variables
 
-__all__ = ["SwitchNorm"]
+__all__ = ["SwitchNorm", "collapse_variables", "convert_variables"]
 
 Array = jax.Array
 
