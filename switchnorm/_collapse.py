@@ -14,10 +14,11 @@ computes only the chosen statistics, with the weights fixed:
   ``b = bias - running_mean * a``), which XLA fuses into the preceding convolution's
   consumer like a folded BatchNorm.
 
-Linen has no graph to edit in place: rebuild the model with ``normalizers=(name,)`` at each
-layer that chose one normalizer for both (carrying its scale, bias and running averages over;
-with ``use_running_average=True`` and bn it then computes ``(x - mean) * a + bias``), and
-keep the rest (docs/design.md, "Collapse").
+With ``flax_layers=True`` a layer that chose one normalizer for both becomes Flax's own layer
+(``nnx.BatchNorm``, ``nnx.GroupNorm``, ``nnx.InstanceNorm``, ``nnx.LayerNorm``), so a model whose
+every layer chose so needs no switchnorm to run. Linen has no graph to edit in place: rebuild
+the model with Flax's layers (or ``normalizers=(name,)``) at those places and move the
+variables over with :func:`switchnorm.linen.collapse_variables`.
 """
 
 from __future__ import annotations

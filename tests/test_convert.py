@@ -220,6 +220,16 @@ def test_a_collapsed_model_of_flax_layers_runs_without_switchnorm(tmp_path, plai
     assert "ok without switchnorm" in result.stdout
 
 
+def test_training_a_collapsed_copy_leaves_the_model_as_it_was(plain):
+    model = switchnorm.convert(plain, 0.999)
+    before = nnx.clone(model)
+    collapsed, _ = switchnorm.collapse(model, flax_layers=True)
+    optimizer = nnx.Optimizer(collapsed, optax.sgd(0.1), wrt=nnx.Param)
+    optimizer.update(collapsed, nnx.grad(lambda m: jnp.sum(m(batch(6)) ** 2))(collapsed))
+    assert not np.allclose(collapsed.conv1.kernel[...], before.conv1.kernel[...])
+    states_close(model, before, rtol=0, atol=0)
+
+
 def test_channel_affine_refuses_training_mode(plain):
     converted = switchnorm.convert(plain)
     converted.eval()
