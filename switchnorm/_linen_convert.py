@@ -338,12 +338,13 @@ def convert_variables(
     source is a BatchNorm or a GroupNorm by its name; an explicitly named one is a BatchNorm
     if it holds ``batch_stats``, else a GroupNorm (a LayerNorm source would be read as one).
     To reproduce a GroupNorm, build its SwitchNorm with the same ``num_groups`` and
-    ``epsilon`` (``nn.GroupNorm``'s defaults are 32 groups and 1e-6; SwitchNorm's are
-    :func:`switchnorm.default_num_groups` and 1e-5): the variables cannot tell.
+    ``epsilon`` (``nn.GroupNorm``'s defaults are 32 groups and 1e-6, which a SwitchNorm of gn
+    alone takes too; a blend's are :func:`switchnorm.default_num_groups` and 1e-5): the
+    variables cannot tell.
 
     At ``source_weight=1`` the other normalizers share 2**-24, so the converted model's outputs
-    and running-average updates are the source model's to float32 resolution and every logit
-    still gets a gradient; below 1 they share ``1 - source_weight`` equally
+    and running-average updates are the source model's to float32 resolution and the other
+    logits still get gradients; below 1 they share ``1 - source_weight`` equally
     (:mod:`switchnorm._source_weights`). A SwitchNorm with ``mixing="sparsestmax"`` (a
     ``mixing_radius`` entry) gets logits for that mixing at its initial radius 0.
     ``sample_map`` (``weights="sample"``) stays at its initial zeros.
@@ -463,7 +464,7 @@ def collapse_variables(
     a BatchNorm if it holds ``batch_stats``, and otherwise accepted for gn, in or ln (their
     variables are alike). What the variables cannot check is the user's to match: a
     ``GroupNorm`` with the SwitchNorm's group count; the epsilon (``nn.GroupNorm``,
-    ``nn.LayerNorm`` and ``nn.InstanceNorm`` default to 1e-6, SwitchNorm to 1e-5); for ln, a
+    ``nn.LayerNorm`` and ``nn.InstanceNorm`` default to 1e-6, a SwitchNorm blend to 1e-5); for ln, a
     ``nn.LayerNorm(reduction_axes=(1, 2, 3))`` on (N, H, W, C) input, since SwitchNorm's ln
     normalizes over all but the batch axis and Flax's LayerNorm by default over the last.
     A collapsed layer drops its logits (and radius), and for gn, in or ln its bn running
