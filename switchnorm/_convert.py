@@ -47,11 +47,38 @@ def _take(old: nnx.Variable | None, new: Any) -> Any:
     return nnx.data(None) if old is None else old
 
 
-def _logits(layer: SwitchNorm, source: str, source_weight: float) -> jnp.ndarray:
+def _stack_shape(source: Any) -> tuple[int, ...]:
+    """The leading axes of a layer built under ``nnx.vmap`` (``()`` for a plain layer).
+
+    A stack of L layers (Flax's scan-over-layers pattern) holds every variable with a leading
+    axis of L: a per-channel one has shape (L, C) rather than (C,).
+    """
+    for name in ("scale", "bias", "mean"):
+        variable = getattr(source, name, None)
+        if variable is not None:
+            return tuple(variable[...].shape[:-1])
+    return ()
+
+
+def _stacked(variable: Any, stack: tuple[int, ...]) -> None:
+    """``variable`` (a new layer's own: logits, sample map, running averages) copied along ``stack``."""
+    if variable is not None and stack:
+        value = variable[...]
+        variable.set_value(jnp.broadcast_to(value, stack + value.shape))
+
+
+def _start(layer: SwitchNorm, source: str, source_weight: float, stack: tuple[int, ...]) -> None:
+    """Sets the layer's logits to start on ``source``, and stacks its own variables like the source's."""
     logits = _source_weights.source_logits(layer.normalizers, source, source_weight, layer.mixing)
     shape = layer.mean_logits[...].shape  # (K,) or (K, C) with weights="channel"
     column = logits.reshape((-1,) + (1,) * (len(shape) - 1))
-    return jnp.broadcast_to(jnp.asarray(column, layer.mean_logits[...].dtype), shape)
+    for variable in (layer.mean_logits, layer.var_logits):
+        variable[...] = jnp.broadcast_to(jnp.asarray(column, variable[...].dtype), shape)
+    own = [layer.mean_logits, layer.var_logits, layer.sample_map]
+    if source == "gn":  # a BatchNorm's replacement holds the BatchNorm's running averages
+        own += [layer.mean, layer.var]
+    for variable in own:
+        _stacked(variable, stack)
 
 
 def _from_batch_norm(path: str, bn: nnx.BatchNorm, layer_kwargs: dict[str, Any]) -> SwitchNorm:
@@ -136,7 +163,9 @@ def convert(model: nnx.Module, source_weight: float = 1.0, **layer_kwargs: Any) 
     they should choose, start lower (e.g. 0.9). Not exactly one-hot because logits of -inf
     would never get a gradient and weight decay would make them NaN.
 
-    A layer with the default normalizers on (N, C) input blends only bn and ln, whose two
+    A stack of layers built under ``nnx.vmap`` (for ``nnx.scan``) becomes a stack of
+    SwitchNorms: their logits get the source's leading axes. A layer with the default
+    normalizers on (N, C) input blends only bn and ln, whose two
     logits then give the source more than ``w`` (below 1; softmax: ``w / (w + (1 - w) / 3)``):
     pass ``normalizers=("bn", "ln")`` for a model of such layers. The model passed in is not changed;
     a layer held at several places (shared) becomes one SwitchNorm shared at each.
@@ -180,9 +209,7 @@ def convert(model: nnx.Module, source_weight: float = 1.0, **layer_kwargs: Any) 
     def make(path: str, node: Any) -> SwitchNorm:
         is_bn = isinstance(node, nnx.BatchNorm)
         layer = (_from_batch_norm if is_bn else _from_group_norm)(path, node, layer_kwargs)
-        logits = _logits(layer, "bn" if is_bn else "gn", source_weight)
-        layer.mean_logits[...] = logits
-        layer.var_logits[...] = logits
+        _start(layer, "bn" if is_bn else "gn", source_weight, _stack_shape(node))
         return layer
 
     return _graph.replace_each(model, sources, make)

@@ -129,6 +129,36 @@ def test_a_shared_layer_becomes_one_shared_switch_norm():
     assert isinstance(converted[0], switchnorm.SwitchNorm) and converted[0] is converted[1]
 
 
+class ScannedBlocks(nnx.Module):
+    """Three Dense + BatchNorm blocks stacked with ``nnx.vmap`` and run with ``nnx.scan``."""
+
+    def __init__(self):
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(key):
+            rngs = nnx.Rngs(key)
+            return nnx.Sequential(nnx.Linear(8, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs))
+
+        self.blocks = make(jax.random.split(jax.random.key(0), 3))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return nnx.relu(block(x))
+
+        return body(x, self.blocks)
+
+
+def test_a_stack_of_batch_norms_becomes_a_stack_of_switch_norms():
+    source, x = ScannedBlocks(), batch(7)[:, 0, :6, :].repeat(3, axis=-1)[..., :8]  # (N, 6, 8)
+    source(x)
+    converted = switchnorm.convert(source, 0.6)
+    assert converted.blocks.layers[1].mean_logits[...].shape == (3, 4)
+    weights = switchnorm.mixing_weights(converted)
+    assert [round(weights[f"blocks/layers/1[{i}]"]["var"]["bn"], 6) for i in range(3)] == [0.6] * 3
+    exact = switchnorm.convert(source)
+    np.testing.assert_allclose(exact(x), source(x), rtol=1e-5, atol=1e-5)
+
+
 def test_collapse_of_convert_is_the_model_again(plain):
     back, report = switchnorm.collapse(switchnorm.convert(plain), flax_layers=True)
     assert [layer.form for layer in report.layers] == ["flax"] * 3
