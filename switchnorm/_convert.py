@@ -74,7 +74,7 @@ def _start(layer: SwitchNorm, source: str, source_weight: float, stack: tuple[in
     column = logits.reshape((-1,) + (1,) * (len(shape) - 1))
     for variable in (layer.mean_logits, layer.var_logits):
         variable[...] = jnp.broadcast_to(jnp.asarray(column, variable[...].dtype), shape)
-    own = [layer.mean_logits, layer.var_logits, layer.sample_map]
+    own: list[nnx.Variable | None] = [layer.mean_logits, layer.var_logits, layer.sample_map]
     if source == "gn":  # a BatchNorm's replacement holds the BatchNorm's running averages
         own += [layer.mean, layer.var]
     for variable in own:
