@@ -77,8 +77,8 @@ def _start(layer: SwitchNorm, source: str, source_weight: float, stack: tuple[in
     own: list[nnx.Variable | None] = [layer.mean_logits, layer.var_logits, layer.sample_map]
     if source == "gn":  # a BatchNorm's replacement holds the BatchNorm's running averages
         own += [layer.mean, layer.var]
-    for variable in own:
-        _stacked(variable, stack)
+    for own_variable in own:
+        _stacked(own_variable, stack)
 
 
 def _from_batch_norm(path: str, bn: nnx.BatchNorm, layer_kwargs: dict[str, Any]) -> SwitchNorm:
