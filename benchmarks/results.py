@@ -12,7 +12,7 @@ It reruns the project's own harnesses, never a copy of them:
 * **speed**: :func:`benchmarks.ratios.measure_shape` (``python -m benchmarks.ratios``) on
   every benchmark shape, SwitchNorm over Flax's BatchNorm;
 * **compile time**: :func:`benchmarks.resnet_compile.main` (Flax's ResNet-18 train step;
-  ``--quick``: :func:`benchmarks.compile_time.main`, the training wing's small step);
+  ``--quick``: one layer through :func:`benchmarks.layer_compile.compile_once`);
 * **figures**: the runs' own weight figures, ``examples/sample_weights.py --compare`` and
   the ratio sweeps;
 * **small-batch fine-tuning**: ``examples/fine_tune_small_batch.py`` where it exists.
@@ -56,6 +56,7 @@ class Plan:
     """What one run of the driver measures: the full run or the ``--quick`` subset."""
 
     seeds: tuple[int, ...]
+    norms: tuple[str, ...]  # the --norm values trained; the table shows "-" for the others
     datasets: dict[str, tuple[str, ...]]  # dataset -> the train flags beside --dataset/--norm/--seed
     shapes: tuple[str, ...]
     dtypes: tuple[str, ...]
@@ -69,6 +70,7 @@ class Plan:
 
 FULL = Plan(
     seeds=(0, 1, 2),
+    norms=NORMS,
     datasets={"digits": ("--epochs", "30", "--eval-every", "10"), "mnist1d": ()},
     shapes=("32x32x32x64", "8x56x56x256", "128x8x8x128", "64x256x64", "1024x512"),
     dtypes=("float32", "bfloat16"),
@@ -81,12 +83,13 @@ FULL = Plan(
 )
 QUICK = Plan(
     seeds=(0,),
+    norms=("sn", "ssn"),
     datasets={"digits": ("--epochs", "1", "--batch-size", "64")},
     shapes=("8x8x8x16",),
     dtypes=("float32",),
     ratio_flags=("--repeats", "3", "--min-sample-ms", "2"),
-    compile_module="compile_time",
-    compile_flags=("2", "8"),  # batch and size of one time_compile per variant
+    compile_module="layer_compile",
+    compile_flags=("8x8x8x16",),  # the shape of one compile_once per variant
     sample_weights=False,
     sweep=False,
     fine_tune_flags=("--quick",),
@@ -127,7 +130,7 @@ def measure_accuracy(plan: Plan, runs: Path) -> dict[str, Any]:
         commands.append(f"switchnorm collapse runs/{dataset}-ssn-S --out runs/{dataset}-ssn-S-collapsed")
         per_norm: dict[str, dict[str, float]] = {column: {} for column in COLUMNS}
         for seed in plan.seeds:
-            for norm in NORMS:
+            for norm in plan.norms:
                 run = runs / f"{dataset}-{norm}-{seed}"
                 train = ["train", "--dataset", dataset, "--norm", norm, *flags, "--seed", str(seed)]
                 _switchnorm([*train, "--out", str(run), "--quiet", "--overwrite"], runs / f"{run.name}.log")
@@ -162,7 +165,7 @@ def measure_speed(plan: Plan) -> dict[str, Any]:
 
 
 def measure_compile(plan: Plan) -> dict[str, Any]:
-    """Train-step compile time over BatchNorm's: Flax's ResNet-18 (full) or the small resnet2d (quick)."""
+    """Compile time over BatchNorm's: Flax's ResNet-18 train step (full) or one layer (quick)."""
     if plan.compile_module == "resnet_compile":
         from benchmarks import resnet_compile
 
@@ -172,15 +175,17 @@ def measure_compile(plan: Plan) -> dict[str, Any]:
         model = "Flax's ResNet-18 train step (Linen, batch 8 of 64x64x3)"
         result = {"sn_s": step["switchnorm"], "bn_s": step["batchnorm"]}
         result["eager_init_ratio"] = init["switchnorm"] / init["batchnorm"]
-    else:  # --quick: one fresh compile of each step, benchmarks.compile_time's own function
-        from benchmarks import compile_time
+    else:  # --quick: one fresh compile of one layer's forward + backward, benchmarks.layer_compile's own
+        import jax
 
-        batch, size = (int(v) for v in plan.compile_flags)
-        sn, bn = (sum(compile_time.time_compile(v, batch, size)) for v in ("sn", "flax_bn"))
-        model = f"the training wing's resnet2d train step (batch {batch} of {size}x{size}x1)"
-        result = {"sn_s": sn, "bn_s": bn}
-        command = f"benchmarks.compile_time.time_compile(variant, {batch}, {size}) for sn and flax_bn, once"
-        return {"command": command, "model": model, **result, "ratio": sn / bn}
+        from benchmarks import layer_compile
+
+        shape = layer_compile.parse_shape(plan.compile_flags[0])
+        x = jax.random.normal(jax.random.key(0), shape)
+        sn, bn = (layer_compile.compile_once(v, "fwdbwd", x, x)[0] for v in ("sn", "bn"))
+        model = f"one layer's forward + backward ({plan.compile_flags[0]})"
+        command = f"benchmarks.layer_compile.compile_once(variant, 'fwdbwd', x, x), x {plan.compile_flags[0]}"
+        return {"command": command, "model": model, "sn_s": sn, "bn_s": bn, "ratio": sn / bn}
     command = f"python -m benchmarks.{plan.compile_module} {' '.join(plan.compile_flags)}"
     return {"command": command, "model": model, **result, "ratio": result["sn_s"] / result["bn_s"]}
 
@@ -256,7 +261,8 @@ def provenance(command: str) -> dict[str, Any]:
         "flax": flax.__version__,
         "optax": optax.__version__,
         "numpy": numpy.__version__,
-        "hardware": f"{_cpu_model()}, {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}",
+        "hardware": f"{_cpu_model()}, {os.cpu_count()} CPUs"
+        + ("" if jax.default_backend() == "cpu" else f", {jax.devices()[0].device_kind}"),
     }
 
 
@@ -296,10 +302,10 @@ def summary_block(results: dict[str, Any]) -> str:
             lines.append(f"| {row['shape']} | " + " | ".join(f"{v:.2f}" for v in q1) + " |")
     lines += [
         "",
-        f"Compile time of {compiled['model']}: {compiled['ratio']:.2f}x BatchNorm's. "
-        f"Lower quartiles of interleaved ratios; {results['provenance']['hardware']}, "
+        f"Compile time of {compiled['model']}: {compiled['ratio']:.2f}x BatchNorm's.",
+        f"Time: lower quartiles of interleaved ratios. {results['provenance']['hardware']}, "
         f"jax {results['provenance']['jax']}, flax {results['provenance']['flax']}. "
-        "Commands, per-seed numbers: [docs/results.md](docs/results.md).",
+        "Commands and per-seed numbers: docs/results.md.",
         END,
     ]
     return "\n".join(lines)
@@ -332,6 +338,11 @@ def redraw_readme(readme: Path, results_md: str) -> None:
     text = readme.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     readme.write_text(text[:start] + readme_block(results_md) + text[end:])
+
+
+def _recorded(entry: dict[str, Any]) -> str:
+    """ " (when and where)" of a number recorded before this run, for the pages drawn by --render."""
+    return f" ({entry['recorded']})" if entry.get("recorded") else ""
 
 
 def _fine_tune_section(fine_tune: dict[str, Any]) -> list[str]:
@@ -376,12 +387,12 @@ def render(results: dict[str, Any]) -> str:
             name = f"{DATASET_NAMES.get(dataset, dataset)} | {HEADINGS.get(column, column)}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Test accuracy in %, the last epoch's; the seed sets initialization and data order.", ""]
-    lines += ["## Speed against Flax's BatchNorm", "", f"`{speed['command']}`", ""]
+    lines += ["## Speed against Flax's BatchNorm", "", f"`{speed['command']}`{_recorded(speed)}", ""]
     lines += [ratios.table(speed["rows"], speed.get("peaks") or {}), ""]
     lines += [
         "## Compile time",
         "",
-        f"`{compiled['command']}`: {compiled['model']}, trace + lower + compile, medians: "
+        f"`{compiled['command']}`{_recorded(compiled)}: {compiled['model']}, trace + lower + compile, medians: "
         f"SwitchNorm {compiled['sn_s']:.3f} s, BatchNorm {compiled['bn_s']:.3f} s, "
         f"**{compiled['ratio']:.2f}x**.",
     ]
@@ -392,7 +403,7 @@ def render(results: dict[str, Any]) -> str:
         lines += _fine_tune_section(results["fine_tune"])
     if results.get("figures"):
         lines += ["## Figures", ""]
-        lines += [f"- [{f['path']}]({f['path']}): `{f['command']}`" for f in results["figures"]]
+        lines += [f"- [{f['path']}]({f['path']}): `{f['command']}`{_recorded(f)}" for f in results["figures"]]
         lines.append("")
     lines += ["## Versions and hardware", ""]
     lines += [
@@ -416,7 +427,9 @@ def write(results: dict[str, Any], out: Path, readme: Path | None) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a minutes-long subset (1 seed, 1 epoch, 1 shape)"
+        "--quick",
+        action="store_true",
+        help="a minutes-long subset (digits sn and ssn, 1 seed, 1 epoch; 1 shape)",
     )
     parser.add_argument(
         "--out",
