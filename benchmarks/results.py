@@ -135,6 +135,8 @@ def measure_accuracy(plan: Plan, runs: Path) -> dict[str, Any]:
                 train = ["train", "--dataset", dataset, "--norm", norm, *flags, "--seed", str(seed)]
                 _switchnorm([*train, "--out", str(run), "--quiet", "--overwrite"], runs / f"{run.name}.log")
                 per_norm[norm][str(seed)] = round(100 * _summary(run)["test_accuracy"], 2)
+            if "ssn" not in plan.norms:
+                continue
             collapsed = runs / f"{dataset}-ssn-{seed}-collapsed"
             source = runs / f"{dataset}-ssn-{seed}"
             _switchnorm(
