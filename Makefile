@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint wheel-check docs bench mutate clean
+.PHONY: demo test test-quick lint wheel-check docs bench results mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ docs: $(STAMP)
 ## Layer benchmark (see README, Performance).
 bench: $(STAMP)
 	$(PY) -m benchmarks.layer
+
+## Rerun every number of README's results table and docs/results.md (about an hour, not in CI):
+## accuracy over seeds 0-2, speed and compile ratios, figures. Rewrites docs/results.md, docs/results.json,
+## docs/figures and README's table. `make results ARGS=--quick`: a minutes-long subset, into build/results-quick.
+ARGS ?=
+results: $(STAMP)
+	$(PY) -m benchmarks.results $(ARGS)
 
 ## Mutation testing of the core math with mutmut (slow, not in CI): plants small changes in
 ## MUTATE_FILES and counts those the core's reference tests (see [tool.mutmut] in

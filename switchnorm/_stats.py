@@ -280,6 +280,15 @@ class BatchStats(NamedTuple):
     """The bn scope's batch mean and variance per channel (absolute values), for the running averages.
 
     What :func:`switchnorm.switch_norm` returns beside its output in training mode.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> import switchnorm
+      >>> x = jnp.arange(12.0).reshape(3, 4)  # (N, C): the bn scope is each channel over the batch
+      >>> _, stats = switchnorm.switch_norm(x, jnp.zeros(2), jnp.zeros(2), normalizers=("bn", "ln"))
+      >>> stats.mean.tolist(), stats.var.tolist()
+      ([4.0, 5.0, 6.0, 7.0], [10.666..., 10.666..., 10.666..., 10.666...])
     """
 
     mean: Array

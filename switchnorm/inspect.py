@@ -46,6 +46,18 @@ class LayerWeightArrays(NamedTuple):
       mean: the mean's weights: (K,) for "layer", (C, K) for "channel", (N, K) for
         "sample" (one row per sample of the batch the model ran on).
       var: the variance's weights, of the same shape.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> layer = switchnorm.SwitchNorm(4, weights="channel", rngs=nnx.Rngs(0))
+      >>> arrays = switchnorm.mixing_weight_arrays(layer)[""]
+      >>> arrays.weights, arrays.names, arrays.mean.shape
+      ('channel', ('bn', 'in', 'ln', 'gn'), (4, 4))
+      >>> arrays.summary()["var"]
+      {'bn': 0.25, 'in': 0.25, 'ln': 0.25, 'gn': 0.25}
     """
 
     weights: str
@@ -479,6 +491,16 @@ def format_mixing_weights(weights: Mapping[str, LayerWeights | LayerWeightArrays
     over the channels or samples (``0.412±0.080``), and the dominant weight is
     the largest mean. No weight is marked where the largest ones print the
     same, as the four 0.250 of a freshly built layer do.
+
+    Example::
+
+      >>> import switchnorm
+      >>> weights = {"norm": {"mean": {"bn": 0.7, "ln": 0.3}, "var": {"bn": 0.4, "ln": 0.6}}}
+      >>> print(switchnorm.format_mixing_weights(weights))
+      layer  kind       bn      ln
+      ----------------------------
+      norm   mean   0.700*  0.300
+             var    0.400   0.600*
     """
     rows = {path: _spreads(layer) for path, layer in weights.items()}
     names: list[str] = []

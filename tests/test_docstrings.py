@@ -45,3 +45,58 @@ def test_docstring_examples_run(name):
     result = runner.summarize(verbose=False)
     assert examples > 0, f"{name} has '>>>' in its source but no example was found"
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+# Public names whose docstrings lack a ``>>>`` example for now, each with whose code it is.
+# Empty it as they gain one; a name added to __all__ without an example fails the test below.
+NO_EXAMPLE_YET = {
+    # The conversion feature being built beside this change owns these modules
+    # (switchnorm/_collapse.py, switchnorm/nnx.py): remove after merging it.
+    "switchnorm.ChannelAffine",
+    "switchnorm.CollapseReport",
+    "switchnorm.CollapsedNorm",
+    "switchnorm.MixingRadius",
+    # switchnorm/_arguments.py, also that feature's for now: remove after merging it.
+    "switchnorm.default_normalizers",
+    "switchnorm.default_num_groups",
+    # switchnorm/train/ code is outside this change: give each an example, then remove it.
+    "switchnorm.train.build_model",
+    "switchnorm.train.initial_state",
+    "switchnorm.train.load_dataset",
+    "switchnorm.train.make_tx",
+    "switchnorm.train.model_weights",
+    "switchnorm.train.warmup_cosine",
+}
+
+
+def public_names() -> list[str]:
+    """Every class and function of ``switchnorm.__all__`` and ``switchnorm.linen.__all__``, and
+    every function of ``switchnorm.train.__all__``, as "module.name"."""
+    import inspect
+
+    import switchnorm.linen
+    import switchnorm.train
+
+    names = []
+    for module, kinds in (
+        (switchnorm, (inspect.isclass, inspect.isfunction)),
+        (switchnorm.linen, (inspect.isclass, inspect.isfunction)),
+        (switchnorm.train, (inspect.isfunction,)),
+    ):
+        for name in module.__all__:
+            if any(kind(getattr(module, name)) for kind in kinds):
+                names.append(f"{module.__name__}.{name}")
+    return names
+
+
+@pytest.mark.parametrize("qualified", public_names())
+def test_every_public_name_has_a_docstring_with_an_example(qualified):
+    import inspect
+
+    module, name = qualified.rsplit(".", 1)
+    doc = inspect.getdoc(getattr(importlib.import_module(module), name)) or ""
+    if qualified in NO_EXAMPLE_YET:
+        assert ">>>" not in doc, f"{qualified} has an example now: remove it from NO_EXAMPLE_YET"
+        return
+    assert doc, f"{qualified} has no docstring"
+    assert ">>>" in doc, f"{qualified}'s docstring has no '>>>' example (the doctests run every one)"
