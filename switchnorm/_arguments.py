@@ -44,6 +44,12 @@ def default_normalizers(rank: int) -> tuple[str, ...]:
 
     (N, C) features have no spatial extent, so "in" and "gn" are meaningless
     there and the default is ("bn", "ln"); any higher rank gets all four.
+
+    Example::
+
+      >>> import switchnorm
+      >>> switchnorm.default_normalizers(4), switchnorm.default_normalizers(2)
+      (('bn', 'in', 'ln', 'gn'), ('bn', 'ln'))
     """
     return NORMALIZERS if rank > 2 else ("bn", "ln")
 
@@ -56,6 +62,12 @@ def default_num_groups(num_channels: int) -> int:
     count allows it (64 -> 32, 256 -> 32), otherwise as many groups as keep at
     least two channels per group, so gn stays distinct from in (16 -> 8,
     48 -> 24, 3 -> 1). A prime channel count gets one group (gn equals ln).
+
+    Example::
+
+      >>> import switchnorm
+      >>> [switchnorm.default_num_groups(c) for c in (64, 16, 48, 3)]
+      [32, 8, 24, 1]
     """
     limit = max(1, min(MAX_DEFAULT_GROUPS, num_channels // 2))
     return max(g for g in range(1, limit + 1) if num_channels % g == 0)

@@ -76,6 +76,16 @@ class CollapsedNorm(nnx.Module):
     ``nnx.BatchNorm``'s, or None to cast nothing.
 
     Build one from a layer with :meth:`from_switch_norm`; :func:`collapse` does.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> layer = switchnorm.SwitchNorm(4, rngs=nnx.Rngs(0))
+      >>> norm = switchnorm.CollapsedNorm.from_switch_norm(layer, "bn", "ln")   # bn mean, ln variance
+      >>> norm(jnp.ones((2, 3, 3, 4))).shape
+      (2, 3, 3, 4)
     """
 
     def __init__(
@@ -192,6 +202,14 @@ class ChannelAffine(nnx.Module):
       promote_dtype: the folded layer's (None casts nothing): called as
         ``promote_dtype((x, None, None, multiplier, offset), dtype=dtype)``, the
         places of ``nnx.BatchNorm``'s (x, mean, var, scale, bias).
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> import switchnorm
+      >>> affine = switchnorm.ChannelAffine(jnp.array([2.0, 3.0]), jnp.array([1.0, 0.0]))
+      >>> affine(jnp.ones((1, 2)))
+      Array([[3., 3.]], dtype=float32)
     """
 
     def __init__(
@@ -325,6 +343,15 @@ class CollapseReport:
       min_weight: the threshold it was called with.
       max_change: with a ``batch``, the largest absolute change of the model's output with
         every layer collapsed at once, in inference mode (None without a batch).
+
+    Example::
+
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> model = switchnorm.convert(nnx.BatchNorm(4, rngs=nnx.Rngs(0)))   # weight 1 on bn
+      >>> _, report = switchnorm.collapse(model)
+      >>> [(layer.mean, layer.var, layer.form) for layer in report.layers]
+      [('bn', 'bn', 'normalizer')]
     """
 
     layers: tuple[CollapsedLayer, ...]

@@ -27,6 +27,14 @@ class MixingRadius(nnx.Variable):
     ``nnx.split(model, nnx.Param, ...)`` puts it in the rest state (with the running averages);
     ``nnx.split(model, nnx.Param, nnx.BatchStat)`` fails as non-exhaustive for such a model: add
     ``...`` or ``MixingRadius``. ``nnx.state(model, switchnorm.MixingRadius)`` selects it alone.
+
+    Example::
+
+      >>> from flax import nnx
+      >>> import switchnorm
+      >>> norm = switchnorm.SwitchNorm(4, mixing="sparsestmax", rngs=nnx.Rngs(0))
+      >>> type(norm.radius).__name__, float(norm.radius[...])
+      ('MixingRadius', 0.0)
     """
 
 

@@ -121,7 +121,15 @@ DATASETS: dict[str, Callable[[int], Dataset]] = {
 
 
 def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """The dataset called ``name`` (one of ``DATASETS``)."""
+    """The dataset called ``name`` (one of ``DATASETS``).
+
+    Example::
+
+      >>> from switchnorm import train
+      >>> data = train.load_dataset("synthetic")
+      >>> data.input_shape, data.num_classes
+      ((8,), 4)
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return DATASETS[name](seed)

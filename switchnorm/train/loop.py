@@ -121,6 +121,14 @@ def model_weights(model: nnx.Module, batch: Any = None) -> dict[str, Any]:
     copy of the model. Linen layers inside a :class:`LinenAdapter` are found in its
     parameter tree (paths ``inner/...``); those of another NNX module holding Linen
     parameters too, except ``"sample"`` ones, which need the adapter's forward pass.
+
+    Example::
+
+      >>> from switchnorm import train
+      >>> model = train.build_model("mlp", (8,), 3, norm="sn")
+      >>> weights = train.model_weights(model)
+      >>> sorted(next(iter(weights.values()))["mean"])
+      ['bn', 'ln']
     """
     weights = switchnorm.mixing_weights(model, batch=batch)
     if weights:
@@ -148,6 +156,13 @@ def make_tx(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransfor
 
     The logits get their own learning-rate scale and gradient clipping when the
     config asks (``mixing_lr_scale``, ``mixing_clip``).
+
+    Example::
+
+      >>> from switchnorm import train
+      >>> tx = train.make_tx(train.TrainConfig(optimizer="sgd", learning_rate=0.1), steps_per_epoch=10)
+      >>> type(tx).__name__
+      'GradientTransformationExtraArgs'
     """
     return optim.make_optimizer(
         config.optimizer,
@@ -161,7 +176,16 @@ def make_tx(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransfor
 
 
 def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
-    """The TrainState of a fresh model: step 0, its parameters, running averages, tx state."""
+    """The TrainState of a fresh model: step 0, its parameters, running averages, tx state.
+
+    Example::
+
+      >>> from switchnorm import train
+      >>> model = train.build_model("mlp", (8,), 3, norm="bn")
+      >>> state = train.initial_state(model, train.make_tx(train.TrainConfig(), steps_per_epoch=10))
+      >>> int(state.step)
+      0
+    """
     model.train()
     # Two filters give exactly two States; flax's stubs say "one or more", which cannot unpack into two names.
     _, params, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(model, nnx.Param, ...))

@@ -236,7 +236,16 @@ def build_model(
     seed: int = 0,
 ) -> nnx.Module:
     """``MODELS[name]`` for this input shape, parameters initialized from ``seed``;
-    ``weights`` (sn and ssn only) how finely its layers blend, as :class:`switchnorm.SwitchNorm`'s."""
+    ``weights`` (sn and ssn only) how finely its layers blend, as :class:`switchnorm.SwitchNorm`'s.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from switchnorm import train
+      >>> model = train.build_model("mlp", (8,), 3, norm="sn")
+      >>> model(jnp.ones((2, 8))).shape
+      (2, 3)
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     rank = INPUT_RANK[name]

@@ -22,7 +22,15 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 def warmup_cosine(learning_rate: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to 0."""
+    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to 0.
+
+    Example::
+
+      >>> from switchnorm import train
+      >>> schedule = train.warmup_cosine(0.1, total_steps=100, warmup_steps=10)
+      >>> float(schedule(0)), round(float(schedule(10)), 6), float(schedule(100))
+      (0.0, 0.1, 0.0)
+    """
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
     if warmup_steps == 0:
         return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
