@@ -52,7 +52,7 @@ gives without learning it.
 
 With seeds 0, 1, 2 the converted model (W = 0.5) scored 82.1% at batch 2 and 87.3% at
 batch 4 (means), gn 76.5% and 84.9%, bn 48.6% and 62.4%; the layers moved from bn
-towards in (the means of the first two layers) and ln (the last layers' variance).
+towards in (the means of the first two layers) and ln and gn (the deeper layers' variances).
 
 Prints a markdown table of the test accuracy (per seed and mean) by method and batch
 size, and the converted models' learned mixing weights, and writes everything to
