@@ -92,7 +92,7 @@ QUICK = Plan(
     compile_flags=("8x8x8x16",),  # the shape of one compile_once per variant
     sample_weights=False,
     sweep=False,
-    fine_tune_flags=("--quick",),
+    fine_tune_flags=("--quick", "--seeds", "0"),
 )
 
 
@@ -233,7 +233,12 @@ def measure_fine_tune(plan: Plan, runs: Path) -> dict[str, Any] | None:
     out = runs / "fine_tune"
     _run([sys.executable, str(FINE_TUNE), *plan.fine_tune_flags, "--out", str(out)], runs / "fine_tune.log")
     command = f"python examples/fine_tune_small_batch.py {' '.join(plan.fine_tune_flags)} --out DIR"
-    return {"command": command, "data": json.loads((out / "fine_tune.json").read_text())}
+    data = json.loads((out / "fine_tune.json").read_text())
+    return {
+        "command": command,
+        "report": (out / "fine_tune.md").read_text(),
+        "comparison": data["comparison"],
+    }
 
 
 def _cpu_model() -> str:
@@ -348,16 +353,9 @@ def _recorded(entry: dict[str, Any]) -> str:
 
 
 def _fine_tune_section(fine_tune: dict[str, Any]) -> list[str]:
-    data = fine_tune["data"]
-    rows = data.get("rows", data) if isinstance(data, dict) else data
-    lines = ["## Small-batch fine-tuning", "", f"`{fine_tune['command']}`", ""]
-    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    else:
-        lines += ["```json", json.dumps(data, indent=2), "```"]
-    return lines + [""]
+    """The example's own report (its table, the comparison, the learned weights) under its command."""
+    lines = ["## Small-batch fine-tuning", "", f"`{fine_tune['command']}`{_recorded(fine_tune)}", ""]
+    return lines + [fine_tune["report"].rstrip("\n"), ""]
 
 
 def render(results: dict[str, Any]) -> str:

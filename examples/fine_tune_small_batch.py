@@ -50,12 +50,9 @@ as fine-tuning one more W costs seconds. ``--fixed-blend`` adds ``sn(W) fixed``,
 first W's model fine-tuned with its mixing logits frozen: what the starting blend
 gives without learning it.
 
-With seeds 0, 1, 2 the converted model (W = 0.5) scored 82.1% at batch 2 and 87.3% at
-batch 4 (means), gn 76.5% and 84.9%, bn 48.6% and 62.4%; the layers moved from bn
-towards in (the means of the first two layers) and ln and gn (the deeper layers' variances).
-
 Prints a markdown table of the test accuracy (per seed and mean) by method and batch
-size, and the converted models' learned mixing weights, and writes everything to
+size, and the converted models' learned mixing weights, and writes that report to
+``OUT/fine_tune.md`` (``make results`` puts it in docs/results.md) and everything to
 ``OUT/fine_tune.json``: accuracies, the weights of every converted layer per seed and
 batch size, the settings, the versions and the command line.
 """
@@ -365,20 +362,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"seed {seed} done at {time.perf_counter() - started:.0f} s", flush=True)
     seconds = time.perf_counter() - started
 
-    print(f"\nTest accuracy (%) on the shifted MNIST-1D test set, {seconds:.0f} s in all\n")
-    print(markdown_table(results, settings))
+    report = [
+        f"Test accuracy (%) on the shifted MNIST-1D test set, {seconds:.0f} s in all",
+        "",
+        markdown_table(results, settings),
+    ]
     before = {
         m: np.mean([r["before_fine_tune"][m] for r in results.values()]) for m in method_names(settings)
     }
-    print(
-        "\nBefore fine-tuning (mean over seeds): "
-        + ", ".join(f"{m} {100 * a:.1f}" for m, a in before.items())
-    )
+    report += [
+        "",
+        "Before fine-tuning (mean over seeds): " + ", ".join(f"{m} {100 * a:.1f}" for m, a in before.items()),
+        "",
+    ]
     verdict = comparison(results, settings)
     for batch, v in verdict.items():
         word = "matches or beats" if v["matches"] else "falls short of"
-        print(
-            f"batch {batch}: {v['method']} {100 * v['mean'][v['method']]:.1f} {word} "
+        report.append(
+            f"- batch {batch}: {v['method']} {100 * v['mean'][v['method']]:.1f} {word} "
             f"{v['better_baseline']} {100 * v['mean'][v['better_baseline']]:.1f}"
         )
     summaries: dict[str, dict[str, Any]] = {}
@@ -387,15 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for batch in settings.fine_tune_batches:
             summary = weights_summary(results, method, batch)
             summaries.setdefault(method, {})[str(batch)] = summary
-            print(f"\n{method}, batch {batch}: weights after fine-tuning, mean over seeds")
-            print(format_summary(summary, w))
-    first = settings.source_weights[0]
-    print(f"\nsn({first}), seed {args.seeds[0]}, batch {settings.fine_tune_batches[0]}:")
-    print(
-        switchnorm.format_mixing_weights(
-            results[args.seeds[0]]["mixing_weights"][f"sn({first})"][str(settings.fine_tune_batches[0])]
-        )
-    )
+            report += ["", f"{method}, batch {batch}: weights after fine-tuning, mean over seeds", ""]
+            report += ["```", format_summary(summary, w), "```"]
+    text = "\n".join(report) + "\n"
+    print("\n" + text)
 
     record = {
         "command": [sys.executable, *sys.argv] if argv is None else ["fine_tune_small_batch.py", *argv],
@@ -411,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fine_tune.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nwrote {args.out / 'fine_tune.json'}")
+    (args.out / "fine_tune.md").write_text(text)
+    print(f"wrote {args.out / 'fine_tune.json'} and fine_tune.md")
     return record
 
 

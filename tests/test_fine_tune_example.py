@@ -32,3 +32,5 @@ def test_quick_run_records_every_method_and_batch_size(tmp_path):
     assert set(weights["norms/0"]["mean"]) == {"bn", "in", "ln", "gn"}
     assert record["command"][-3:] == ["0", "--out", str(tmp_path)]
     assert "| sn(0.5) | 2 |" in result.stdout  # the printed markdown table
+    report = (tmp_path / "fine_tune.md").read_text()  # what make results puts in docs/results.md
+    assert "| sn(0.5) | 2 |" in report and "weights after fine-tuning" in report
