@@ -79,7 +79,7 @@ FULL = Plan(
     compile_flags=("--repeats", "5", "--eager-repeats", "3"),
     sample_weights=True,
     sweep=True,
-    fine_tune_flags=("--seeds", "0", "1", "2"),
+    fine_tune_flags=("--seeds", "0", "1", "2", "--fixed-blend"),
 )
 QUICK = Plan(
     seeds=(0,),

@@ -45,7 +45,7 @@ rounding, which 1000 steps at batch 2 amplify). ``W = 0.5`` starts half way, whe
 the softmax's gradient is large, so each layer can move towards what the shifted task
 wants from the first step, at the price of a changed forward pass before fine-tuning.
 0.5 is the one the comparison reads, chosen on seed 0 before the three-seed run (the
-exploration is recorded in docs/fine_tune_section.md); 0.9 and 1.0 are run beside it,
+exploration is in docs/training.md); 0.9 and 1.0 are run beside it,
 as fine-tuning one more W costs seconds. ``--fixed-blend`` adds ``sn(W) fixed``, the
 first W's model fine-tuned with its mixing logits frozen: what the starting blend
 gives without learning it.
