@@ -285,6 +285,23 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _fine_tune_rows(fine_tune: dict[str, Any] | None) -> list[str]:
+    """The fine-tuning comparison as README table rows: test accuracy by method, per batch size."""
+    if not fine_tune:
+        return []
+    by_batch = fine_tune["comparison"]
+    methods = list(next(iter(by_batch.values()))["mean"])
+    names = {"bn": "BatchNorm", "gn": "GroupNorm"}  # the converted model's is its method, "sn(W)"
+    heading = "fine-tuning a trained BatchNorm network, shifted MNIST-1D, test accuracy %"
+    columns = [names.get(m, f"converted, {m}") for m in methods]
+    lines = ["", f"| {heading} | " + " | ".join(columns) + " |", "|---|" + "--:|" * len(methods)]
+    for batch, row in by_batch.items():
+        lines.append(
+            f"| batch {batch} | " + " | ".join(f"{100 * row['mean'][m]:.1f}" for m in methods) + " |"
+        )
+    return lines
+
+
 def summary_block(results: dict[str, Any]) -> str:
     """The README's results block: accuracy, speed and compile ratios, the hardware line."""
     accuracy, speed, compiled = results["accuracy"], results["speed"], results["compile"]
@@ -307,6 +324,7 @@ def summary_block(results: dict[str, Any]) -> str:
         if row["dtype"] == "float32":
             q1 = [row[key]["q1"] for key in ("fwd/linen", "fwdbwd/linen", "infer/linen")]
             lines.append(f"| {row['shape']} | " + " | ".join(f"{v:.2f}" for v in q1) + " |")
+    lines += _fine_tune_rows(results.get("fine_tune"))
     lines += [
         "",
         f"Compile time of {compiled['model']}: {compiled['ratio']:.2f}x BatchNorm's.",

@@ -21,12 +21,16 @@ def test_the_recorded_page_and_the_readme_table_are_what_the_renderer_draws_from
 
 def test_the_summary_table_reads_back_every_norm_of_every_dataset():
     recorded = json.loads((ROOT / "docs" / "results.json").read_text())
-    accuracy, speed = results.parse_tables(results.summary_block(recorded))
+    accuracy, speed, fine_tune = results.parse_tables(results.summary_block(recorded))
     assert set(accuracy) == {"digits", "MNIST-1D"}
     for row in accuracy.values():
         assert list(row) == ["sn", "bn", "gn", "ssn", "ssn collapsed"]
         assert all(50 < float(cell) <= 100 for cell in row.values())
     assert "32x32x32x64" in speed and float(speed["32x32x32x64"]["forward + backward"]) > 0
+    assert list(fine_tune) == ["batch 2", "batch 4"]
+    for row in fine_tune.values():
+        assert list(row) == ["BatchNorm", "converted, sn(0.5)", "GroupNorm"]
+        assert all(0 < float(cell) <= 100 for cell in row.values())
 
 
 @pytest.mark.slow
