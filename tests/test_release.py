@@ -29,3 +29,13 @@ def test_every_relative_link_of_the_pages_names_a_file_that_exists():
             if "://" not in link and not (page.parent / link).exists():
                 missing.append(f"{page.relative_to(ROOT)} -> {link}")
     assert not missing
+
+
+def test_the_readme_python_snippets_run_in_order():
+    """The README's ```python blocks, run one after another in one namespace, as a reader pastes them."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2, "the README should show the drop-in and the weights snippets"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
