@@ -42,8 +42,8 @@ def _check_layer_kwargs(layer_kwargs: dict[str, Any], sources: list[tuple[str, A
         )
 
 
-def _take(old: nnx.Variable | None, new: Any) -> Any:
-    """The source's variable (its value and metadata, e.g. sharding) in place of the new layer's."""
+def _take(old: nnx.Variable | None) -> Any:
+    """The source's variable (its value and metadata, e.g. sharding), or an absent one."""
     return nnx.data(None) if old is None else old
 
 
@@ -79,6 +79,18 @@ def _start(layer: SwitchNorm, source: str, source_weight: float, stack: tuple[in
         own += [layer.mean, layer.var]
     for own_variable in own:
         _stacked(own_variable, stack)
+
+
+def _with_source(path: str, layer: SwitchNorm, source: Any, name: str) -> SwitchNorm:
+    """``layer`` holding ``source``'s scale and bias, its logits starting on ``name``."""
+    if name not in layer.normalizers:
+        raise ValueError(
+            f"convert: the layer at {path or '(root)'!r} replaces a {type(source).__name__}, but "
+            f"normalizers={layer.normalizers} leave out {name!r}; include it."
+        )
+    layer.scale = _take(source.scale)
+    layer.bias = _take(source.bias)
+    return layer
 
 
 def _from_batch_norm(path: str, bn: nnx.BatchNorm, layer_kwargs: dict[str, Any]) -> SwitchNorm:
@@ -131,18 +143,6 @@ def _from_group_norm(path: str, gn: nnx.GroupNorm, layer_kwargs: dict[str, Any])
         **layer_kwargs,
     )
     return _with_source(path, layer, gn, "gn")
-
-
-def _with_source(path: str, layer: SwitchNorm, source: Any, name: str) -> SwitchNorm:
-    """``layer`` holding ``source``'s scale and bias, its logits starting on ``name``."""
-    if name not in layer.normalizers:
-        raise ValueError(
-            f"convert: the layer at {path or '(root)'!r} replaces a {type(source).__name__}, but "
-            f"normalizers={layer.normalizers} leave out {name!r}; include it."
-        )
-    layer.scale = _take(source.scale, layer.scale)
-    layer.bias = _take(source.bias, layer.bias)
-    return layer
 
 
 def convert(model: nnx.Module, source_weight: float = 1.0, **layer_kwargs: Any) -> nnx.Module:
