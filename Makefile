@@ -48,7 +48,7 @@ docs: $(STAMP)
 	$(PY) -c "import pdoc" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
 	rm -rf build/docs
 	$(PY) -W "ignore:Error parsing type annotation" -m pdoc --docformat google --no-search \
-		-o build/docs switchnorm switchnorm.train
+		-o build/docs switchnorm switchnorm.linen switchnorm.train
 	@echo "API reference: build/docs/index.html"
 
 ## Layer benchmark (see README, Performance).
