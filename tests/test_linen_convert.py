@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import linen as nn
 
+import switchnorm
 from switchnorm import linen as snn
 
 C = 8
@@ -431,3 +432,35 @@ def test_a_per_sample_layer_is_not_collapsed(bn_variables):
     variables = snn.convert_variables(bn_variables, init(sn))
     with pytest.raises(ValueError, match=r"'SwitchNorm_0' has weights='sample'"):
         snn.collapse_variables(variables, init(BNNet()))
+
+
+class OneNorm(nn.Module):
+    """A convolution and one normalization layer, ``norm`` built by the caller."""
+
+    norm: object
+
+    @nn.compact
+    def __call__(self, x):
+        return self.norm()(nn.Conv(C, (3, 3))(x))
+
+
+@pytest.mark.parametrize(
+    "name, flax_norm",
+    [
+        ("ln", functools.partial(nn.LayerNorm, reduction_axes=(1, 2, 3), epsilon=1e-5)),
+        ("in", functools.partial(nn.InstanceNorm, epsilon=1e-5)),
+    ],
+)
+def test_a_layer_that_chose_ln_or_in_collapses_onto_the_flax_layer(name, flax_norm):
+    x = jax.random.normal(jax.random.key(3), (4, 6, 6, 3)) * 2 + 1
+    sn_model = OneNorm(functools.partial(snn.SwitchNorm, use_running_average=False))
+    variables = sn_model.init(jax.random.key(0), x)
+    params = flax.core.unfreeze(variables["params"])
+    chosen = jnp.where(jnp.arange(4) == switchnorm.NORMALIZERS.index(name), 0.0, -30.0)
+    params["SwitchNorm_0"].update(mean_logits=chosen, var_logits=chosen, bias=jnp.arange(C) / C)
+    variables = {**variables, "params": params}
+    y, _ = sn_model.apply(variables, x, mutable=["batch_stats"])
+
+    flax_model = OneNorm(flax_norm)
+    moved = snn.collapse_variables(variables, flax_model.init(jax.random.key(1), x))
+    np.testing.assert_allclose(flax_model.apply(moved, x), y, **TOL)
