@@ -93,22 +93,24 @@ def _with_source(path: str, layer: SwitchNorm, source: Any, name: str) -> Switch
     return layer
 
 
+SHARED = ("epsilon", "dtype", "param_dtype", "use_bias", "use_scale", "use_fast_variance", "promote_dtype")
+"""The arguments Flax's BatchNorm and GroupNorm share with SwitchNorm, carried as they are."""
+
+
+def _shared(source: Any) -> dict[str, Any]:
+    return {name: getattr(source, name) for name in SHARED}
+
+
 def _from_batch_norm(path: str, bn: nnx.BatchNorm, layer_kwargs: dict[str, Any]) -> SwitchNorm:
     layer = SwitchNorm(
         bn.num_features,
         use_running_average=bn.use_running_average,
         axis=bn.axis,
         momentum=bn.momentum,
-        epsilon=bn.epsilon,
-        dtype=bn.dtype,
-        param_dtype=bn.param_dtype,
-        use_bias=bn.use_bias,
-        use_scale=bn.use_scale,
         axis_name=bn.axis_name,
         axis_index_groups=bn.axis_index_groups,
-        use_fast_variance=bn.use_fast_variance,
-        promote_dtype=bn.promote_dtype,
         rngs=nnx.Rngs(0),
+        **_shared(bn),
         **layer_kwargs,
     )
     if "bn" in layer.normalizers:
@@ -131,15 +133,9 @@ def _from_group_norm(path: str, gn: nnx.GroupNorm, layer_kwargs: dict[str, Any])
     layer = SwitchNorm(
         _group_norm_features(path, gn),
         axis=gn.feature_axis,
-        epsilon=gn.epsilon,
-        dtype=gn.dtype,
-        param_dtype=gn.param_dtype,
-        use_bias=gn.use_bias,
-        use_scale=gn.use_scale,
-        use_fast_variance=gn.use_fast_variance,
-        promote_dtype=gn.promote_dtype,
-        rngs=nnx.Rngs(0),
         num_groups=gn.num_groups,
+        rngs=nnx.Rngs(0),
+        **_shared(gn),
         **layer_kwargs,
     )
     return _with_source(path, layer, gn, "gn")
