@@ -35,6 +35,7 @@ from flax.typing import PromoteDtypeFn
 from jax import lax
 
 from switchnorm import _arguments, _core, _graph, _mixing
+from switchnorm._convert import SHARED
 from switchnorm.nnx import SwitchNorm
 
 __all__ = ["ChannelAffine", "CollapseReport", "CollapsedLayer", "CollapsedNorm", "LayerChoice", "collapse"]
@@ -447,7 +448,7 @@ def _describe(path: str, layer: SwitchNorm, min_weight: float, flax_layers: bool
     (mean, w_mean), (var, w_var) = _top(weights["mean"]), _top(weights["var"])
     if min(w_mean, w_var) < min_weight:
         form = "kept"
-    elif flax_layers and mean == var and _flax_layer(layer, mean) is not None:
+    elif flax_layers and mean == var and _flax_class(layer, mean) is not None:
         form = "flax"
     elif mean == var == "bn" and layer.use_running_average:
         form = "affine"
@@ -456,29 +457,36 @@ def _describe(path: str, layer: SwitchNorm, min_weight: float, flax_layers: bool
     return CollapsedLayer(path, mean, var, 1.0 - w_mean, 1.0 - w_var, form)
 
 
-def _flax_layer(layer: SwitchNorm, name: str) -> nnx.Module | None:
-    """Flax's own layer computing what ``layer`` does with its weights one-hot on ``name``, if any.
+FLAX_LAYERS: dict[str, type[nnx.Module]] = {
+    "bn": nnx.BatchNorm,
+    "gn": nnx.GroupNorm,
+    "in": nnx.InstanceNorm,
+    "ln": nnx.LayerNorm,
+}
+"""Flax's layer of each normalizer: what ``collapse(..., flax_layers=True)`` builds."""
 
-    ``nnx.BatchNorm`` (with the running averages), ``nnx.GroupNorm`` (channels last only, its
-    one layout), ``nnx.InstanceNorm``, or ``nnx.LayerNorm`` reducing over every axis but the
-    batch axis as "ln" does (so only once the layer has been called: the rank gives the axes).
-    None where Flax has no such layer. They hold the SwitchNorm's own variables.
+
+def _flax_class(layer: SwitchNorm, name: str) -> type[nnx.Module] | None:
+    """Flax's layer that computes what ``layer`` does with its weights one-hot on ``name``, if any.
+
+    ``nnx.BatchNorm``, ``nnx.GroupNorm`` (channels last only, its one layout),
+    ``nnx.InstanceNorm``, or ``nnx.LayerNorm`` (once the layer has been called: "ln" reduces over
+    every axis but the batch axis, which the input's rank gives); None where Flax has none.
     """
     rank = layer.last_input_rank
     channels_last = layer.axis == -1 or (rank is not None and layer.axis == rank - 1)
-    common: dict[str, Any] = dict(
-        epsilon=layer.epsilon,
-        dtype=layer.dtype,
-        param_dtype=layer.param_dtype,
-        use_bias=layer.use_bias,
-        use_scale=layer.use_scale,
-        use_fast_variance=layer.use_fast_variance,
-        promote_dtype=layer.promote_dtype or nnx.nn.dtypes.promote_dtype,
-        rngs=nnx.Rngs(0),
-    )
+    if (name == "gn" and not channels_last) or (name == "ln" and rank is None):
+        return None
+    return FLAX_LAYERS[name]
+
+
+def _flax_layer(layer: SwitchNorm, flax_class: type[nnx.Module]) -> nnx.Module:
+    """An instance of ``flax_class`` (from :func:`_flax_class`) holding the SwitchNorm's own variables."""
+    common: dict[str, Any] = {name: getattr(layer, name) for name in SHARED}
+    common["promote_dtype"] = layer.promote_dtype or nnx.nn.dtypes.promote_dtype
     C = layer.num_features
     flax_layer: nnx.Module
-    if name == "bn":
+    if flax_class is nnx.BatchNorm:
         flax_layer = nnx.BatchNorm(
             C,
             use_running_average=layer.use_running_average,
@@ -486,27 +494,29 @@ def _flax_layer(layer: SwitchNorm, name: str) -> nnx.Module | None:
             momentum=layer.momentum,
             axis_name=layer.axis_name,
             axis_index_groups=layer.axis_index_groups,
+            rngs=nnx.Rngs(0),
             **common,
         )
         assert layer.mean is not None and layer.var is not None  # a layer that can choose bn holds them
         flax_layer.mean, flax_layer.var = layer.mean, layer.var
-    elif name == "gn" and channels_last:
-        flax_layer = nnx.GroupNorm(C, num_groups=layer.num_groups, **common)
-    elif name == "in":
-        flax_layer = nnx.InstanceNorm(C, feature_axes=layer.axis, **common)
-    elif name == "ln" and rank is not None:
-        flax_layer = nnx.LayerNorm(C, reduction_axes=tuple(range(1, rank)), feature_axes=layer.axis, **common)
+    elif flax_class is nnx.GroupNorm:
+        flax_layer = nnx.GroupNorm(C, num_groups=layer.num_groups, rngs=nnx.Rngs(0), **common)
+    elif flax_class is nnx.InstanceNorm:
+        flax_layer = nnx.InstanceNorm(C, feature_axes=layer.axis, rngs=nnx.Rngs(0), **common)
     else:
-        return None
+        assert layer.last_input_rank is not None  # _flax_class gives LayerNorm only then
+        axes = tuple(range(1, layer.last_input_rank))
+        flax_layer = nnx.LayerNorm(
+            C, reduction_axes=axes, feature_axes=layer.axis, rngs=nnx.Rngs(0), **common
+        )
     flax_layer.scale, flax_layer.bias = layer.scale, layer.bias
     return flax_layer
 
 
 def _replacement(layer: SwitchNorm, choice: LayerChoice, flax_layers: bool) -> nnx.Module:
-    if flax_layers and choice.mean == choice.var:
-        flax_layer = _flax_layer(layer, choice.mean)
-        if flax_layer is not None:
-            return flax_layer
+    flax_class = _flax_class(layer, choice.mean) if flax_layers and choice.mean == choice.var else None
+    if flax_class is not None:
+        return _flax_layer(layer, flax_class)
     if choice.affine:
         return ChannelAffine.fold(layer)
     return CollapsedNorm.from_switch_norm(layer, choice.mean, choice.var)

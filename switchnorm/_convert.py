@@ -94,7 +94,8 @@ def _with_source(path: str, layer: SwitchNorm, source: Any, name: str) -> Switch
 
 
 SHARED = ("epsilon", "dtype", "param_dtype", "use_bias", "use_scale", "use_fast_variance", "promote_dtype")
-"""The arguments Flax's BatchNorm and GroupNorm share with SwitchNorm, carried as they are."""
+"""The arguments Flax's normalization layers share with SwitchNorm, carried as they are both ways
+(here, and by ``collapse(..., flax_layers=True)`` back to Flax's layers)."""
 
 
 def _shared(source: Any) -> dict[str, Any]:
